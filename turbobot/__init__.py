@@ -1,0 +1,101 @@
+"""turbobot: LLM chat bots as turbo-chat style generator templates.
+
+Everything public is importable from here.
+"""
+
+from __future__ import annotations
+
+from turbobot.cache import BaseCache, SimpleCache
+from turbobot.chat import Attachment, ChannelKey, IncomingMessage, TemplateContext
+from turbobot.exceptions import (
+    ConfigurationError,
+    InvalidYieldError,
+    LLMError,
+    LLMRateLimitedError,
+    LLMRequestError,
+    LLMResponseError,
+    LLMUnavailableError,
+    ReplayDivergedError,
+    TemplateError,
+    ToolError,
+    TurbobotError,
+)
+from turbobot.llm.base import LLM, LLMRequest, LLMResponse
+from turbobot.llm.openai import OpenAILLM, RetryPolicy
+from turbobot.llm.scripted import ScriptedLLM
+from turbobot.memory import BaseMemory, LocalMemory
+from turbobot.messages import (
+    Assistant,
+    ExampleAssistant,
+    ExampleUser,
+    Message,
+    System,
+    ToolCall,
+    ToolMessage,
+    Usage,
+    User,
+)
+from turbobot.signals import (
+    Delegate,
+    Generate,
+    GetInput,
+    GetUserInput,
+    Result,
+    Return,
+    Step,
+    UserInput,
+)
+from turbobot.template import App, AssistantStream, JournalEntry, Template, run, turbo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM",
+    "App",
+    "Assistant",
+    "AssistantStream",
+    "Attachment",
+    "BaseCache",
+    "BaseMemory",
+    "ChannelKey",
+    "ConfigurationError",
+    "Delegate",
+    "ExampleAssistant",
+    "ExampleUser",
+    "Generate",
+    "GetInput",
+    "GetUserInput",
+    "IncomingMessage",
+    "InvalidYieldError",
+    "JournalEntry",
+    "LLMError",
+    "LLMRateLimitedError",
+    "LLMRequest",
+    "LLMRequestError",
+    "LLMResponse",
+    "LLMResponseError",
+    "LLMUnavailableError",
+    "LocalMemory",
+    "Message",
+    "OpenAILLM",
+    "ReplayDivergedError",
+    "Result",
+    "RetryPolicy",
+    "Return",
+    "ScriptedLLM",
+    "SimpleCache",
+    "Step",
+    "System",
+    "Template",
+    "TemplateContext",
+    "TemplateError",
+    "ToolCall",
+    "ToolError",
+    "ToolMessage",
+    "TurbobotError",
+    "Usage",
+    "User",
+    "UserInput",
+    "run",
+    "turbo",
+]

@@ -1,0 +1,119 @@
+"""Platform-neutral chat values: channel keys, incoming messages, the context of a run.
+
+Adapters translate platform events into these; the core never sees a platform object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Attachment", "ChannelKey", "IncomingMessage", "TemplateContext"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelKey:
+    """Identifies one conversation: platform + channel (+ thread, + user in group mode).
+
+    Direct messages are channels too. ``user`` is set when a group channel keeps one
+    conversation per member.
+    """
+
+    platform: str
+    channel: str
+    thread: str | None = None
+    user: str | None = None
+
+    def __str__(self) -> str:
+        parts = [self.platform, self.channel]
+        if self.thread is not None:
+            parts.append(f"thread={self.thread}")
+        if self.user is not None:
+            parts.append(f"user={self.user}")
+        return ":".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ChannelKey:
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file, image or other media that came with a message."""
+
+    kind: str
+    url: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """One message a user sent, as an adapter hands it to the runtime.
+
+    ``message_id`` is the platform's id; a message whose id was already received on
+    the same channel is ignored (platforms redeliver).
+    """
+
+    key: ChannelKey
+    text: str
+    message_id: str
+    author_id: str = ""
+    author_name: str = ""
+    timestamp: float = field(default_factory=time.time)
+    attachments: tuple[Attachment, ...] = ()
+    is_bot: bool = False
+    reply_to: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["attachments"] = [asdict(a) for a in self.attachments]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IncomingMessage:
+        values = dict(data)
+        values["key"] = ChannelKey.from_dict(values["key"])
+        values["attachments"] = tuple(Attachment(**a) for a in values.get("attachments", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateContext:
+    """What a template knows about where it runs.
+
+    A template receives it by declaring a ``context`` parameter. It is stored with the
+    conversation so that a rehydrated conversation sees the same context.
+    """
+
+    platform: str = "local"
+    key: ChannelKey | None = None
+    author_id: str = ""
+    author_name: str = ""
+    trigger: IncomingMessage | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "platform": self.platform,
+            "key": self.key.to_dict() if self.key else None,
+            "author_id": self.author_id,
+            "author_name": self.author_name,
+            "trigger": self.trigger.to_dict() if self.trigger else None,
+            "settings": dict(self.settings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TemplateContext:
+        return cls(
+            platform=data.get("platform", "local"),
+            key=ChannelKey.from_dict(data["key"]) if data.get("key") else None,
+            author_id=data.get("author_id", ""),
+            author_name=data.get("author_name", ""),
+            trigger=IncomingMessage.from_dict(data["trigger"]) if data.get("trigger") else None,
+            settings=data.get("settings") or {},
+        )

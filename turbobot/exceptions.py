@@ -1,0 +1,95 @@
+"""Every error turbobot raises.
+
+The tree::
+
+    TurbobotError
+    ├── ConfigurationError        bad settings, missing extra, unknown bot module
+    ├── TemplateError             a template did something the engine cannot run
+    │   ├── InvalidYieldError     it yielded a value that is not part of the vocabulary
+    │   └── ReplayDivergedError   its yields no longer match the recorded journal
+    ├── ToolError                 a tool could not be described or called
+    └── LLMError                  the language model did not give a usable answer
+        ├── LLMUnavailableError   timeouts, connection errors, 5xx, after retries
+        ├── LLMRateLimitedError   429 after retries (``retry_after`` when known)
+        ├── LLMResponseError      the server answered with something unusable
+        └── LLMRequestError       the server refused the request (4xx other than 429)
+
+Messages say what happened and what to do; they never contain API keys or tokens.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "InvalidYieldError",
+    "LLMError",
+    "LLMRateLimitedError",
+    "LLMRequestError",
+    "LLMResponseError",
+    "LLMUnavailableError",
+    "ReplayDivergedError",
+    "TemplateError",
+    "ToolError",
+    "TurbobotError",
+]
+
+
+class TurbobotError(Exception):
+    """Base class of every error raised by turbobot."""
+
+
+class ConfigurationError(TurbobotError):
+    """The configuration is incomplete or contradictory."""
+
+
+class TemplateError(TurbobotError):
+    """A template did something the engine cannot run."""
+
+
+class InvalidYieldError(TemplateError):
+    """A template yielded a value that is not a message or a signal."""
+
+    def __init__(self, message: str, *, template: str, value: object) -> None:
+        super().__init__(message)
+        self.template = template
+        self.value = value
+
+
+class ReplayDivergedError(TemplateError):
+    """Replaying a journal met yields that differ from the recorded ones."""
+
+    def __init__(self, message: str, *, position: int) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class ToolError(TurbobotError):
+    """A tool function could not be described to the model or called."""
+
+
+class LLMError(TurbobotError):
+    """The language model did not give a usable answer."""
+
+
+class LLMUnavailableError(LLMError):
+    """The LLM server timed out, refused the connection or failed (5xx), after retries."""
+
+
+class LLMRateLimitedError(LLMError):
+    """The LLM server kept answering 429 Too Many Requests."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LLMResponseError(LLMError):
+    """The LLM server answered, but not with a chat completion turbobot can use."""
+
+
+class LLMRequestError(LLMError):
+    """The LLM server rejected the request (bad model name, bad key, bad parameters)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code

@@ -1,0 +1,222 @@
+"""Chat completions through the official ``openai`` client (any compatible server).
+
+Retries are ours, not the client's (``max_retries=0`` on the client), so that the
+policy is the same for streaming and non-streaming calls and ``retry-after`` is
+honoured: timeouts, connection errors, 429 and 5xx are retried with exponential
+backoff and jitter; other 4xx fail at once. When retries run out, an
+:class:`~turbobot.exceptions.LLMError` subclass is raised into the template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from turbobot.exceptions import (
+    LLMRateLimitedError,
+    LLMRequestError,
+    LLMResponseError,
+    LLMUnavailableError,
+)
+from turbobot.llm.base import DeltaCallback, LLMRequest, LLMResponse
+from turbobot.messages import ToolCall, Usage
+
+__all__ = ["OpenAILLM", "RetryPolicy"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how long to retry a failed completion.
+
+    Attempt ``n`` (from 0) waits ``min(max_delay, base_delay * 2**n)`` scaled by a
+    random factor in [0.5, 1]; a server's ``retry-after`` replaces that wait when it
+    is given and not above ``max_retry_after``.
+    """
+
+    attempts: int = 4
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    max_retry_after: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None and 0 <= retry_after <= self.max_retry_after:
+            return retry_after
+        return min(self.max_delay, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    value = exc.response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+class OpenAILLM:
+    """An :class:`~turbobot.llm.base.LLM` backed by ``openai.AsyncOpenAI``.
+
+    Args:
+        api_key: the key; ``None`` reads ``OPENAI_API_KEY`` (the client's own rule).
+        base_url: an OpenAI-compatible endpoint such as ``http://127.0.0.1:8080/v1``.
+        timeout: seconds per HTTP request.
+        retry: the retry policy.
+        client: an already built client (then the other arguments are ignored).
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
+        client: openai.AsyncOpenAI | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._client = client or openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> OpenAILLM:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def complete(
+        self, request: LLMRequest, *, on_delta: DeltaCallback | None = None
+    ) -> LLMResponse:
+        attempt = 0
+        while True:
+            try:
+                if on_delta is None:
+                    return await self._complete_once(request)
+                return await self._stream_once(request, on_delta)
+            except openai.RateLimitError as exc:
+                retry_after = _retry_after(exc)
+                if attempt + 1 >= self.retry.attempts:
+                    raise LLMRateLimitedError(
+                        f"the LLM server kept answering 429 Too Many Requests after "
+                        f"{self.retry.attempts} attempts; slow down or raise your quota",
+                        retry_after=retry_after,
+                    ) from exc
+                wait = self.retry.delay(attempt, retry_after)
+                _log.warning("LLM rate limited (attempt %d), retrying in %.2fs", attempt + 1, wait)
+            except (openai.APIConnectionError, openai.InternalServerError) as exc:
+                # APITimeoutError is an APIConnectionError.
+                if attempt + 1 >= self.retry.attempts:
+                    raise LLMUnavailableError(
+                        f"the LLM server is unavailable ({type(exc).__name__}) after "
+                        f"{self.retry.attempts} attempts; check OPENAI_BASE_URL and the server"
+                    ) from exc
+                wait = self.retry.delay(attempt, None)
+                _log.warning(
+                    "LLM request failed with %s (attempt %d), retrying in %.2fs",
+                    type(exc).__name__, attempt + 1, wait,
+                )
+            except openai.APIStatusError as exc:
+                if exc.status_code >= 500:
+                    if attempt + 1 >= self.retry.attempts:
+                        raise LLMUnavailableError(
+                            f"the LLM server failed with HTTP {exc.status_code} after "
+                            f"{self.retry.attempts} attempts"
+                        ) from exc
+                    wait = self.retry.delay(attempt, None)
+                else:
+                    raise LLMRequestError(
+                        f"the LLM server rejected the request with HTTP {exc.status_code} "
+                        f"({type(exc).__name__}); check the model name, key and settings",
+                        status_code=exc.status_code,
+                    ) from exc
+            except openai.APIResponseValidationError as exc:
+                raise LLMResponseError(
+                    "the LLM server's answer is not a valid chat completion"
+                ) from exc
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    def _params(self, request: LLMRequest) -> dict[str, Any]:
+        params: dict[str, Any] = dict(request.settings)
+        params["model"] = request.model
+        params["messages"] = request.messages
+        if request.tools:
+            params["tools"] = request.tools
+        return params
+
+    async def _complete_once(self, request: LLMRequest) -> LLMResponse:
+        completion = await self._client.chat.completions.create(**self._params(request))
+        try:
+            choice = completion.choices[0]
+            message = choice.message
+            calls = tuple(
+                ToolCall(c.id, c.function.name, c.function.arguments or "")
+                for c in (message.tool_calls or ())
+                if c.type == "function"
+            )
+            content = message.content or ""
+            finish = choice.finish_reason
+        except (AttributeError, IndexError, TypeError, KeyError) as exc:
+            raise LLMResponseError(
+                "the LLM server's answer has no usable choices; is OPENAI_BASE_URL an "
+                "OpenAI-compatible chat completions endpoint?"
+            ) from exc
+        if not isinstance(content, str):
+            raise LLMResponseError("the LLM server's answer content is not text")
+        usage = None
+        if completion.usage is not None:
+            usage = Usage(
+                completion.usage.prompt_tokens or 0, completion.usage.completion_tokens or 0
+            )
+        return LLMResponse(content, calls, usage, finish, getattr(completion, "model", None))
+
+    async def _stream_once(self, request: LLMRequest, on_delta: DeltaCallback) -> LLMResponse:
+        params = self._params(request)
+        params["stream"] = True
+        params["stream_options"] = {"include_usage": True}
+        stream = await self._client.chat.completions.create(**params)
+        parts: list[str] = []
+        calls: dict[int, list[str]] = {}
+        usage = None
+        finish = None
+        model = None
+        try:
+            async for chunk in stream:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = Usage(
+                        chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0
+                    )
+                for choice in chunk.choices or ():
+                    delta = choice.delta
+                    if delta is None:
+                        continue
+                    if delta.content:
+                        parts.append(delta.content)
+                        await on_delta(delta.content)
+                    for call in delta.tool_calls or ():
+                        slot = calls.setdefault(call.index, ["", "", ""])
+                        if call.id:
+                            slot[0] = call.id
+                        if call.function is not None:
+                            slot[1] += call.function.name or ""
+                            slot[2] += call.function.arguments or ""
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        except (AttributeError, TypeError) as exc:
+            raise LLMResponseError("the LLM server streamed chunks turbobot cannot read") from exc
+        finally:
+            await stream.close()
+        tool_calls = tuple(ToolCall(*calls[i]) for i in sorted(calls))
+        return LLMResponse("".join(parts), tool_calls, usage, finish, model)

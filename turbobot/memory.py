@@ -1,0 +1,115 @@
+"""Conversation memory: what the model sees when a template yields ``Generate``.
+
+A template asks for its memory by declaring a ``memory`` parameter. ``BaseMemory``
+is the interface (async, as in turbo-chat); ``LocalMemory`` keeps messages in RAM.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+from turbobot.messages import Message, User
+from turbobot.tokens import (
+    TOKENS_REPLY_PRIMING,
+    TokenCounter,
+    count_message_tokens,
+)
+
+__all__ = ["BaseMemory", "LocalMemory", "trim_to_window"]
+
+
+def _tokens(message: Message, counter: TokenCounter) -> int:
+    # Messages are immutable once appended, so a count is computed once.
+    if message.tokens is None:
+        message.tokens = count_message_tokens(message.to_openai(), counter)
+    return message.tokens
+
+
+def trim_to_window(
+    messages: list[Message], *, budget: int, counter: TokenCounter
+) -> list[Message]:
+    """Drop the oldest turns until the prompt fits ``budget`` tokens.
+
+    Pinned messages (system prompt, examples) and the newest turn always survive, even
+    if together they exceed the budget. A turn starts at a ``User`` message and
+    includes the assistant and tool messages after it, so a tool call is never
+    separated from its result.
+    """
+    pinned = [i for i, m in enumerate(messages) if m.pinned]
+    rest = [i for i, m in enumerate(messages) if not m.pinned]
+    turns: list[list[int]] = []
+    for i in rest:
+        m = messages[i]
+        if not turns or isinstance(m, User):
+            turns.append([i])
+        else:
+            turns[-1].append(i)
+    used = TOKENS_REPLY_PRIMING + sum(_tokens(messages[i], counter) for i in pinned)
+    kept: list[list[int]] = []
+    for n, turn in enumerate(reversed(turns)):
+        cost = sum(_tokens(messages[i], counter) for i in turn)
+        if n > 0 and used + cost > budget:
+            break
+        used += cost
+        kept.append(turn)
+    keep = set(pinned)
+    for turn in kept:
+        keep.update(turn)
+    return [m for i, m in enumerate(messages) if i in keep]
+
+
+class BaseMemory(ABC):
+    """Where a conversation's messages live.
+
+    Implement :meth:`append`, :meth:`get` and :meth:`clear`; :meth:`extend` and
+    :meth:`prepare_prompt` are built on them.
+    """
+
+    @abstractmethod
+    async def append(self, message: Message) -> None:
+        """Add a message at the end of the conversation."""
+
+    @abstractmethod
+    async def get(self) -> list[Message]:
+        """Every message, oldest first."""
+
+    @abstractmethod
+    async def clear(self) -> None:
+        """Forget every message."""
+
+    async def extend(self, messages: Iterable[Message]) -> None:
+        """Append several messages in order."""
+        for message in messages:
+            await self.append(message)
+
+    async def prepare_prompt(
+        self, *, counter: TokenCounter, context_window: int, max_tokens: int
+    ) -> list[dict[str, Any]]:
+        """The chat-completions ``messages`` for the next generation.
+
+        Oldest turns are dropped so that prompt plus ``max_tokens`` fits the
+        ``context_window``; pinned messages and the newest turn always stay.
+        """
+        messages = await self.get()
+        kept = trim_to_window(messages, budget=context_window - max_tokens, counter=counter)
+        return [m.to_openai() for m in kept]
+
+
+class LocalMemory(BaseMemory):
+    """Memory held in a Python list (the default)."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self, messages: Iterable[Message] = ()) -> None:
+        self.messages: list[Message] = list(messages)
+
+    async def append(self, message: Message) -> None:
+        self.messages.append(message)
+
+    async def get(self) -> list[Message]:
+        return list(self.messages)
+
+    async def clear(self) -> None:
+        self.messages.clear()

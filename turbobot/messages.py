@@ -1,0 +1,239 @@
+"""Conversation messages a template yields: ``System``, ``User``, ``Assistant``, examples.
+
+Yielding one appends it to the conversation's memory (what the model sees next time
+it generates). ``Assistant`` messages are also sent to the user unless
+``forward=False``. The template gets ``None`` back.
+
+``content`` may be given directly, or as ``template=`` plus ``variables=`` in the
+turbo-chat style, where ``{{ name }}`` placeholders are replaced by the variables.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+__all__ = [
+    "Assistant",
+    "ExampleAssistant",
+    "ExampleUser",
+    "Message",
+    "System",
+    "ToolCall",
+    "ToolMessage",
+    "Usage",
+    "User",
+    "render_template",
+]
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def render_template(template: str, variables: Mapping[str, object]) -> str:
+    """Replace ``{{ name }}`` placeholders with ``variables[name]``.
+
+    Raises:
+        KeyError: a placeholder names a variable that was not given.
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in variables:
+            raise KeyError(f"template variable {name!r} was not given (variables: {sorted(variables)})")
+        return str(variables[name])
+
+    return _PLACEHOLDER.sub(substitute, template)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call requested by the model."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage reported by the LLM server for one completion."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Message:
+    """A message of the conversation. Use the role subclasses, not this class."""
+
+    role: ClassVar[str] = ""
+    #: pinned messages (system prompt, examples) always survive prompt trimming
+    pinned: ClassVar[bool] = False
+    #: example messages are sent to the model as this role
+    api_role: ClassVar[str] = ""
+
+    __slots__ = ("content", "forward", "name", "tokens", "tool_call_id", "tool_calls", "usage")
+
+    content: str
+    name: str | None
+    forward: bool
+    tool_calls: tuple[ToolCall, ...]
+    tool_call_id: str | None
+    usage: Usage | None
+    #: cached token count, filled in by prompt preparation
+    tokens: int | None
+
+    def __init__(
+        self,
+        content: str | None = None,
+        *,
+        template: str | None = None,
+        variables: Mapping[str, object] | None = None,
+        name: str | None = None,
+        forward: bool = True,
+        tool_calls: tuple[ToolCall, ...] | list[ToolCall] = (),
+        tool_call_id: str | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        if template is not None:
+            if content is not None:
+                raise TypeError(f"{type(self).__name__}() takes content or template, not both")
+            content = render_template(template, variables or {})
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise TypeError(
+                f"{type(self).__name__}() content must be a str, got {type(content).__name__}"
+            )
+        self.content = content
+        self.name = name
+        self.forward = forward
+        self.tool_calls = tuple(tool_calls)
+        self.tool_call_id = tool_call_id
+        self.usage = usage
+        self.tokens = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The message as an OpenAI chat-completions ``messages`` item."""
+        payload: dict[str, Any] = {"role": self.api_role or self.role, "content": self.content}
+        if self.name:
+            payload["name"] = self.name
+        if self.tool_calls:
+            payload["tool_calls"] = [call.to_openai() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            payload["tool_call_id"] = self.tool_call_id
+        return payload
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable form (for journals and stores); see :func:`message_from_dict`."""
+        data: dict[str, Any] = {"type": type(self).__name__, "content": self.content}
+        if self.name:
+            data["name"] = self.name
+        if not self.forward:
+            data["forward"] = False
+        if self.tool_calls:
+            data["tool_calls"] = [[c.id, c.name, c.arguments] for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            data["tool_call_id"] = self.tool_call_id
+        if self.usage is not None:
+            data["usage"] = [self.usage.prompt_tokens, self.usage.completion_tokens]
+        return data
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.content!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return type(self) is type(other) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class System(Message):
+    """The system prompt: instructions for the model. Never sent to the user."""
+
+    __slots__ = ()
+
+    role = "system"
+    pinned = True
+
+
+class User(Message):
+    """A user turn the template adds to the prompt."""
+
+    __slots__ = ()
+
+    role = "user"
+
+
+class Assistant(Message):
+    """An assistant turn: recorded in memory and sent to the user (unless ``forward=False``)."""
+
+    __slots__ = ()
+
+    role = "assistant"
+
+
+class ExampleUser(Message):
+    """A few-shot example of a user turn; always kept in the prompt, never sent."""
+
+    __slots__ = ()
+
+    role = "example_user"
+    api_role = "user"
+    pinned = True
+
+
+class ExampleAssistant(Message):
+    """A few-shot example of an assistant turn; always kept in the prompt, never sent."""
+
+    __slots__ = ()
+
+    role = "example_assistant"
+    api_role = "assistant"
+    pinned = True
+
+
+class ToolMessage(Message):
+    """The result of a tool call, as the model sees it."""
+
+    __slots__ = ()
+
+    role = "tool"
+
+
+_TYPES: dict[str, type[Message]] = {
+    cls.__name__: cls
+    for cls in (System, User, Assistant, ExampleUser, ExampleAssistant, ToolMessage)
+}
+
+
+def message_from_dict(data: Mapping[str, Any]) -> Message:
+    """Rebuild a message from :meth:`Message.to_dict` output."""
+    cls = _TYPES[data["type"]]
+    usage = data.get("usage")
+    return cls(
+        data.get("content", ""),
+        name=data.get("name"),
+        forward=data.get("forward", True),
+        tool_calls=tuple(ToolCall(*c) for c in data.get("tool_calls", ())),
+        tool_call_id=data.get("tool_call_id"),
+        usage=Usage(*usage) if usage else None,
+    )

@@ -1,0 +1,578 @@
+"""Templates: ``@turbo`` async generators, and the ``App`` engine that drives them.
+
+A template is an async generator function decorated with :func:`turbo`. Calling it
+returns an :class:`App`: an async iterator of *outputs* (what a user should see) that
+handles everything else the template yields (memory, LLM calls, tools, steps,
+sub-templates). The protocol of each yield is documented in :mod:`turbobot.signals`.
+
+Every value sent into the template (user input, LLM result, tool result, step
+result, timeout, error) is appended to ``App.journal`` together with a running hash
+(``chain``) of everything the template yielded before it. An App created with a
+journal to replay feeds those values back instead of calling the LLM, sends nothing
+already sent, and checks each chain, so a conversation can be rebuilt after a
+failure, an eviction or a restart. Templates must therefore be deterministic given
+what they receive: wrap time, randomness and outside calls in :class:`Step`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from turbobot.cache import BaseCache
+from turbobot.chat import IncomingMessage, TemplateContext
+from turbobot.exceptions import (
+    ConfigurationError,
+    InvalidYieldError,
+    LLMError,
+    ReplayDivergedError,
+    TemplateError,
+)
+from turbobot.llm.base import LLM, LLMRequest, LLMResponse
+from turbobot.llm.tools import call_tool, tool_schema
+from turbobot.memory import BaseMemory, LocalMemory
+from turbobot.messages import Assistant, Message, ToolMessage, message_from_dict
+from turbobot.signals import Delegate, Generate, GetUserInput, Result, Return, Step, UserInput
+from turbobot.tokens import context_window_for, token_counter_for
+
+__all__ = ["App", "AssistantStream", "JournalEntry", "Output", "Template", "run", "turbo"]
+
+_log = logging.getLogger(__name__)
+
+#: settings the engine consumes itself; every other setting goes to the LLM request
+ENGINE_SETTINGS = frozenset(
+    {"model", "memory", "cache", "debug", "context_window", "llm", "max_tool_rounds"}
+)
+DEFAULT_MAX_TOOL_ROUNDS = 8
+
+TemplateFn: TypeAlias = Callable[..., AsyncGenerator[Any, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One value sent into a template, with the chain hash of the yields before it.
+
+    ``kind`` is ``input``, ``timeout``, ``generate``, ``tool``, ``step`` or ``error``.
+    ``value`` is JSON-serialisable.
+    """
+
+    kind: str
+    value: Any
+    chain: str
+
+
+class Template:
+    """A template function plus its settings. Made by :func:`turbo`."""
+
+    __slots__ = ("__dict__", "fn", "ref", "settings")
+
+    def __init__(self, fn: TemplateFn, settings: Mapping[str, Any]) -> None:
+        if not inspect.isasyncgenfunction(fn):
+            raise TemplateError(
+                f"@turbo needs an async generator function (async def with yield); "
+                f"{getattr(fn, '__qualname__', fn)!r} is not one"
+            )
+        self.fn = fn
+        self.settings: dict[str, Any] = dict(settings)
+        self.ref = f"{fn.__module__}:{fn.__qualname__}"
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def configure(self, **settings: Any) -> Template:
+        """A new template with these settings merged over the current ones (all kept)."""
+        return Template(self.fn, {**self.settings, **settings})
+
+    @functools.cached_property
+    def _parameters(self) -> frozenset[str]:
+        return frozenset(inspect.signature(self.fn).parameters)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> App:
+        return App(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Template {self.ref} {self.settings!r}>"
+
+
+def turbo(fn: TemplateFn | None = None, /, **settings: Any) -> Any:
+    """Make an async generator function a template: ``@turbo`` or ``@turbo(model=...)``.
+
+    Settings: ``model``, ``temperature``, ``max_tokens`` and any other chat-completion
+    parameter; ``memory`` (a :class:`BaseMemory` subclass or factory), ``cache`` (a
+    :class:`BaseCache`), ``context_window``, ``llm`` (an :class:`LLM`), ``debug``.
+    """
+    if fn is not None:
+        return Template(fn, settings)
+
+    def decorate(inner: TemplateFn) -> Template:
+        return Template(inner, settings)
+
+    return decorate
+
+
+class AssistantStream:
+    """An assistant reply that is still being generated, yielded when ``stream=True``.
+
+    Iterate it for text fragments; :attr:`message` holds the final message once the
+    iteration has ended. The App finishes the generation itself when resumed, whether
+    or not the stream was read.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.message: Assistant | None = None
+        self.parts: list[str] = []
+
+    async def push(self, delta: str) -> None:
+        self.parts.append(delta)
+        self._queue.put_nowait(delta)
+
+    def close(self, message: Assistant | None) -> None:
+        self.message = message
+        self._queue.put_nowait(None)
+
+    @property
+    def text(self) -> str:
+        return self.message.content if self.message is not None else "".join(self.parts)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        while True:
+            delta = await self._queue.get()
+            if delta is None:
+                return
+            yield delta
+
+
+#: what an App yields to its consumer
+Output: TypeAlias = Assistant | Result | GetUserInput | AssistantStream
+
+
+@dataclass(slots=True)
+class _Frame:
+    template: Template
+    gen: AsyncGenerator[Any, Any]
+
+
+class App:
+    """A running template: an async iterator of :data:`Output`.
+
+    Send the user's text with :meth:`asend` when it yields a :class:`GetUserInput`.
+    Call :meth:`bind` before the first step to choose the LLM, memory, context and a
+    journal to replay.
+    """
+
+    def __init__(self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.template = template
+        self.args = args
+        self.kwargs = kwargs
+        self.context = TemplateContext()
+        self.memory: BaseMemory = _make_memory(template.settings.get("memory"))
+        self.llm: LLM | None = template.settings.get("llm")
+        self.cache: BaseCache | None = template.settings.get("cache")
+        self.journal: list[JournalEntry] = []
+        #: number of yields handled so far; outputs at or below ``replay_until`` are not re-sent
+        self.yields = 0
+        self.replay_until = 0
+        self.result: Any = None
+        self.done = False
+        self.waiting: GetUserInput | None = None
+        self._replay: deque[JournalEntry] = deque()
+        self._chain = hashlib.blake2b(digest_size=16)
+        self._driver: AsyncGenerator[Output, Any] | None = None
+        self._stack: list[_Frame] = []
+
+    # -- set-up -------------------------------------------------------------------
+
+    def bind(
+        self,
+        *,
+        llm: LLM | None = None,
+        memory: BaseMemory | None = None,
+        context: TemplateContext | None = None,
+        cache: BaseCache | None = None,
+        replay: list[JournalEntry] | None = None,
+        replay_until: int = 0,
+    ) -> App:
+        """Choose collaborators before the first step. Returns ``self``.
+
+        Args:
+            replay: journal entries to feed back instead of doing their effects.
+            replay_until: the ``yields`` count at which the replayed run stopped;
+                outputs up to it were already delivered and are not yielded again.
+        """
+        if self._driver is not None:
+            raise RuntimeError("App.bind() must be called before the app starts")
+        if llm is not None:
+            self.llm = llm
+        if memory is not None:
+            self.memory = memory
+        if context is not None:
+            self.context = context
+        if cache is not None:
+            self.cache = cache
+        if replay:
+            self._replay.extend(replay)
+        self.replay_until = replay_until
+        return self
+
+    @property
+    def started(self) -> bool:
+        return self._driver is not None
+
+    @property
+    def replaying(self) -> bool:
+        """True while recorded values are still being fed back."""
+        return bool(self._replay)
+
+    # -- async iterator protocol --------------------------------------------------
+
+    def __aiter__(self) -> App:
+        return self
+
+    async def __anext__(self) -> Output:
+        return await self.asend(None)
+
+    async def asend(self, value: Any = None) -> Output:
+        """Resume the app with ``value`` (the user's input when it is waiting).
+
+        Raises:
+            StopAsyncIteration: the template has finished.
+        """
+        if self._driver is None:
+            self._driver = self._drive()
+            value = None
+        try:
+            return await self._driver.asend(value)
+        except StopAsyncIteration:
+            self.done = True
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the template, running its ``finally`` blocks."""
+        for frame in reversed(self._stack):
+            await frame.gen.aclose()
+        self._stack.clear()
+        if self._driver is not None:
+            await self._driver.aclose()
+
+    async def run(self, input: str | None = None) -> Result:
+        """turbo-chat's ``app.run(input)``: step to the next input request or the end."""
+        output, done = await run(self, input)
+        content = getattr(output, "content", None) or ""
+        return Result(content=content, done=done)
+
+    # -- the engine ----------------------------------------------------------------
+
+    def _name(self) -> str:
+        return self._stack[-1].template.ref if self._stack else self.template.ref
+
+    def _settings(self) -> dict[str, Any]:
+        settings = dict(self.template.settings)
+        for frame in self._stack[1:]:
+            settings.update(frame.template.settings)
+        return settings
+
+    def _open_frame(self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Frame:
+        params = template._parameters
+        injected = dict(kwargs)
+        if "memory" in params and "memory" not in injected:
+            injected["memory"] = self.memory
+        if "context" in params and "context" not in injected:
+            injected["context"] = self.context
+        if "settings" in params and "settings" not in injected:
+            injected["settings"] = self._settings()
+        frame = _Frame(template, template.fn(*args, **injected))
+        self._stack.append(frame)
+        return frame
+
+    def _fingerprint(self, item: Any) -> None:
+        describe = getattr(item, "fingerprint", None)
+        text = describe() if describe is not None else type(item).__name__
+        self._chain.update(text.encode("utf-8", "surrogatepass"))
+
+    def _take(self, kinds: tuple[str, ...]) -> JournalEntry | None:
+        """The next recorded value if replaying, checked against the current chain."""
+        if not self._replay:
+            return None
+        entry = self._replay.popleft()
+        chain = self._chain.hexdigest()
+        if entry.kind not in kinds or entry.chain != chain:
+            raise ReplayDivergedError(
+                f"template {self._name()} no longer matches its recorded conversation at "
+                f"journal entry {len(self.journal)} (expected a {entry.kind!r} value, the "
+                f"template asked for {'/'.join(kinds)}); its code probably changed",
+                position=len(self.journal),
+            )
+        self.journal.append(entry)
+        return entry
+
+    def _record(self, kind: str, value: Any) -> None:
+        self.journal.append(JournalEntry(kind, value, self._chain.hexdigest()))
+
+    def _live_output(self) -> bool:
+        return not self._replay and self.yields > self.replay_until
+
+    async def _drive(self) -> AsyncGenerator[Output, Any]:
+        self._open_frame(self.template, self.args, self.kwargs)
+        send: Any = None
+        throw: BaseException | None = None
+        while self._stack:
+            frame = self._stack[-1]
+            try:
+                item = await (frame.gen.athrow(throw) if throw else frame.gen.asend(send))
+            except StopAsyncIteration:
+                self._stack.pop()
+                send, throw = None, None
+                continue
+            except Exception as exc:
+                self._stack.pop()
+                if not self._stack:
+                    if exc is throw and self.journal and self.journal[-1].kind == "error":
+                        # Nobody caught the LLM failure: forget it so that a replay stops at
+                        # the Generate and retries it.
+                        self.journal.pop()
+                    raise
+                send, throw = None, exc
+                continue
+            send, throw = None, None
+            self.yields += 1
+            self._fingerprint(item)
+
+            if isinstance(item, Message):
+                await self.memory.append(item)
+                if isinstance(item, Assistant) and item.forward and self._live_output():
+                    yield item
+            elif isinstance(item, Generate):
+                try:
+                    if item.stream and item.forward and self._live_output():
+                        stream = AssistantStream()
+                        task = asyncio.ensure_future(self._generate(item, stream))
+                        try:
+                            yield stream
+                        finally:
+                            if not task.done():
+                                await asyncio.wait([task])
+                        send = task.result()
+                    else:
+                        send = await self._generate(item, None)
+                        if item.forward and self._live_output():
+                            yield send
+                except LLMError as exc:
+                    self._record("error", {"type": type(exc).__name__, "message": str(exc)})
+                    throw = exc
+            elif isinstance(item, GetUserInput):
+                if item.message is not None and item.record:
+                    await self.memory.append(Assistant(item.message))
+                entry = self._take(("input", "timeout"))
+                if entry is None:
+                    prompt = item if self._live_output() else GetUserInput(timeout=item.timeout)
+                    self.waiting = item
+                    try:
+                        yield_value = yield prompt
+                    finally:
+                        self.waiting = None
+                    send = _as_input(yield_value)
+                    self._record(
+                        "timeout" if send.timed_out else "input",
+                        None if send.timed_out else _input_to_json(send),
+                    )
+                else:
+                    send = _input_from_json(entry)
+            elif isinstance(item, Result):
+                if self._live_output():
+                    yield item
+            elif isinstance(item, Step):
+                entry = self._take(("step",))
+                if entry is not None:
+                    send = entry.value
+                else:
+                    value = item.fn(*item.args, **item.kwargs)
+                    if inspect.isawaitable(value):
+                        value = await value
+                    self._record("step", value)
+                    send = value
+            elif isinstance(item, (Delegate, App)):
+                sub = item.app if isinstance(item, Delegate) else item
+                self._open_frame(sub.template, sub.args, sub.kwargs)
+            elif isinstance(item, Return):
+                await frame.gen.aclose()
+                self._stack.pop()
+                if not self._stack:
+                    self.result = item.value
+                send = item.value
+            else:
+                raise InvalidYieldError(
+                    f"template {self._name()} yielded {item!r} ({type(item).__name__}), which "
+                    "is not a message or a signal; yield System/User/Assistant/Example*, "
+                    "Generate, GetUserInput, Result, Step, Delegate or Return",
+                    template=self._name(),
+                    value=item,
+                )
+
+    async def _generate(self, signal: Generate, stream: AssistantStream | None) -> Assistant:
+        message: Assistant | None = None
+        try:
+            message = await self._generate_rounds(signal, stream)
+            return message
+        finally:
+            if stream is not None:
+                stream.close(message)
+
+    async def _generate_rounds(
+        self, signal: Generate, stream: AssistantStream | None
+    ) -> Assistant:
+        settings = {**self._settings(), **signal.settings}
+        rounds = int(settings.get("max_tool_rounds", DEFAULT_MAX_TOOL_ROUNDS))
+        schemas = [tool_schema(t) for t in signal.tools]
+        for _ in range(rounds + 1):
+            entry = self._take(("generate", "error"))
+            if entry is not None:
+                if entry.kind == "error":
+                    raise _error_from_json(entry.value)
+                message = message_from_dict(entry.value)
+                assert isinstance(message, Assistant)
+            else:
+                response = await self._complete(settings, schemas, stream)
+                message = response.to_message(forward=signal.forward)
+                self._record("generate", message.to_dict())
+            await self.memory.append(message)
+            if not message.tool_calls:
+                return message
+            for call in message.tool_calls:
+                tool_entry = self._take(("tool",))
+                if tool_entry is not None:
+                    output = str(tool_entry.value)
+                else:
+                    output = await call_tool(signal.tools, call.name, call.arguments)
+                    self._record("tool", output)
+                await self.memory.append(ToolMessage(output, name=call.name, tool_call_id=call.id))
+        raise TemplateError(
+            f"template {self._name()}: the model kept calling tools for {rounds} rounds; "
+            "raise max_tool_rounds or check the tools' answers"
+        )
+
+    async def _complete(
+        self, settings: dict[str, Any], schemas: list[dict[str, Any]], stream: AssistantStream | None
+    ) -> LLMResponse:
+        llm = self.llm
+        if llm is None:
+            from turbobot.llm.openai import OpenAILLM
+
+            llm = self.llm = OpenAILLM()
+        model = str(settings.get("model") or "gpt-4o-mini")
+        max_tokens = settings.get("max_tokens")
+        window = int(settings.get("context_window") or context_window_for(model))
+        reserve = int(max_tokens) if max_tokens else min(1024, window // 4)
+        messages = await self.memory.prepare_prompt(
+            counter=token_counter_for(model), context_window=window, max_tokens=reserve
+        )
+        extra = {k: v for k, v in settings.items() if k not in ENGINE_SETTINGS and v is not None}
+        request = LLMRequest(messages=messages, model=model, settings=extra, tools=schemas)
+        if settings.get("debug"):
+            _log.debug("template %s prompt: %r", self._name(), messages)
+        key = None
+        if self.cache is not None:
+            key = self.cache.to_key(request)
+            cached = await self.cache.get(key)
+            if cached is not None:
+                if stream is not None and cached.content:
+                    await stream.push(cached.content)
+                return cached
+        response = await llm.complete(request, on_delta=stream.push if stream else None)
+        if self.cache is not None and key is not None:
+            await self.cache.set(key, response)
+        return response
+
+
+def _make_memory(setting: Any) -> BaseMemory:
+    if setting is None:
+        return LocalMemory()
+    if isinstance(setting, BaseMemory):
+        raise ConfigurationError(
+            "turbo(memory=...) takes a BaseMemory subclass or factory, not an instance: "
+            "an instance would be shared by every conversation"
+        )
+    memory = setting()
+    if not isinstance(memory, BaseMemory):
+        raise ConfigurationError(f"turbo(memory=...) made {memory!r}, which is not a BaseMemory")
+    return memory
+
+
+def _as_input(value: Any) -> UserInput:
+    if isinstance(value, UserInput):
+        return value
+    if isinstance(value, IncomingMessage):
+        return UserInput(value.text, incoming=value)
+    if isinstance(value, str):
+        return UserInput(value)
+    if value is None:
+        raise TemplateError(
+            "the app is waiting for user input: resume it with app.asend(text) or run(app, text)"
+        )
+    raise TypeError(f"user input must be a str or IncomingMessage, got {type(value).__name__}")
+
+
+def _input_to_json(value: UserInput) -> Any:
+    if value.incoming is None:
+        return str(value)
+    return {"text": str(value), "incoming": value.incoming.to_dict()}
+
+
+def _input_from_json(entry: JournalEntry) -> UserInput:
+    if entry.kind == "timeout":
+        return UserInput.timeout()
+    if isinstance(entry.value, str):
+        return UserInput(entry.value)
+    return UserInput(entry.value["text"], incoming=IncomingMessage.from_dict(entry.value["incoming"]))
+
+
+def _error_from_json(value: Mapping[str, Any]) -> LLMError:
+    from turbobot import exceptions
+
+    cls = getattr(exceptions, str(value.get("type")), LLMError)
+    if not (isinstance(cls, type) and issubclass(cls, LLMError)):
+        cls = LLMError
+    try:
+        return cls(value.get("message", ""))
+    except TypeError:
+        return LLMError(value.get("message", ""))
+
+
+async def run(app: App, input: str | None = None) -> tuple[Output | None, bool]:
+    """Step ``app`` by hand, as in turbo-chat: returns ``(output, done)``.
+
+    The first call starts the app and runs it to its first ``GetUserInput`` (whose
+    ``content`` is the question) or its end; if ``input`` is given on that first call,
+    it answers the first ``GetUserInput``. Later calls send ``input`` and run to the
+    next request for input. ``output`` is the ``GetUserInput`` when not done, else the
+    last message or result the app produced.
+    """
+    last: Output | None = None
+    try:
+        if app.started:
+            output, pending = await app.asend(input), None
+        else:
+            output, pending = await app.asend(None), input
+        while True:
+            if isinstance(output, AssistantStream):
+                async for _ in output:
+                    pass
+                last = output.message
+                output = await app.asend(None)
+            elif isinstance(output, GetUserInput):
+                if pending is None:
+                    return output, False
+                output, pending = await app.asend(pending), None
+            else:
+                last = output
+                output = await app.asend(None)
+    except StopAsyncIteration:
+        return last, True
