@@ -218,6 +218,10 @@ class ToolMessage(Message):
 
     role = "tool"
 
+    def to_openai(self) -> dict[str, Any]:
+        # The chat-completions API takes no name on tool results.
+        return {"role": "tool", "content": self.content, "tool_call_id": self.tool_call_id}
+
 
 _TYPES: dict[str, type[Message]] = {
     cls.__name__: cls

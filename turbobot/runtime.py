@@ -388,7 +388,6 @@ class Runtime:
         except LLMError as exc:
             _log.warning("channel %s: generation failed (%s); will retry", key, type(exc).__name__)
             record.broken = True
-            live.app = None
             await self._say(key, record, self.settings.notices.apology)
             sent = True
         except ReplayDivergedError as exc:
@@ -406,6 +405,8 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError):
                 await typing
         await self._save(live)
+        if record.broken:
+            live.app = None  # the generator died with the error; replay rebuilds it
         if not record.active:
             self._live.pop(key, None)
         self._arm_timer(key, record.deadline if record.status == "waiting" else None)

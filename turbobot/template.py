@@ -337,8 +337,10 @@ class App:
                 if not self._stack:
                     if exc is throw and self.journal and self.journal[-1].kind == "error":
                         # Nobody caught the LLM failure: forget it so that a replay stops at
-                        # the Generate and retries it.
+                        # the Generate and retries it; that Generate's output was never
+                        # delivered, so a replay must deliver it.
                         self.journal.pop()
+                        self.yields -= 1
                     raise
                 send, throw = None, exc
                 continue
