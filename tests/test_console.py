@@ -1,0 +1,88 @@
+"""The console bot end to end: a subprocess fed through a pipe, against the fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.fakes.openai_server import FakeOpenAI, Reply
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("OPENAI_", "TURBOBOT_", "TELEGRAM_", "DISCORD_"))
+    }
+    env.update(extra)
+    return env
+
+
+async def run_console(stdin: str, env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "turbobot", "run", *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_horoscope_through_a_pipe(openai_server: FakeOpenAI) -> None:
+    openai_server.script("Leo, fortune favours the bold this week.", Reply(content="Love is near."))
+    env = clean_env(OPENAI_API_KEY="sk-test-secret", OPENAI_BASE_URL=openai_server.base_url)
+    code, out, err = await run_console(
+        "hello\nI am a Leo\nWhat about money?\nAnd love?\n", env, "bots.horoscope"
+    )
+    assert code == 0, err
+    assert out.splitlines() == [
+        "Welcome, traveller. What is your zodiac sign?",
+        "Ah, Leo. What do you want to know?",
+        "Leo, fortune favours the bold this week.",
+        "Love is near.",
+    ]
+    assert len(openai_server.requests) == 2
+    last = openai_server.requests[-1]
+    assert last["temperature"] == 0.9 and last["max_tokens"] == 200
+    assert last["messages"][-1] == {"role": "user", "content": "And love?"}
+    assert "sk-test-secret" not in out + err
+
+
+async def test_streaming_assistant_from_a_file_path(openai_server: FakeOpenAI) -> None:
+    openai_server.script("Streaming works fine.")
+    env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
+    code, out, err = await run_console(
+        "hi\n", env, str(ROOT / "bots" / "assistant.py"), "--channel", "room", "--model", "gpt-4o"
+    )
+    assert code == 0, err
+    assert out == "Streaming works fine.\n"
+    assert openai_server.requests[0]["stream"] is True
+    assert openai_server.requests[0]["model"] == "gpt-4o"
+
+
+async def test_llm_outage_apologises_and_exits_cleanly(openai_server: FakeOpenAI) -> None:
+    openai_server.script(*[Reply(status=500)] * 20)
+    env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
+    code, out, err = await run_console("hi\n", env, "bots.assistant")
+    assert code == 0, err
+    assert "Sorry, I could not answer just now" in out
+
+
+async def test_missing_llm_configuration_is_a_clear_error() -> None:
+    code, out, err = await run_console("hi\n", clean_env(), "bots.horoscope")
+    assert code == 2
+    assert "set OPENAI_API_KEY" in err
+    assert "Traceback" not in err
+
+
+async def test_unknown_bot_module_is_a_clear_error() -> None:
+    code, _, err = await run_console("", clean_env(OPENAI_API_KEY="k"), "bots.nope")
+    assert code == 2
+    assert "cannot import bot module 'bots.nope'" in err

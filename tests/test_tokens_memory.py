@@ -1,0 +1,57 @@
+"""Offline token counting and token-aware prompt trimming."""
+
+from __future__ import annotations
+
+from turbobot import Assistant, ExampleAssistant, ExampleUser, LocalMemory, System, User
+from turbobot.tokens import (
+    DEFAULT_CONTEXT_WINDOW,
+    context_window_for,
+    count_prompt_tokens,
+    token_counter_for,
+)
+
+
+def test_exact_counts_for_openai_models_offline() -> None:
+    # Reference ids: tiktoken's cl100k_base / o200k_base encodings.
+    assert token_counter_for("gpt-4")("hello world") == 2
+    assert token_counter_for("gpt-4o-mini")("hello world") == 2
+    assert token_counter_for("gpt-4o")("你好，世界") == 3
+
+
+def test_unknown_model_still_counts() -> None:
+    count = token_counter_for("some-new-model-nobody-knows")
+    assert count("hello world") == 2
+    assert context_window_for("some-new-model-nobody-knows") == DEFAULT_CONTEXT_WINDOW
+    assert context_window_for("gpt-4o-2024-08-06") == 128_000
+    assert context_window_for("HuggingFaceTB/SmolLM2-135M-Instruct") == DEFAULT_CONTEXT_WINDOW
+
+
+async def test_trimming_keeps_system_examples_and_newest_turn() -> None:
+    memory = LocalMemory()
+    await memory.extend(
+        [System("You are terse."), ExampleUser("2+2?"), ExampleAssistant("4")]
+    )
+    for n in range(50):
+        await memory.append(User(f"question number {n} " + "blah " * 20))
+        await memory.append(Assistant(f"answer number {n} " + "blah " * 20))
+    await memory.append(User("the newest question"))
+    counter = token_counter_for("gpt-4o")
+    prompt = await memory.prepare_prompt(counter=counter, context_window=400, max_tokens=100)
+    contents = [m["content"] for m in prompt]
+    assert contents[:3] == ["You are terse.", "2+2?", "4"]
+    assert contents[-1] == "the newest question"
+    assert count_prompt_tokens(prompt, counter) <= 300
+    assert len(prompt) < 20
+    # What was kept is the newest turns, in order.
+    kept = [c.split()[2] for c in contents[3:-1] if c.startswith("question")]
+    assert kept == sorted(kept, key=int) and kept[-1] == "49"
+
+
+async def test_newest_turn_survives_even_if_too_big() -> None:
+    memory = LocalMemory([System("sys"), User("old"), User("huge " * 500)])
+    prompt = await memory.prepare_prompt(
+        counter=token_counter_for("gpt-4o"), context_window=100, max_tokens=50
+    )
+    assert [m["content"] for m in prompt][0] == "sys"
+    assert prompt[-1]["content"].startswith("huge")
+    assert "old" not in [m["content"] for m in prompt]
