@@ -8,8 +8,18 @@ from typing import Any
 from turbobot import Generate, GetUserInput, System, TemplateContext, User, turbo
 
 SIGNS = (
-    "aries", "taurus", "gemini", "cancer", "leo", "virgo",
-    "libra", "scorpio", "sagittarius", "capricorn", "aquarius", "pisces",
+    "aries",
+    "taurus",
+    "gemini",
+    "cancer",
+    "leo",
+    "virgo",
+    "libra",
+    "scorpio",
+    "sagittarius",
+    "capricorn",
+    "aquarius",
+    "pisces",
 )
 
 

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if not k.startswith(("OPENAI_", "TURBOBOT_", "TELEGRAM_", "DISCORD_"))
     }
     env.update(extra)
@@ -23,7 +24,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 async def run_console(stdin: str, env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "turbobot", "run", *args,
+        sys.executable,
+        "-m",
+        "turbobot",
+        "run",
+        *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -76,7 +81,7 @@ async def test_llm_outage_apologises_and_exits_cleanly(openai_server: FakeOpenAI
 
 
 async def test_missing_llm_configuration_is_a_clear_error() -> None:
-    code, out, err = await run_console("hi\n", clean_env(), "bots.horoscope")
+    code, _out, err = await run_console("hi\n", clean_env(), "bots.horoscope")
     assert code == 2
     assert "set OPENAI_API_KEY" in err
     assert "Traceback" not in err

@@ -30,7 +30,9 @@ def request(text: str = "hi", **settings: object) -> LLMRequest:
     )
 
 
-async def test_completion_returns_text_and_usage(openai_server: FakeOpenAI, openai_llm: OpenAILLM) -> None:
+async def test_completion_returns_text_and_usage(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
     openai_server.script("The stars smile on you.")
     response = await openai_llm.complete(request(temperature=0.5, max_tokens=20))
     assert response.content == "The stars smile on you."
@@ -40,7 +42,9 @@ async def test_completion_returns_text_and_usage(openai_server: FakeOpenAI, open
     assert sent["model"] == "gpt-4o-mini"
 
 
-async def test_streaming_delivers_deltas_in_order(openai_server: FakeOpenAI, openai_llm: OpenAILLM) -> None:
+async def test_streaming_delivers_deltas_in_order(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
     text = "A long and winding road to fortune."
     openai_server.script(text)
     deltas: list[str] = []
@@ -69,7 +73,9 @@ async def test_streamed_tool_call_arguments_are_assembled(
     ]
 
 
-async def test_429_is_retried_honouring_retry_after(openai_server: FakeOpenAI, openai_llm: OpenAILLM) -> None:
+async def test_429_is_retried_honouring_retry_after(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
     openai_server.script(Reply(status=429, headers={"retry-after": "0.3"}), "finally")
     start = time.monotonic()
     response = await openai_llm.complete(request())
@@ -80,21 +86,27 @@ async def test_429_is_retried_honouring_retry_after(openai_server: FakeOpenAI, o
     assert time.monotonic() - start < 3
 
 
-async def test_500_is_retried_then_succeeds(openai_server: FakeOpenAI, openai_llm: OpenAILLM) -> None:
+async def test_500_is_retried_then_succeeds(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
     openai_server.script(Reply(status=500), Reply(status=503), "ok now")
     response = await openai_llm.complete(request())
     assert response.content == "ok now"
     assert len(openai_server.requests) == 3
 
 
-async def test_exhausted_5xx_raises_unavailable(openai_server: FakeOpenAI, openai_llm: OpenAILLM) -> None:
+async def test_exhausted_5xx_raises_unavailable(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
     openai_server.script(*[Reply(status=500)] * 3)
     with pytest.raises(LLMUnavailableError, match="after 3 attempts"):
         await openai_llm.complete(request())
     assert len(openai_server.requests) == 3
 
 
-async def test_exhausted_429_raises_rate_limited(openai_server: FakeOpenAI, openai_llm: OpenAILLM) -> None:
+async def test_exhausted_429_raises_rate_limited(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
     openai_server.script(*[Reply(status=429, headers={"retry-after": "0"})] * 3)
     with pytest.raises(LLMRateLimitedError) as info:
         await openai_llm.complete(request())
@@ -153,7 +165,9 @@ async def test_template_end_to_end_with_tools_over_http(
         yield User(question)
         yield Generate(tools=[lucky_number])
 
-    openai_server.script(Reply(tool_calls=[("lucky_number", '{"sign": "leo"}')]), "Your number is 7.")
+    openai_server.script(
+        Reply(tool_calls=[("lucky_number", '{"sign": "leo"}')]), "Your number is 7."
+    )
     app = teller().bind(llm=openai_llm)
     await run(app)
     output, done = await run(app, "lucky number for leo?")
@@ -166,6 +180,4 @@ async def test_template_end_to_end_with_tools_over_http(
         "description": "the zodiac sign, lower case.",
     }
     assert second["messages"][-2]["tool_calls"][0]["function"]["name"] == "lucky_number"
-    assert second["messages"][-1] == {
-        "role": "tool", "content": "7", "tool_call_id": "call_0"
-    }
+    assert second["messages"][-1] == {"role": "tool", "content": "7", "tool_call_id": "call_0"}

@@ -10,6 +10,7 @@ import turbobot
 
 def test_all_is_sorted_complete_and_importable() -> None:
     names = turbobot.__all__
+
     # isort style, as ruff's RUF022 keeps it: CONSTANTS, then Classes, then functions
     def style(name: str) -> tuple[int, str]:
         return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
@@ -18,7 +19,8 @@ def test_all_is_sorted_complete_and_importable() -> None:
     for name in names:
         assert hasattr(turbobot, name), name
     public = {
-        n for n, v in vars(turbobot).items()
+        n
+        for n, v in vars(turbobot).items()
         if not n.startswith("_") and getattr(v, "__module__", "").startswith("turbobot")
     }
     assert public <= set(names), f"exported but missing from __all__: {public - set(names)}"

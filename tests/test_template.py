@@ -196,7 +196,11 @@ async def test_configure_merges_and_keeps_every_setting() -> None:
     base = horoscope.configure(model="gpt-4o", cache=cache, debug=True, custom="x")
     again = base.configure(temperature=0.2)
     assert again.settings == {
-        "temperature": 0.2, "model": "gpt-4o", "cache": cache, "debug": True, "custom": "x"
+        "temperature": 0.2,
+        "model": "gpt-4o",
+        "cache": cache,
+        "debug": True,
+        "custom": "x",
     }
     assert horoscope.settings == {"temperature": 0.9}
     assert again.fn is horoscope.fn
@@ -358,7 +362,8 @@ async def test_replay_makes_no_llm_call_and_sends_nothing_again() -> None:
     assert isinstance(output, GetUserInput)
     assert fresh_llm.calls == 0
     assert [m.content for m in replayed.memory.messages] == [
-        m.content for m in app.memory.messages  # type: ignore[attr-defined]
+        m.content
+        for m in app.memory.messages  # type: ignore[attr-defined]
     ]
     assert (await replayed.asend("q3")).content == "third answer"
 

@@ -28,9 +28,7 @@ def test_unknown_model_still_counts() -> None:
 
 async def test_trimming_keeps_system_examples_and_newest_turn() -> None:
     memory = LocalMemory()
-    await memory.extend(
-        [System("You are terse."), ExampleUser("2+2?"), ExampleAssistant("4")]
-    )
+    await memory.extend([System("You are terse."), ExampleUser("2+2?"), ExampleAssistant("4")])
     for n in range(50):
         await memory.append(User(f"question number {n} " + "blah " * 20))
         await memory.append(Assistant(f"answer number {n} " + "blah " * 20))
@@ -52,6 +50,6 @@ async def test_newest_turn_survives_even_if_too_big() -> None:
     prompt = await memory.prepare_prompt(
         counter=token_counter_for("gpt-4o"), context_window=100, max_tokens=50
     )
-    assert [m["content"] for m in prompt][0] == "sys"
+    assert next(m["content"] for m in prompt) == "sys"
     assert prompt[-1]["content"].startswith("huge")
     assert "old" not in [m["content"] for m in prompt]

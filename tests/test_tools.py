@@ -16,8 +16,13 @@ class Unit(enum.Enum):
     F = "fahrenheit"
 
 
-def weather(city: str, days: int = 1, unit: Unit = Unit.C, tags: list[str] | None = None,
-            mode: Literal["short", "long"] = "short") -> str:
+def weather(
+    city: str,
+    days: int = 1,
+    unit: Unit = Unit.C,
+    tags: list[str] | None = None,
+    mode: Literal["short", "long"] = "short",
+) -> str:
     """Forecast for a city.
 
     Args:

@@ -27,9 +27,7 @@ def _tokens(message: Message, counter: TokenCounter) -> int:
     return message.tokens
 
 
-def trim_to_window(
-    messages: list[Message], *, budget: int, counter: TokenCounter
-) -> list[Message]:
+def trim_to_window(messages: list[Message], *, budget: int, counter: TokenCounter) -> list[Message]:
     """Drop the oldest turns until the prompt fits ``budget`` tokens.
 
     Pinned messages (system prompt, examples) and the newest turn always survive, even

@@ -42,7 +42,9 @@ def render_template(template: str, variables: Mapping[str, object]) -> str:
     def substitute(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in variables:
-            raise KeyError(f"template variable {name!r} was not given (variables: {sorted(variables)})")
+            raise KeyError(
+                f"template variable {name!r} was not given (variables: {sorted(variables)})"
+            )
         return str(variables[name])
 
     return _PLACEHOLDER.sub(substitute, template)

@@ -61,10 +61,15 @@ class Notices:
     """Texts the runtime itself sends."""
 
     apology: str = "Sorry, I could not answer just now. Send another message and I will try again."
-    failure: str = "Sorry, something went wrong and this conversation had to end. Send a message to start again."
+    failure: str = (
+        "Sorry, something went wrong and this conversation had to end. "
+        "Send a message to start again."
+    )
     reset: str = "Conversation reset. Send a message to start again."
     started: str = "New conversation started."
-    diverged: str = "The bot was updated and could not resume our conversation, so it started a new one."
+    diverged: str = (
+        "The bot was updated and could not resume our conversation, so it started a new one."
+    )
     help: str = (
         "Commands: /start (or /new) starts a new conversation, /reset ends this one "
         "and forgets it, /help shows this."
@@ -238,9 +243,9 @@ class Runtime:
                 await self._say(key, live.record, notices.started)
             return True
         if command == "reset":
-            live = await self._load(key)
-            if live is not None and live.app is not None:
-                await live.app.memory.clear()
+            current = await self._load(key)
+            if current is not None and current.app is not None:
+                await current.app.memory.clear()
             await self._end(key, "reset")
             await self._send(key, notices.reset)
             return True
@@ -248,10 +253,11 @@ class Runtime:
             await self._send(key, self._help())
             return True
 
-        live = await self._load(key)
-        if live is None:
+        loaded = await self._load(key)
+        if loaded is None:
             await self._begin(key, message)
             return True
+        live = loaded
         if live.app is None or live.record.broken:
             # Rebuilt by replay (after a failed generation, the replay retries it).
             if await self._rehydrate(key, live, message):

@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 #: ``running``: between inputs; ``waiting``: at a GetUserInput; the others are final
-ConversationStatus = Literal["running", "waiting", "finished", "reset", "restarted", "failed", "diverged"]
+ConversationStatus = Literal[
+    "running", "waiting", "finished", "reset", "restarted", "failed", "diverged"
+]
 FINAL_STATUSES = frozenset({"finished", "reset", "restarted", "failed", "diverged"})
 
 
@@ -133,7 +135,7 @@ class BaseStore(ABC):
     async def unsent(self) -> list[OutgoingRecord]:
         """Replies recorded but never marked sent."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 
 

@@ -82,7 +82,7 @@ class Template:
         self.fn = fn
         self.settings: dict[str, Any] = dict(settings)
         self.ref = f"{fn.__module__}:{fn.__qualname__}"
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def configure(self, **settings: Any) -> Template:
         """A new template with these settings merged over the current ones (all kept)."""
@@ -280,7 +280,9 @@ class App:
             settings.update(frame.template.settings)
         return settings
 
-    def _open_frame(self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Frame:
+    def _open_frame(
+        self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> _Frame:
         params = template._parameters
         injected = dict(kwargs)
         if "memory" in params and "memory" not in injected:
@@ -428,9 +430,7 @@ class App:
             if stream is not None:
                 stream.close(message)
 
-    async def _generate_rounds(
-        self, signal: Generate, stream: AssistantStream | None
-    ) -> Assistant:
+    async def _generate_rounds(self, signal: Generate, stream: AssistantStream | None) -> Assistant:
         settings = {**self._settings(), **signal.settings}
         rounds = int(settings.get("max_tool_rounds", DEFAULT_MAX_TOOL_ROUNDS))
         schemas = [tool_schema(t) for t in signal.tools]
@@ -462,7 +462,10 @@ class App:
         )
 
     async def _complete(
-        self, settings: dict[str, Any], schemas: list[dict[str, Any]], stream: AssistantStream | None
+        self,
+        settings: dict[str, Any],
+        schemas: list[dict[str, Any]],
+        stream: AssistantStream | None,
     ) -> LLMResponse:
         llm = self.llm
         if llm is None:
@@ -533,7 +536,9 @@ def _input_from_json(entry: JournalEntry) -> UserInput:
         return UserInput.timeout()
     if isinstance(entry.value, str):
         return UserInput(entry.value)
-    return UserInput(entry.value["text"], incoming=IncomingMessage.from_dict(entry.value["incoming"]))
+    return UserInput(
+        entry.value["text"], incoming=IncomingMessage.from_dict(entry.value["incoming"])
+    )
 
 
 def _error_from_json(value: Mapping[str, Any]) -> LLMError:

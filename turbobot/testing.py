@@ -48,7 +48,9 @@ class ChatHarness:
         platform: str = "test",
     ) -> None:
         self.sender = RecordingSender()
-        self.runtime = Runtime(template, llm=llm, sender=self.sender, store=store, settings=settings)
+        self.runtime = Runtime(
+            template, llm=llm, sender=self.sender, store=store, settings=settings
+        )
         self.platform = platform
         self._ids = itertools.count(1)
 

@@ -178,9 +178,7 @@ def token_counter_for(model: str | None) -> TokenCounter:
     return count
 
 
-def count_message_tokens(
-    message: dict[str, Any], counter: TokenCounter
-) -> int:
+def count_message_tokens(message: dict[str, Any], counter: TokenCounter) -> int:
     """Tokens one chat message costs in a prompt, format overhead included."""
     total = TOKENS_PER_MESSAGE + counter(str(message.get("content") or ""))
     if message.get("name"):

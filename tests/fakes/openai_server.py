@@ -125,8 +125,12 @@ class FakeOpenAI:
         for i in range(0, len(text), 5):
             await send([{"index": 0, "delta": {"content": text[i : i + 5]}}])
         for i, (name, args) in enumerate(reply.tool_calls):
-            head = {"index": i, "id": f"call_{i}", "type": "function",
-                    "function": {"name": name, "arguments": ""}}
+            head = {
+                "index": i,
+                "id": f"call_{i}",
+                "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }
             await send([{"index": 0, "delta": {"tool_calls": [head]}}])
             for j in range(0, len(args), 4):
                 piece = {"index": i, "function": {"arguments": args[j : j + 4]}}

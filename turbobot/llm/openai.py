@@ -48,7 +48,8 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None and 0 <= retry_after <= self.max_retry_after:
             return retry_after
-        return min(self.max_delay, self.base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+        backoff: float = min(self.max_delay, self.base_delay * 2**attempt)
+        return backoff * random.uniform(0.5, 1.0)
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:
@@ -124,7 +125,9 @@ class OpenAILLM:
                 wait = self.retry.delay(attempt, None)
                 _log.warning(
                     "LLM request failed with %s (attempt %d), retrying in %.2fs",
-                    type(exc).__name__, attempt + 1, wait,
+                    type(exc).__name__,
+                    attempt + 1,
+                    wait,
                 )
             except openai.APIStatusError as exc:
                 if exc.status_code >= 500:

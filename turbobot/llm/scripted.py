@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Union
+from typing import TypeAlias
 
 from turbobot.exceptions import LLMError
 from turbobot.llm.base import DeltaCallback, LLMRequest, LLMResponse
@@ -12,7 +12,7 @@ from turbobot.messages import ToolCall
 __all__ = ["ScriptedLLM"]
 
 #: one scripted answer: text, a full response, or an error to raise
-Reply = Union[str, LLMResponse, LLMError]
+Reply: TypeAlias = str | LLMResponse | LLMError
 
 
 class ScriptedLLM:

@@ -1,0 +1,28 @@
+# Set-up and everyday commands. Each target installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+BOT ?= bots.horoscope
+
+.PHONY: chat test lint install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+chat: install  ## run a bot in the console
+	$(VENV)/bin/turbobot run $(BOT) --platform console
+
+lint: install
+	$(VENV)/bin/ruff check turbobot adapters bots tests
+	$(VENV)/bin/ruff format --check turbobot adapters bots tests
+	$(VENV)/bin/mypy
+
+test: lint  ## lint, type-check and run the whole suite
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
