@@ -361,7 +361,10 @@ class Runtime:
         previous_deadline = record.deadline
         record.status, record.deadline = "running", None
         self._arm_timer(key, None)
-        typing = asyncio.create_task(self._keep_typing(key))
+        # Only senders that show typing get the (per-step) indicator task.
+        typing: asyncio.Task[None] | None = None
+        if type(self.sender).typing is not BaseSender.typing:
+            typing = asyncio.create_task(self._keep_typing(key))
         try:
             output = await app.asend(value)
             while True:
@@ -377,7 +380,8 @@ class Runtime:
                         record.deadline = self.clock() + output.timeout
                     break
                 if isinstance(output, AssistantStream):
-                    typing.cancel()
+                    if typing is not None:
+                        typing.cancel()
                     platform_id = await self.sender.send_stream(key, output)
                     text = output.text
                     if text:
@@ -407,9 +411,10 @@ class Runtime:
             await self._say(key, record, self.settings.notices.failure)
             sent = True
         finally:
-            typing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await typing
+            if typing is not None:
+                typing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await typing
         await self._save(live)
         if record.broken:
             live.app = None  # the generator died with the error; replay rebuilds it

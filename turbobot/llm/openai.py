@@ -18,6 +18,7 @@ from typing import Any
 import openai
 
 from turbobot.exceptions import (
+    LLMError,
     LLMRateLimitedError,
     LLMRequestError,
     LLMResponseError,
@@ -105,50 +106,47 @@ class OpenAILLM:
                 if on_delta is None:
                     return await self._complete_once(request)
                 return await self._stream_once(request, on_delta)
-            except openai.RateLimitError as exc:
-                retry_after = _retry_after(exc)
-                if attempt + 1 >= self.retry.attempts:
-                    raise LLMRateLimitedError(
-                        f"the LLM server kept answering 429 Too Many Requests after "
-                        f"{self.retry.attempts} attempts; slow down or raise your quota",
-                        retry_after=retry_after,
-                    ) from exc
+            except openai.APIError as exc:
+                error, retryable = self._translate(exc)
+                if not retryable or attempt + 1 >= self.retry.attempts:
+                    raise error from exc
+                retry_after = error.retry_after if isinstance(error, LLMRateLimitedError) else None
                 wait = self.retry.delay(attempt, retry_after)
-                _log.warning("LLM rate limited (attempt %d), retrying in %.2fs", attempt + 1, wait)
-            except (openai.APIConnectionError, openai.InternalServerError) as exc:
-                # APITimeoutError is an APIConnectionError.
-                if attempt + 1 >= self.retry.attempts:
-                    raise LLMUnavailableError(
-                        f"the LLM server is unavailable ({type(exc).__name__}) after "
-                        f"{self.retry.attempts} attempts; check OPENAI_BASE_URL and the server"
-                    ) from exc
-                wait = self.retry.delay(attempt, None)
                 _log.warning(
-                    "LLM request failed with %s (attempt %d), retrying in %.2fs",
+                    "LLM request failed (%s, attempt %d of %d), retrying in %.2fs",
                     type(exc).__name__,
                     attempt + 1,
+                    self.retry.attempts,
                     wait,
                 )
-            except openai.APIStatusError as exc:
-                if exc.status_code >= 500:
-                    if attempt + 1 >= self.retry.attempts:
-                        raise LLMUnavailableError(
-                            f"the LLM server failed with HTTP {exc.status_code} after "
-                            f"{self.retry.attempts} attempts"
-                        ) from exc
-                    wait = self.retry.delay(attempt, None)
-                else:
-                    raise LLMRequestError(
-                        f"the LLM server rejected the request with HTTP {exc.status_code} "
-                        f"({type(exc).__name__}); check the model name, key and settings",
-                        status_code=exc.status_code,
-                    ) from exc
-            except openai.APIResponseValidationError as exc:
-                raise LLMResponseError(
-                    "the LLM server's answer is not a valid chat completion"
-                ) from exc
             await asyncio.sleep(wait)
             attempt += 1
+
+    def _translate(self, exc: openai.APIError) -> tuple[LLMError, bool]:
+        """Our error for a client error, and whether it is worth retrying."""
+        attempts = self.retry.attempts
+        if isinstance(exc, openai.RateLimitError):
+            return LLMRateLimitedError(
+                f"the LLM server kept answering 429 Too Many Requests after {attempts} "
+                "attempts; slow down or raise your quota",
+                retry_after=_retry_after(exc),
+            ), True
+        if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+            return LLMUnavailableError(
+                f"the LLM server is unavailable ({type(exc).__name__}) after {attempts} "
+                "attempts; check OPENAI_BASE_URL and that the server is running"
+            ), True
+        if isinstance(exc, openai.APIStatusError):
+            if exc.status_code >= 500:
+                return LLMUnavailableError(
+                    f"the LLM server failed with HTTP {exc.status_code} after {attempts} attempts"
+                ), True
+            return LLMRequestError(
+                f"the LLM server rejected the request with HTTP {exc.status_code} "
+                f"({type(exc).__name__}); check the model name, key and settings",
+                status_code=exc.status_code,
+            ), False
+        return LLMResponseError("the LLM server's answer is not a valid chat completion"), False
 
     def _params(self, request: LLMRequest) -> dict[str, Any]:
         params: dict[str, Any] = dict(request.settings)
