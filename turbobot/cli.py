@@ -48,11 +48,9 @@ def build_llm(choice: str, env: Mapping[str, str]) -> LLM:
             )
         # Self-hosted compatible servers often need no key; the client insists on one.
         return OpenAILLM(api_key=key or "unused", base_url=base_url)
-    raise ConfigurationError(
-        "no LLM is configured and the offline local model is not available in this "
-        "version: set OPENAI_API_KEY, or OPENAI_BASE_URL for an OpenAI-compatible "
-        "server (Ollama, vLLM, llama.cpp), in the environment or in .env"
-    )
+    from turbobot.llm.local import LocalLLM
+
+    return LocalLLM(model_path=env.get("TURBOBOT_LOCAL_MODEL") or None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +80,9 @@ async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None
     llm = build_llm(choose_llm(args.llm, env), env)
     adapter = ConsoleAdapter(channel=args.channel)
     try:
+        start = getattr(llm, "start", None)
+        if start is not None:
+            await start()  # load a local model before the first message, not during it
         async with Runtime(template, llm=llm, sender=adapter) as runtime:
             await adapter.run(runtime)
     finally:

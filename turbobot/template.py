@@ -474,7 +474,11 @@ class App:
             llm = self.llm = OpenAILLM()
         model = str(settings.get("model") or "gpt-4o-mini")
         max_tokens = settings.get("max_tokens")
-        window = int(settings.get("context_window") or context_window_for(model))
+        window = int(
+            settings.get("context_window")
+            or getattr(llm, "context_window", None)
+            or context_window_for(model)
+        )
         reserve = int(max_tokens) if max_tokens else min(1024, window // 4)
         messages = await self.memory.prepare_prompt(
             counter=token_counter_for(model), context_window=window, max_tokens=reserve

@@ -1,0 +1,82 @@
+"""Choosing the LLM backend, and what a user sees when something is missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_console import ROOT, clean_env
+from turbobot import ConfigurationError
+from turbobot.cli import build_llm, choose_llm
+from turbobot.llm.local import LocalLLM
+from turbobot.llm.openai import OpenAILLM
+
+
+def test_key_present_means_openai() -> None:
+    assert choose_llm(None, {"OPENAI_API_KEY": "sk-x"}) == "openai"
+    assert choose_llm(None, {"OPENAI_BASE_URL": "http://127.0.0.1:1/v1"}) == "openai"
+
+
+def test_no_key_means_local() -> None:
+    assert choose_llm(None, {}) == "local"
+    assert choose_llm(None, {"OPENAI_API_KEY": ""}) == "local"
+
+
+def test_explicit_choice_wins() -> None:
+    assert choose_llm("local", {"OPENAI_API_KEY": "sk-x"}) == "local"
+    assert choose_llm(None, {"OPENAI_API_KEY": "sk-x", "TURBOBOT_LLM": "local"}) == "local"
+    assert choose_llm("openai", {"TURBOBOT_LLM": "local", "OPENAI_API_KEY": "k"}) == "openai"
+    with pytest.raises(ConfigurationError, match="unknown LLM backend 'gpt'"):
+        choose_llm("gpt", {})
+
+
+async def test_build_llm_makes_the_chosen_backend() -> None:
+    openai_llm = build_llm("openai", {"OPENAI_API_KEY": "k"})
+    assert isinstance(openai_llm, OpenAILLM)
+    await openai_llm.aclose()
+    local = build_llm("local", {"TURBOBOT_LOCAL_MODEL": "/models/x.gguf"})
+    assert isinstance(local, LocalLLM) and local.model_path == "/models/x.gguf"
+    with pytest.raises(ConfigurationError, match="needs OPENAI_API_KEY"):
+        build_llm("openai", {})
+
+
+def test_missing_local_extra_names_the_install_command() -> None:
+    # Hide xllamacpp from the import system, as on a machine without the extra.
+    code = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'xllamacpp': raise ImportError('hidden')\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from turbobot.cli import main\n"
+        "sys.exit(main(['run', 'bots.horoscope']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "pip install 'turbobot[local]'" in result.stderr
+    assert "make install" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_local_model_file_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "turbobot", "run", "bots.horoscope"],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env=clean_env(TURBOBOT_LOCAL_MODEL="/nonexistent/model.gguf"),
+    )
+    assert result.returncode == 2
+    assert "local model file '/nonexistent/model.gguf' does not exist" in result.stderr
