@@ -206,9 +206,10 @@ async def test_failed_retry_keeps_the_message() -> None:
     async with ChatHarness(chat, llm=llm) as h:
         await h.say("one")
         await h.say("two")  # the retry fails again: "two" stays in the inbox
-        assert [m.text for m in await h.runtime.store.pending(h.key())] == ["two"]
+        inbox = (await h.runtime.store.recovery()).inbox
+        assert [item.message.text for item in inbox] == ["two"]
         assert await h.say("three") == ["echo: one", "echo: two", "echo: three"]
-        assert await h.runtime.store.pending(h.key()) == []
+        assert (await h.runtime.store.recovery()).inbox == []
 
 
 async def test_template_crash_ends_conversation_with_notice() -> None:

@@ -3,7 +3,8 @@
 Data flow of one message: an adapter calls :meth:`Runtime.receive` → the message is
 committed to the channel's inbox (a redelivered id is ignored) → the channel's worker
 takes its inbox in arrival order and resumes (or starts, or rebuilds by replay) the
-channel's conversation → outputs go to the outbox and out through the sender.
+channel's conversation → each reply is recorded in the outbox, committed together
+with the input and the generation that produced it, and only then sent.
 Channels run concurrently; within one channel, one step at a time.
 
 Rules (DESIGN §3): a message in a channel with no conversation starts the template;
@@ -15,6 +16,11 @@ that arrives while the bot is busy waits its turn and answers the next
 If a generation fails after the LLM layer's retries and the template does not catch
 the error, the user gets an apology and the generation is retried when the channel's
 next message arrives; that message then waits its turn.
+
+Durability (DESIGN §4): a conversation is rebuilt by replaying its journal whenever
+it is not in RAM: after a restart, after eviction, after a failed generation. Idle
+conversations are evicted (their generators closed, so ``finally`` blocks run) and
+come back by replay on their next message or deadline.
 """
 
 from __future__ import annotations
@@ -24,14 +30,26 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.exceptions import LLMError, ReplayDivergedError
 from turbobot.llm.base import LLM
+from turbobot.messages import Assistant
 from turbobot.signals import GetUserInput, Result, UserInput
-from turbobot.store import BaseStore, ConversationRecord, ConversationStatus, InMemoryStore
+from turbobot.store import (
+    BaseStore,
+    ConversationRecord,
+    ConversationStatus,
+    InboxItem,
+    InMemoryStore,
+    OutgoingRecord,
+    StepWrite,
+    TranscriptLine,
+    new_id,
+)
 from turbobot.template import App, AssistantStream, Template
 
 __all__ = ["BaseSender", "Notices", "Runtime", "RuntimeSettings", "parse_command"]
@@ -78,11 +96,20 @@ class Notices:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeSettings:
-    """How the runtime behaves; built by the entry point, never read from the environment."""
+    """How the runtime behaves; built by the entry point, never read from the environment.
+
+    Args:
+        bot_username: commands addressed to another bot (``/start@other``) are plain text.
+        idle_evict_seconds: a conversation idle this long leaves RAM (``None``: never).
+        max_live: at most this many conversations stay in RAM; the least recently
+            used idle ones are evicted first (``None``: no cap).
+    """
 
     bot_username: str | None = None
     notices: Notices = field(default_factory=Notices)
     typing_interval: float = 4.0
+    idle_evict_seconds: float | None = 600.0
+    max_live: int | None = None
 
 
 def parse_command(text: str, bot_username: str | None = None) -> str | None:
@@ -101,13 +128,23 @@ def parse_command(text: str, bot_username: str | None = None) -> str | None:
 
 @dataclass(slots=True)
 class _Live:
+    """A conversation the runtime holds: its record and, when in RAM, its app."""
+
     record: ConversationRecord
     app: App | None
+    #: journal entries already handed to the store
     saved: int = 0
+    #: changes of the current step not yet handed to the store
+    buffer: StepWrite | None = None
+    used_at: float = 0.0
 
 
 class Runtime:
     """Runs a template in every channel that talks to the bot.
+
+    Use it as an async context manager: entering recovers what a previous run left
+    (unconsumed messages, unsent replies, pending deadlines); leaving finishes
+    in-flight steps and closes live conversations.
 
     Args:
         template: the bot personality.
@@ -134,23 +171,83 @@ class Runtime:
         self.store = store or InMemoryStore()
         self.settings = settings or RuntimeSettings()
         self.clock = clock
-        self._live: dict[ChannelKey, _Live] = {}
+        self._live: OrderedDict[ChannelKey, _Live] = OrderedDict()
+        self._active_keys: set[ChannelKey] = set()
+        self._queues: dict[ChannelKey, deque[InboxItem]] = {}
         self._workers: dict[ChannelKey, asyncio.Task[None]] = {}
         self._dirty: set[ChannelKey] = set()
         self._timers: dict[ChannelKey, asyncio.TimerHandle] = {}
+        #: deadlines of waiting conversations that are not in RAM
+        self._deadlines: dict[ChannelKey, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._typing = type(sender).typing is not BaseSender.typing
+        self._started = False
         self._closed = False
 
-    # -- public API -----------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover from the store: resend unsent replies, requeue messages, arm deadlines."""
+        if self._started:
+            return
+        self._started = True
+        recovery = await self.store.recovery()
+        self._active_keys = set(recovery.active)
+        if recovery.unsent:
+            _log.info("sending %d replies left unsent by the last run", len(recovery.unsent))
+        for outgoing in recovery.unsent:
+            platform_id = await self.sender.send(outgoing.key, outgoing.text)
+            await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))
+        for item in recovery.inbox:
+            self._queues.setdefault(item.message.key, deque()).append(item)
+        for key, deadline in recovery.deadlines:
+            self._arm_timer(key, deadline)
+        for key in list(self._queues):
+            self._wake(key)
+        idle = self.settings.idle_evict_seconds
+        if idle is not None:
+            self._sweeper = asyncio.create_task(self._sweep(idle), name="turbobot:sweeper")
+
+    async def aclose(self) -> None:
+        """Finish in-flight steps, commit, then close live conversations (runs ``finally``)."""
+        self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.join()
+        for live in list(self._live.values()):
+            await self._commit(live)
+            if live.app is not None:
+                await live.app.aclose()
+        self._live.clear()
+        await self.store.flush()
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- public API -------------------------------------------------------------------------
 
     async def receive(self, message: IncomingMessage) -> bool:
         """Commit an incoming message and schedule its channel. ``False`` if ignored."""
         if self._closed:
             raise RuntimeError("the runtime is closed")
+        if not self._started:
+            await self.start()
         if message.is_bot:
             return False
-        if not await self.store.add_incoming(message):
+        seq = await self.store.add_incoming(message)
+        if seq is None:
             _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
             return False
+        self._queues.setdefault(message.key, deque()).append(InboxItem(seq, message))
         self._wake(message.key)
         return True
 
@@ -159,30 +256,35 @@ class Runtime:
         while self._workers:
             await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
 
-    async def aclose(self) -> None:
-        """Finish in-flight steps, then close every live conversation (runs ``finally``)."""
-        self._closed = True
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        await self.join()
-        for live in self._live.values():
-            if live.app is not None:
-                await live.app.aclose()
-        self._live.clear()
-
-    async def __aenter__(self) -> Runtime:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
     def waiting(self, key: ChannelKey) -> GetUserInput | None:
-        """What the channel's conversation waits for, if it waits."""
+        """What the channel's conversation waits for, if it is in RAM and waits."""
         live = self._live.get(key)
         return live.app.waiting if live and live.app else None
 
-    # -- scheduling -------------------------------------------------------------------
+    @property
+    def live_count(self) -> int:
+        """Conversations currently held in RAM with a running generator."""
+        return sum(1 for live in self._live.values() if live.app is not None)
+
+    async def evict(self, key: ChannelKey) -> bool:
+        """Move an idle conversation out of RAM (it comes back by replay). ``False`` if busy."""
+        live = self._live.get(key)
+        if live is None or key in self._workers:
+            return False
+        # Detach before the first await: a message arriving meanwhile loads the
+        # conversation from the store, where this commit is already queued.
+        del self._live[key]
+        if live.record.status == "waiting" and live.record.deadline is not None:
+            self._deadlines[key] = live.record.deadline
+        await self._commit(live)
+        if live.app is not None:
+            try:
+                await live.app.aclose()
+            except Exception:
+                _log.exception("channel %s: template failed while being closed", key)
+        return True
+
+    # -- scheduling ---------------------------------------------------------------------
 
     def _wake(self, key: ChannelKey) -> None:
         self._dirty.add(key)
@@ -202,24 +304,41 @@ class Runtime:
             # No await between the last dirty check and this: a message committed
             # meanwhile either set dirty before the check or starts a new worker after.
             del self._workers[key]
+        await self._enforce_cap()
 
     async def _drain(self, key: ChannelKey) -> None:
-        for message in await self.store.pending(key):
-            if not await self._handle(key, message):
+        queue = self._queues.get(key)
+        while queue:
+            if not await self._handle(key, queue[0].message):
                 return  # a failed retry: keep this message and the rest for next time
-            await self.store.consume(key, message.message_id)
-        live = self._live.get(key)
-        if live is not None and live.app is not None and live.app.waiting is not None:
-            deadline = live.record.deadline
-            if deadline is not None and self.clock() >= deadline:
+            queue.popleft()
+        self._queues.pop(key, None)
+        deadline = self._deadline_of(key)
+        if deadline is not None and self.clock() >= deadline:
+            live = await self._load(key)
+            if (
+                live is not None
+                and await self._ensure_app(key, live, None)
+                and live.app is not None
+                and live.app.waiting is not None
+            ):
                 await self._advance(key, live, UserInput.timeout())
+
+    def _deadline_of(self, key: ChannelKey) -> float | None:
+        live = self._live.get(key)
+        if live is not None:
+            return live.record.deadline if live.record.status == "waiting" else None
+        return self._deadlines.get(key)
 
     def _arm_timer(self, key: ChannelKey, deadline: float | None) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
         if deadline is None or self._closed:
+            self._deadlines.pop(key, None)
             return
+        if key not in self._live:
+            self._deadlines[key] = deadline
         delay = max(0.0, deadline - self.clock())
         self._timers[key] = asyncio.get_running_loop().call_later(delay, self._on_timer, key)
 
@@ -228,29 +347,45 @@ class Runtime:
         if not self._closed:
             self._wake(key)
 
-    # -- one message ------------------------------------------------------------------
+    async def _sweep(self, idle: float) -> None:
+        while True:
+            await asyncio.sleep(max(0.05, idle / 2))
+            cutoff = time.monotonic() - idle
+            for key in [k for k, live in self._live.items() if live.used_at < cutoff]:
+                await self.evict(key)
+
+    async def _enforce_cap(self) -> None:
+        cap = self.settings.max_live
+        if cap is None or self._closed:
+            return
+        for key in list(self._live):  # least recently used first
+            if len(self._live) <= cap:
+                break
+            await self.evict(key)
+
+    # -- one message --------------------------------------------------------------------
 
     async def _handle(self, key: ChannelKey, message: IncomingMessage) -> bool:
         """Handle one inbox message; ``False`` leaves it in the inbox."""
         command = parse_command(message.text, self.settings.bot_username)
         notices = self.settings.notices
         if command in ("start", "new"):
-            await self._end(key, "restarted")
-            live = await self._start(key, message)
-            await self.store.add_transcript(live.record, "user", message.text)
-            sent = await self._advance(key, live, None)
-            if not sent and live.record.active:
-                await self._say(key, live.record, notices.started)
+            await self._end(key, "restarted", None)
+            fresh = self._start(key, message)
+            self._note_user(fresh, message)
+            if not await self._advance(key, fresh, None) and fresh.record.active:
+                await self._say(key, fresh, notices.started)
+                await self._commit(fresh)
             return True
-        if command == "reset":
-            current = await self._load(key)
-            if current is not None and current.app is not None:
-                await current.app.memory.clear()
-            await self._end(key, "reset")
-            await self._send(key, notices.reset)
-            return True
-        if command == "help":
-            await self._send(key, self._help())
+        if command in ("reset", "help"):
+            if command == "reset":
+                current = self._live.get(key)
+                if current is not None and current.app is not None:
+                    await current.app.memory.clear()
+                noted = await self._end(key, "reset", message)
+                await self._send_standalone(key, notices.reset, consumed=None if noted else message)
+            else:
+                await self._send_standalone(key, self._help(), consumed=message)
             return True
 
         loaded = await self._load(key)
@@ -258,38 +393,46 @@ class Runtime:
             await self._begin(key, message)
             return True
         live = loaded
-        if live.app is None or live.record.broken:
-            # Rebuilt by replay (after a failed generation, the replay retries it).
-            if await self._rehydrate(key, live, message):
-                return True
-            if live.record.broken:
-                return False
+        if not await self._ensure_app(key, live, message):
+            return True  # the replay diverged; ``message`` started a new conversation
+        if live.record.broken:
+            return False  # the retried generation failed again; keep the message
         if live.app is not None and live.app.waiting is not None:
-            await self.store.add_transcript(live.record, "user", message.text)
+            self._note_user(live, message)
             await self._advance(key, live, message)
-        elif live.record.active:
-            # Not waiting and not broken cannot happen outside a bug; keep the message.
-            _log.error("channel %s: conversation %s is not waiting", key, live.record.id)
-            return False
-        return True
+            return True
+        _log.error("channel %s: conversation %s is not waiting", key, live.record.id)
+        return False
 
     def _help(self) -> str:
         doc = (self.template.fn.__doc__ or "").strip().split("\n\n", 1)[0].strip()
         return f"{doc}\n\n{self.settings.notices.help}" if doc else self.settings.notices.help
 
+    def _touch(self, key: ChannelKey, live: _Live) -> None:
+        live.used_at = time.monotonic()
+        self._live[key] = live
+        self._live.move_to_end(key)
+
     async def _load(self, key: ChannelKey) -> _Live | None:
         live = self._live.get(key)
-        if live is not None and live.record.active:
-            return live
-        record = await self.store.active_conversation(key)
+        if live is not None:
+            if live.record.active:
+                self._touch(key, live)
+                return live
+            del self._live[key]
+            return None
+        if key not in self._active_keys:
+            return None
+        record = await self.store.load_conversation(key)
         if record is None:
-            self._live.pop(key, None)
+            self._active_keys.discard(key)
             return None
         live = _Live(record, None, len(record.journal))
-        self._live[key] = live
+        self._deadlines.pop(key, None)
+        self._touch(key, live)
         return live
 
-    async def _start(self, key: ChannelKey, trigger: IncomingMessage) -> _Live:
+    def _start(self, key: ChannelKey, trigger: IncomingMessage) -> _Live:
         context = TemplateContext(
             platform=key.platform,
             key=key,
@@ -297,55 +440,97 @@ class Runtime:
             author_name=trigger.author_name,
             trigger=trigger,
         )
-        record = await self.store.create_conversation(key, self.template.ref, context.to_dict())
+        record = ConversationRecord(new_id(), key, self.template.ref, context.to_dict())
         app = self.template().bind(llm=self.llm, context=context)
-        live = _Live(record, app)
-        self._live[key] = live
+        live = _Live(record, app, buffer=StepWrite(record=record, new_conversation=True))
+        self._active_keys.add(key)
+        self._touch(key, live)
         return live
 
     async def _begin(self, key: ChannelKey, message: IncomingMessage) -> None:
         """Start a conversation woken by ``message`` (the first-message rule)."""
-        live = await self._start(key, message)
-        await self.store.add_transcript(live.record, "user", message.text)
+        live = self._start(key, message)
+        self._note_user(live, message)
         await self._advance(key, live, None)
         app = live.app
         if app is not None and app.waiting is not None and app.waiting.message is None:
             # A chat-style template asked nothing: the message is its first input.
             await self._advance(key, live, message)
 
-    async def _end(self, key: ChannelKey, status: ConversationStatus) -> None:
+    async def _end(
+        self, key: ChannelKey, status: ConversationStatus, message: IncomingMessage | None
+    ) -> bool:
+        """End the channel's conversation, noting ``message`` in it. ``False``: none."""
         live = await self._load(key)
         self._arm_timer(key, None)
         if live is None:
-            return
+            return False
+        if message is not None:
+            self._note_user(live, message)
         if live.app is not None:
             await live.app.aclose()
         live.record.status = status
         live.record.deadline = None
-        await self._save(live)
+        live.record.ended_at = self.clock()
+        await self._commit(live)
         self._live.pop(key, None)
+        self._active_keys.discard(key)
+        return True
 
-    async def _rehydrate(self, key: ChannelKey, live: _Live, message: IncomingMessage) -> bool:
-        """Rebuild the conversation's app from its journal.
+    async def _ensure_app(
+        self, key: ChannelKey, live: _Live, message: IncomingMessage | None
+    ) -> bool:
+        """Rebuild the conversation's app by replay if it is not in RAM.
 
-        Returns ``True`` when ``message`` was used up: the replay diverged, so by the
-        documented policy the old conversation is kept as it was, the user is told,
-        and ``message`` starts a new conversation.
+        Returns ``False`` when the replay diverged: by the documented policy the old
+        conversation is kept as it was, the user is told, and ``message`` (if any)
+        starts a new conversation.
         """
+        if live.app is not None and not live.record.broken:
+            return True
         record = live.record
         context = TemplateContext.from_dict(record.context)
-        app = self.template().bind(
+        live.app = self.template().bind(
             llm=self.llm, context=context, replay=list(record.journal), replay_until=record.yields
         )
-        record.journal = []
-        live.app, live.saved = app, 0
+        live.saved = len(record.journal)
         record.broken = False
         await self._advance(key, live, None)
         if record.status != "diverged":
-            return False
-        await self._send(key, self.settings.notices.diverged)
-        await self._begin(key, message)
-        return True
+            return True
+        await self._send_standalone(key, self.settings.notices.diverged)
+        if message is not None:
+            await self._begin(key, message)
+        return False
+
+    def _buffer(self, live: _Live) -> StepWrite:
+        if live.buffer is None:
+            live.buffer = StepWrite(record=live.record)
+        return live.buffer
+
+    def _note_user(self, live: _Live, message: IncomingMessage) -> None:
+        """Record that ``message`` was used by this conversation (atomic with its effects)."""
+        step = self._buffer(live)
+        step.consumed.append((message.key, message.message_id))
+        step.transcript.append(
+            TranscriptLine(live.record.id, "user", message.text, message.timestamp)
+        )
+
+    async def _commit(self, live: _Live, *, wait: bool = False) -> None:
+        """Hand the step's changes to the store; with ``wait``, until committed."""
+        step = self._buffer(live)
+        live.buffer = None
+        app = live.app
+        if app is not None:
+            step.journal_start = live.saved
+            step.journal = app.journal[live.saved :]
+            live.saved = len(app.journal)
+            live.record.yields = app.yields
+            live.record.journal = app.journal
+        step.record = live.record
+        await self.store.write(step)
+        if wait:
+            await self.store.flush()
 
     async def _advance(
         self, key: ChannelKey, live: _Live, value: IncomingMessage | UserInput | None
@@ -361,36 +546,31 @@ class Runtime:
         previous_deadline = record.deadline
         record.status, record.deadline = "running", None
         self._arm_timer(key, None)
-        # Only senders that show typing get the (per-step) indicator task.
-        typing: asyncio.Task[None] | None = None
-        if type(self.sender).typing is not BaseSender.typing:
-            typing = asyncio.create_task(self._keep_typing(key))
+        typing = asyncio.create_task(self._keep_typing(key)) if self._typing else None
         try:
             output = await app.asend(value)
             while True:
                 if isinstance(output, GetUserInput):
-                    if output.message:
-                        await self._say(key, record, output.message)
-                        sent = True
                     record.status = "waiting"
                     if output is not app.waiting:
                         # A replayed prompt: its deadline was fixed when it was first asked.
                         record.deadline = previous_deadline
                     elif output.timeout is not None:
                         record.deadline = self.clock() + output.timeout
+                    if output.message:
+                        await self._say(key, live, output.message)
+                        sent = True
                     break
                 if isinstance(output, AssistantStream):
                     if typing is not None:
                         typing.cancel()
-                    platform_id = await self.sender.send_stream(key, output)
-                    text = output.text
-                    if text:
-                        outgoing = await self.store.add_outgoing(key, text)
-                        await self.store.mark_sent(outgoing, platform_id)
-                        await self.store.add_transcript(record, "assistant", text)
-                        sent = True
-                elif isinstance(output, Result) or output.forward:
-                    await self._say(key, record, output.content)
+                    await self._say_stream(key, live, output)
+                    sent = True
+                elif isinstance(output, Result):
+                    await self._say(key, live, output.content)
+                    sent = True
+                elif output.forward:
+                    await self._say(key, live, output.content, output)
                     sent = True
                 output = await app.asend(None)
         except StopAsyncIteration:
@@ -398,41 +578,32 @@ class Runtime:
         except LLMError as exc:
             _log.warning("channel %s: generation failed (%s); will retry", key, type(exc).__name__)
             record.broken = True
-            await self._say(key, record, self.settings.notices.apology)
+            await self._say(key, live, self.settings.notices.apology)
             sent = True
         except ReplayDivergedError as exc:
             _log.warning("channel %s: %s", key, exc)
             record.status = "diverged"
-            live.app = None
         except Exception:
             _log.exception("channel %s: template %s failed", key, self.template.ref)
             record.status = "failed"
-            live.app = None
-            await self._say(key, record, self.settings.notices.failure)
+            await self._say(key, live, self.settings.notices.failure)
             sent = True
         finally:
             if typing is not None:
                 typing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await typing
-        await self._save(live)
-        if record.broken:
-            live.app = None  # the generator died with the error; replay rebuilds it
+        if not record.active:
+            record.ended_at = self.clock()
+            record.deadline = None
+        await self._commit(live)
+        if record.broken or not record.active:
+            live.app = None  # the generator is gone; replay rebuilds it if needed
         if not record.active:
             self._live.pop(key, None)
+            self._active_keys.discard(key)
         self._arm_timer(key, record.deadline if record.status == "waiting" else None)
         return sent
-
-    async def _save(self, live: _Live) -> None:
-        record = live.record
-        if live.app is not None:
-            new = live.app.journal[live.saved :]
-            record.journal.extend(new)
-            live.saved = len(live.app.journal)
-            record.yields = live.app.yields
-        else:
-            new = []
-        await self.store.save_conversation(record, new)
 
     async def _keep_typing(self, key: ChannelKey) -> None:
         interval = self.settings.typing_interval
@@ -444,11 +615,52 @@ class Runtime:
                 _log.debug("typing indicator failed in %s: %s", key, exc)
             await asyncio.sleep(interval)
 
-    async def _say(self, key: ChannelKey, record: ConversationRecord, text: str) -> None:
-        await self.store.add_transcript(record, "assistant", text)
-        await self._send(key, text)
+    def _record_reply(
+        self, key: ChannelKey, live: _Live, text: str, message: Assistant | None = None
+    ) -> OutgoingRecord:
+        step = self._buffer(live)
+        usage = message.usage if message is not None else None
+        step.transcript.append(
+            TranscriptLine(
+                live.record.id,
+                "assistant",
+                text,
+                self.clock(),
+                usage.prompt_tokens if usage else None,
+                usage.completion_tokens if usage else None,
+            )
+        )
+        outgoing = OutgoingRecord(new_id(), key, text)
+        step.outgoing.append(outgoing)
+        return outgoing
 
-    async def _send(self, key: ChannelKey, text: str) -> None:
-        outgoing = await self.store.add_outgoing(key, text)
+    async def _say(
+        self, key: ChannelKey, live: _Live, text: str, message: Assistant | None = None
+    ) -> None:
+        """Record a reply, commit everything that led to it, then send it."""
+        outgoing = self._record_reply(key, live, text, message)
+        await self._commit(live, wait=True)
         platform_id = await self.sender.send(key, text)
-        await self.store.mark_sent(outgoing, platform_id)
+        self._buffer(live).sent.append((outgoing.id, platform_id))
+
+    async def _say_stream(self, key: ChannelKey, live: _Live, stream: AssistantStream) -> None:
+        # The input is committed before the first fragment is shown; the reply itself is
+        # recorded (and marked sent) once complete. A crash mid-stream re-generates it.
+        await self._commit(live, wait=True)
+        platform_id = await self.sender.send_stream(key, stream)
+        if stream.text:
+            outgoing = self._record_reply(key, live, stream.text, stream.message)
+            self._buffer(live).sent.append((outgoing.id, platform_id))
+
+    async def _send_standalone(
+        self, key: ChannelKey, text: str, *, consumed: IncomingMessage | None = None
+    ) -> None:
+        """Send a notice that belongs to no conversation step."""
+        outgoing = OutgoingRecord(new_id(), key, text)
+        step = StepWrite(outgoing=[outgoing])
+        if consumed is not None:
+            step.consumed.append((consumed.key, consumed.message_id))
+        await self.store.write(step)
+        await self.store.flush()
+        platform_id = await self.sender.send(key, text)
+        await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))

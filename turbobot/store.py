@@ -1,28 +1,45 @@
-"""Where the runtime keeps channels' inboxes, conversations, journals, transcripts and outbox.
+"""Where the runtime keeps inboxes, conversations, journals, transcripts and the outbox.
 
-``BaseStore`` is the interface the runtime drives; ``InMemoryStore`` implements it
-in RAM (tests, the console). The durable SQL store implements the same interface.
+``BaseStore`` is the interface the runtime drives; ``InMemoryStore`` implements it in
+RAM (tests, throwaway bots) and :class:`~turbobot.sql.SQLStore` in SQL.
+
+The durability contract:
+
+- :meth:`BaseStore.add_incoming` returns once the message is committed (or known to
+  be a duplicate).
+- :meth:`BaseStore.write` queues one :class:`StepWrite`: everything one step of one
+  conversation changed. A step is committed whole or not at all, and steps are
+  committed in the order they were written.
+- :meth:`BaseStore.flush` returns once every step written before it is committed.
+  The runtime flushes before it sends a reply, so a reply never leaves before the
+  input and the generation that produced it are durable.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.template import JournalEntry
 
 __all__ = [
+    "FINAL_STATUSES",
     "BaseStore",
     "ConversationRecord",
     "ConversationStatus",
     "InMemoryStore",
+    "InboxItem",
     "OutgoingRecord",
+    "Recovery",
+    "StepWrite",
     "TranscriptLine",
+    "new_id",
 ]
 
 #: ``running``: between inputs; ``waiting``: at a GetUserInput; the others are final
@@ -31,12 +48,20 @@ ConversationStatus = Literal[
 ]
 FINAL_STATUSES = frozenset({"finished", "reset", "restarted", "failed", "diverged"})
 
+_counter = itertools.count()
+_PID = os.getpid() & 0xFFFF
+
+
+def new_id() -> str:
+    """A unique, roughly time-ordered id (safe across processes sharing a database)."""
+    return f"{time.time_ns():016x}{_PID:04x}{next(_counter) & 0xFFFF:04x}{uuid.uuid4().hex[:8]}"
+
 
 @dataclass(slots=True)
 class ConversationRecord:
     """One run of a template in one channel."""
 
-    id: int
+    id: str
     key: ChannelKey
     template_ref: str
     context: dict[str, Any]
@@ -55,159 +80,200 @@ class ConversationRecord:
     def active(self) -> bool:
         return self.status not in FINAL_STATUSES
 
+    def snapshot(self) -> ConversationRecord:
+        """A copy of the state columns (the journal is written separately)."""
+        return replace(self, journal=[])
+
 
 @dataclass(frozen=True, slots=True)
 class TranscriptLine:
     """A line of a conversation as the user saw it."""
 
-    conversation_id: int
+    conversation_id: str
     role: str
     text: str
     at: float
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
 
 @dataclass(slots=True)
 class OutgoingRecord:
     """A reply recorded before it is sent; ``platform_id`` is set once it was sent."""
 
-    id: int
+    id: str
     key: ChannelKey
     text: str
+    created_at: float = field(default_factory=time.time)
     platform_id: str | None = None
     sent: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """A committed incoming message; ``seq`` orders a channel's inbox."""
+
+    seq: int
+    message: IncomingMessage
+
+
+@dataclass(slots=True)
+class StepWrite:
+    """Everything one step of one conversation changed, committed atomically."""
+
+    #: the conversation's state after the step (``None`` when there is none)
+    record: ConversationRecord | None = None
+    new_conversation: bool = False
+    #: journal entries added, with the journal position of the first one
+    journal: list[JournalEntry] = field(default_factory=list)
+    journal_start: int = 0
+    #: inbox messages used up by the step
+    consumed: list[tuple[ChannelKey, str]] = field(default_factory=list)
+    transcript: list[TranscriptLine] = field(default_factory=list)
+    outgoing: list[OutgoingRecord] = field(default_factory=list)
+    #: replies that were sent: (outgoing id, platform id)
+    sent: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (
+            self.record
+            or self.journal
+            or self.consumed
+            or self.transcript
+            or self.outgoing
+            or self.sent
+        )
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What a runtime needs after a (re)start."""
+
+    #: messages committed but not used up, in arrival order
+    inbox: list[InboxItem]
+    #: keys of channels with an active conversation
+    active: set[ChannelKey]
+    #: active conversations waiting with a deadline: (key, deadline)
+    deadlines: list[tuple[ChannelKey, float]]
+    #: replies recorded but not marked sent, oldest first
+    unsent: list[OutgoingRecord]
+
+
 class BaseStore(ABC):
-    """The runtime's persistence interface. Every method is awaited under the channel's lock."""
+    """The runtime's persistence interface (see the module docstring for the contract)."""
 
-    # inbox
-    @abstractmethod
-    async def add_incoming(self, message: IncomingMessage) -> bool:
-        """Commit ``message`` to its channel's inbox; ``False`` if its id was seen before."""
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Prepare the store (create or upgrade the schema, start writers)."""
 
-    @abstractmethod
-    async def pending(self, key: ChannelKey) -> list[IncomingMessage]:
-        """Messages of ``key`` not yet consumed, in arrival order."""
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Commit what is pending and release resources."""
 
-    @abstractmethod
-    async def consume(self, key: ChannelKey, message_id: str) -> None:
-        """Mark a message as handled."""
+    async def __aenter__(self) -> BaseStore:
+        await self.open()
+        return self
 
-    # conversations
-    @abstractmethod
-    async def active_conversation(self, key: ChannelKey) -> ConversationRecord | None:
-        """The channel's conversation that has not ended, if any."""
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     @abstractmethod
-    async def create_conversation(
-        self, key: ChannelKey, template_ref: str, context: dict[str, Any]
-    ) -> ConversationRecord:
-        """Start a new conversation record for ``key``."""
+    async def add_incoming(self, message: IncomingMessage) -> int | None:
+        """Commit ``message`` to its channel's inbox: its seq, or ``None`` if seen before."""
 
     @abstractmethod
-    async def save_conversation(
-        self, record: ConversationRecord, new_entries: Sequence[JournalEntry]
-    ) -> None:
-        """Persist the record's state and append ``new_entries`` to its journal."""
+    async def write(self, step: StepWrite) -> None:
+        """Queue ``step`` to be committed atomically, after every step written before."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Return once every step written so far is committed."""
+
+    @abstractmethod
+    async def load_conversation(self, key: ChannelKey) -> ConversationRecord | None:
+        """The channel's active conversation with its whole journal, if any."""
+
+    @abstractmethod
+    async def recovery(self) -> Recovery:
+        """The state a starting runtime resumes from."""
 
     @abstractmethod
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
-        """Every conversation (of ``key``), oldest first."""
-
-    # transcript and outbox
-    @abstractmethod
-    async def add_transcript(self, record: ConversationRecord, role: str, text: str) -> None:
-        """Append a line to the conversation's transcript."""
+        """Every conversation (of ``key``), oldest first, without journals."""
 
     @abstractmethod
     async def transcript(self, key: ChannelKey) -> list[TranscriptLine]:
-        """Every transcript line of the channel, across its conversations."""
-
-    @abstractmethod
-    async def add_outgoing(self, key: ChannelKey, text: str) -> OutgoingRecord:
-        """Record a reply before sending it."""
-
-    @abstractmethod
-    async def mark_sent(self, outgoing: OutgoingRecord, platform_id: str | None) -> None:
-        """Mark a recorded reply as sent."""
-
-    @abstractmethod
-    async def unsent(self) -> list[OutgoingRecord]:
-        """Replies recorded but never marked sent."""
-
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release resources."""
+        """Every transcript line of the channel, across its conversations, in order."""
 
 
 class InMemoryStore(BaseStore):
-    """A store in RAM: nothing survives the process."""
+    """A store in RAM: nothing survives the process. Steps apply at once."""
 
     def __init__(self) -> None:
         self._seen: set[tuple[ChannelKey, str]] = set()
-        self._inbox: dict[ChannelKey, list[IncomingMessage]] = {}
-        self._conversations: list[ConversationRecord] = []
-        self._active: dict[ChannelKey, ConversationRecord] = {}
+        self._seq = itertools.count(1)
+        self._inbox: dict[tuple[ChannelKey, str], InboxItem] = {}
+        self._conversations: dict[str, ConversationRecord] = {}
+        self._journals: dict[str, list[JournalEntry]] = {}
+        self._active: dict[ChannelKey, str] = {}
         self._transcript: dict[ChannelKey, list[TranscriptLine]] = {}
-        self._outbox: dict[int, OutgoingRecord] = {}
-        self._ids = itertools.count(1)
+        self._outbox: dict[str, OutgoingRecord] = {}
 
-    async def add_incoming(self, message: IncomingMessage) -> bool:
+    async def add_incoming(self, message: IncomingMessage) -> int | None:
         seen = (message.key, message.message_id)
         if seen in self._seen:
-            return False
+            return None
         self._seen.add(seen)
-        self._inbox.setdefault(message.key, []).append(message)
-        return True
+        item = InboxItem(next(self._seq), message)
+        self._inbox[seen] = item
+        return item.seq
 
-    async def pending(self, key: ChannelKey) -> list[IncomingMessage]:
-        return list(self._inbox.get(key, ()))
+    async def write(self, step: StepWrite) -> None:
+        record = step.record
+        if record is not None:
+            state = record.snapshot()
+            self._conversations[record.id] = state
+            journal = self._journals.setdefault(record.id, [])
+            del journal[step.journal_start :]
+            journal.extend(step.journal)
+            if state.active:
+                self._active[record.key] = record.id
+            elif self._active.get(record.key) == record.id:
+                del self._active[record.key]
+        for consumed in step.consumed:
+            self._inbox.pop(consumed, None)
+        for line in step.transcript:
+            key = self._conversations[line.conversation_id].key
+            self._transcript.setdefault(key, []).append(line)
+        for outgoing in step.outgoing:
+            self._outbox[outgoing.id] = replace(outgoing)
+        for outgoing_id, _platform_id in step.sent:
+            self._outbox.pop(outgoing_id, None)
 
-    async def consume(self, key: ChannelKey, message_id: str) -> None:
-        box = self._inbox.get(key, [])
-        self._inbox[key] = [m for m in box if m.message_id != message_id]
-        if not self._inbox[key]:
-            del self._inbox[key]
+    async def flush(self) -> None:
+        return None
 
-    async def active_conversation(self, key: ChannelKey) -> ConversationRecord | None:
-        record = self._active.get(key)
-        return record if record is not None and record.active else None
-
-    async def create_conversation(
-        self, key: ChannelKey, template_ref: str, context: dict[str, Any]
-    ) -> ConversationRecord:
-        record = ConversationRecord(next(self._ids), key, template_ref, context)
-        self._conversations.append(record)
-        self._active[key] = record
+    async def load_conversation(self, key: ChannelKey) -> ConversationRecord | None:
+        conversation_id = self._active.get(key)
+        if conversation_id is None:
+            return None
+        record = replace(self._conversations[conversation_id])
+        record.journal = list(self._journals.get(conversation_id, ()))
         return record
 
-    async def save_conversation(
-        self, record: ConversationRecord, new_entries: Sequence[JournalEntry]
-    ) -> None:
-        # The runtime hands over the record it holds; the journal list is the same object.
-        if not record.active:
-            record.ended_at = record.ended_at or time.time()
-            if self._active.get(record.key) is record:
-                del self._active[record.key]
+    async def recovery(self) -> Recovery:
+        inbox = sorted(self._inbox.values(), key=lambda item: item.seq)
+        active = set(self._active)
+        deadlines = [
+            (key, self._conversations[cid].deadline)
+            for key, cid in self._active.items()
+            if self._conversations[cid].status == "waiting"
+            and self._conversations[cid].deadline is not None
+        ]
+        unsent = sorted(self._outbox.values(), key=lambda o: o.id)
+        return Recovery(inbox, active, deadlines, unsent)  # type: ignore[arg-type]
 
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
-        return [c for c in self._conversations if key is None or c.key == key]
-
-    async def add_transcript(self, record: ConversationRecord, role: str, text: str) -> None:
-        line = TranscriptLine(record.id, role, text, time.time())
-        self._transcript.setdefault(record.key, []).append(line)
+        records = [replace(r) for r in self._conversations.values() if key is None or r.key == key]
+        return sorted(records, key=lambda r: r.id)
 
     async def transcript(self, key: ChannelKey) -> list[TranscriptLine]:
         return list(self._transcript.get(key, ()))
-
-    async def add_outgoing(self, key: ChannelKey, text: str) -> OutgoingRecord:
-        record = OutgoingRecord(next(self._ids), key, text)
-        self._outbox[record.id] = record
-        return record
-
-    async def mark_sent(self, outgoing: OutgoingRecord, platform_id: str | None) -> None:
-        outgoing.platform_id = platform_id
-        outgoing.sent = True
-        self._outbox.pop(outgoing.id, None)
-
-    async def unsent(self) -> list[OutgoingRecord]:
-        return [o for o in self._outbox.values() if not o.sent]
