@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import uuid
 
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.llm.base import LLM
@@ -53,13 +54,16 @@ class ChatHarness:
         )
         self.platform = platform
         self._ids = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:8]
 
     def key(self, channel: str = "chat") -> ChannelKey:
         return ChannelKey(self.platform, channel)
 
     def message(self, text: str, *, channel: str = "chat", author: str = "user") -> IncomingMessage:
+        # Unique across harnesses: a durable inbox ignores ids it has seen before.
+        message_id = f"{self._prefix}-{next(self._ids)}"
         return IncomingMessage(
-            self.key(channel), text, f"m{next(self._ids)}", author_id=author, author_name=author
+            self.key(channel), text, message_id, author_id=author, author_name=author
         )
 
     async def send(self, text: str, *, channel: str = "chat") -> None:

@@ -1,0 +1,108 @@
+"""The SQL schema. Alembic migrations in ``migrations/`` must produce exactly this."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+__all__ = ["conversations", "inbox", "journal", "messages", "metadata", "outbox"]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+#: a channel key as canonical JSON: [platform, channel, thread, user]
+ChannelColumn = String(512)
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(48), primary_key=True),
+    Column("channel", ChannelColumn, nullable=False),
+    Column("template_ref", String(256), nullable=False),
+    Column("context", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("yields", Integer, nullable=False),
+    Column("deadline", Float, nullable=True),
+    Column("broken", Boolean, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("ended_at", Float, nullable=True),
+    Index(None, "channel", "status"),
+    Index(None, "status", "deadline"),
+)
+
+journal = Table(
+    "journal",
+    metadata,
+    Column(
+        "conversation_id",
+        String(48),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seq", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("value", Text, nullable=False),
+    Column("chain", String(32), nullable=False),
+)
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("seq", AutoId, primary_key=True, autoincrement=True),
+    Column("channel", ChannelColumn, nullable=False),
+    Column("message_id", String(128), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("consumed", Boolean, nullable=False),
+    UniqueConstraint("channel", "message_id"),
+    Index(None, "consumed", "seq"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("conversation_id", String(48), nullable=False),
+    Column("channel", ChannelColumn, nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Index(None, "channel", "id"),
+    Index(None, "conversation_id"),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", String(48), primary_key=True),
+    Column("channel", ChannelColumn, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("sent", Boolean, nullable=False),
+    Column("platform_id", String(128), nullable=True),
+    Column("sent_at", Float, nullable=True),
+    Index(None, "sent", "id"),
+)
