@@ -1,11 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import itertools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.postgres import PostgresServer, find_bin_dir
 from turbobot import OpenAILLM, RetryPolicy
+from turbobot.store import BaseStore, InMemoryStore
 
 
 @pytest.fixture
@@ -29,3 +34,71 @@ async def openai_llm(openai_server: FakeOpenAI) -> AsyncIterator[OpenAILLM]:
         yield llm
     finally:
         await llm.aclose()
+
+
+# -- databases -------------------------------------------------------------------------
+
+StoreFactory = Callable[[], Awaitable[BaseStore]]
+_db_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server binaries are missing; .ci/run installs them")
+        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
+    server = PostgresServer(bin_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _create_database(server: PostgresServer) -> str:
+    import asyncpg
+
+    name = f"turbobot_test_{os.getpid()}_{next(_db_names)}"
+    conn = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return server.url(name)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL for a fresh database of each kind ("memory" for the in-memory store)."""
+    if request.param == "memory":
+        return "memory"
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'turbobot.db'}"
+    server = request.getfixturevalue("postgres")
+    return await _create_database(server)
+
+
+@pytest.fixture
+async def make_store(store_url: str) -> AsyncIterator[StoreFactory]:
+    """Opens stores on the same database (a new one stands for a restarted process).
+
+    The in-memory store cannot outlive its process, so "reopening" it returns the same
+    object: restart tests still check the runtime's side of recovery with it.
+    """
+    from turbobot.sql import SQLStore
+
+    opened: list[BaseStore] = []
+    memory = InMemoryStore()
+
+    async def make() -> BaseStore:
+        store: BaseStore = memory if store_url == "memory" else SQLStore(store_url, upgrade=True)
+        await store.open()
+        opened.append(store)
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in opened:
+            await store.aclose()

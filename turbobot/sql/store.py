@@ -165,14 +165,15 @@ class SQLStore(BaseStore):
                 cursor.execute("PRAGMA busy_timeout=10000")
                 cursor.close()
 
-        self.engine = engine
         from turbobot.sql.migrate import check_schema, upgrade_schema
 
-        async with engine.begin() as conn:
-            if self.upgrade:
-                await conn.run_sync(upgrade_schema)
-            else:
-                await conn.run_sync(check_schema)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(upgrade_schema if self.upgrade else check_schema)
+        except BaseException:
+            await engine.dispose()
+            raise
+        self.engine = engine
         self._writer = asyncio.create_task(self._write_loop(), name="turbobot:sql-writer")
 
     async def aclose(self) -> None:
