@@ -30,7 +30,9 @@ async def test_incoming_is_deduplicated_and_ordered(make_store: StoreFactory) ->
     assert await store.add_incoming(incoming("same id, other channel", "1", OTHER)) is not None
     inbox = (await store.recovery()).inbox
     assert [(i.message.text, i.message.key) for i in inbox] == [
-        ("a", KEY), ("b", KEY), ("same id, other channel", OTHER)
+        ("a", KEY),
+        ("b", KEY),
+        ("same id, other channel", OTHER),
     ]
     assert inbox[0].message == original
 
@@ -48,7 +50,10 @@ async def test_step_roundtrip_and_consumption(make_store: StoreFactory) -> None:
     conversation.status = "waiting"
     conversation.yields = 4
     conversation.deadline = 1234.5
-    entries = [JournalEntry("input", {"text": "hello"}, "c1"), JournalEntry("generate", {"a": 1}, "c2")]
+    entries = [
+        JournalEntry("input", {"text": "hello"}, "c1"),
+        JournalEntry("generate", {"a": 1}, "c2"),
+    ]
     outgoing = OutgoingRecord(new_id(), KEY, "hi!")
     await store.write(
         StepWrite(
@@ -56,8 +61,10 @@ async def test_step_roundtrip_and_consumption(make_store: StoreFactory) -> None:
             new_conversation=True,
             journal=entries,
             consumed=[(KEY, "m1")],
-            transcript=[TranscriptLine(conversation.id, "user", "hello", 1.0),
-                        TranscriptLine(conversation.id, "assistant", "hi!", 2.0, 10, 3)],
+            transcript=[
+                TranscriptLine(conversation.id, "user", "hello", 1.0),
+                TranscriptLine(conversation.id, "assistant", "hi!", 2.0, 10, 3),
+            ],
             outgoing=[outgoing],
         )
     )
@@ -65,7 +72,10 @@ async def test_step_roundtrip_and_consumption(make_store: StoreFactory) -> None:
     loaded = await store.load_conversation(KEY)
     assert loaded is not None
     assert (loaded.id, loaded.status, loaded.yields, loaded.deadline) == (
-        conversation.id, "waiting", 4, 1234.5
+        conversation.id,
+        "waiting",
+        4,
+        1234.5,
     )
     assert loaded.context == {"platform": "test"} and loaded.template_ref == "bots.x:bot"
     assert loaded.journal == entries
@@ -76,14 +86,17 @@ async def test_step_roundtrip_and_consumption(make_store: StoreFactory) -> None:
     assert [(o.id, o.text, o.key) for o in recovery.unsent] == [(outgoing.id, "hi!", KEY)]
     lines = await store.transcript(KEY)
     assert [(line.role, line.text, line.completion_tokens) for line in lines] == [
-        ("user", "hello", None), ("assistant", "hi!", 3)
+        ("user", "hello", None),
+        ("assistant", "hi!", 3),
     ]
 
     await store.write(StepWrite(sent=[(outgoing.id, "p-77")]))
     conversation.status = "finished"
     conversation.deadline = None
     await store.write(
-        StepWrite(record=conversation, journal=[JournalEntry("input", "bye", "c3")], journal_start=2)
+        StepWrite(
+            record=conversation, journal=[JournalEntry("input", "bye", "c3")], journal_start=2
+        )
     )
     await store.flush()
     recovery = await store.recovery()
@@ -100,7 +113,9 @@ async def test_steps_are_committed_in_order(make_store: StoreFactory) -> None:
     for n in range(50):
         conversation.yields = n
         await store.write(
-            StepWrite(record=conversation, journal=[JournalEntry("step", n, f"c{n}")], journal_start=n)
+            StepWrite(
+                record=conversation, journal=[JournalEntry("step", n, f"c{n}")], journal_start=n
+            )
         )
     loaded = await store.load_conversation(KEY)
     assert loaded is not None and loaded.yields == 49

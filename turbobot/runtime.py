@@ -521,8 +521,8 @@ class Runtime:
         step = self._buffer(live)
         live.buffer = None
         app = live.app
+        step.journal_start = live.saved
         if app is not None:
-            step.journal_start = live.saved
             step.journal = app.journal[live.saved :]
             live.saved = len(app.journal)
             live.record.yields = app.yields

@@ -232,8 +232,9 @@ class InMemoryStore(BaseStore):
             state = record.snapshot()
             self._conversations[record.id] = state
             journal = self._journals.setdefault(record.id, [])
-            del journal[step.journal_start :]
-            journal.extend(step.journal)
+            if step.journal:
+                del journal[step.journal_start :]
+                journal.extend(step.journal)
             if state.active:
                 self._active[record.key] = record.id
             elif self._active.get(record.key) == record.id:

@@ -325,17 +325,16 @@ class SQLStore(BaseStore):
     async def _insert_incoming(
         self, conn: AsyncConnection, rows: list[dict[str, Any]]
     ) -> dict[tuple[str, str], int]:
-        if self.is_sqlite:
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        else:
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        from sqlalchemy.dialects import postgresql, sqlite
+
         # Duplicates (a redelivered platform message) are skipped by the unique
         # constraint, within this batch and across the whole history.
+        conflict = ["channel", "message_id"]
         statement = (
-            dialect_insert(inbox)
-            .on_conflict_do_nothing(index_elements=["channel", "message_id"])
-            .returning(inbox.c.seq, inbox.c.channel, inbox.c.message_id)
-        )
+            sqlite.insert(inbox).on_conflict_do_nothing(index_elements=conflict)
+            if self.is_sqlite
+            else postgresql.insert(inbox).on_conflict_do_nothing(index_elements=conflict)
+        ).returning(inbox.c.seq, inbox.c.channel, inbox.c.message_id)
         result = await conn.execute(statement, rows)
         return {(row.channel, row.message_id): int(row.seq) for row in result}
 
