@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import sys
 import threading
 import uuid
@@ -26,6 +28,8 @@ class ConsoleAdapter(BaseSender):
         channel: the channel name (conversations are stored under it).
         user: the name of the person typing.
         stdin / stdout: streams to use (the process's by default).
+        kill_before_send: for crash tests only: kill the process with SIGKILL right
+            before sending a reply that contains this text.
     """
 
     def __init__(
@@ -35,18 +39,24 @@ class ConsoleAdapter(BaseSender):
         user: str = "user",
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
+        kill_before_send: str | None = None,
     ) -> None:
         self.key = ChannelKey("console", channel)
         self.user = user
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self._ids = itertools.count(1)
+        # A testing aid for crash tests: SIGKILL this process just before sending a
+        # reply that contains this text (after the reply was recorded).
+        self.kill_before_send = kill_before_send
 
     @property
     def interactive(self) -> bool:
         return self.stdin.isatty()
 
     async def send(self, key: ChannelKey, text: str) -> str | None:
+        if self.kill_before_send and self.kill_before_send in text:
+            os.kill(os.getpid(), signal.SIGKILL)
         self.stdout.write(text + "\n")
         self.stdout.flush()
         return str(next(self._ids))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -13,11 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without our variables, with a fresh SQLite database."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("OPENAI_", "TURBOBOT_", "TELEGRAM_", "DISCORD_"))
     }
+    database = Path(tempfile.mkdtemp(prefix="turbobot-test-")) / "turbobot.db"
+    env["TURBOBOT_DATABASE_URL"] = f"sqlite+aiosqlite:///{database}"
     env.update(extra)
     return env
 

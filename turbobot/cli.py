@@ -7,14 +7,18 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 from turbobot import __version__
+from turbobot.chat import ChannelKey
 from turbobot.exceptions import ConfigurationError
 from turbobot.llm.base import LLM
 from turbobot.loader import load_template
+from turbobot.runtime import Runtime
+from turbobot.store import BaseStore, InMemoryStore
 
-__all__ = ["choose_llm", "main"]
+__all__ = ["build_llm", "choose_llm", "database_url", "main", "make_store", "parse_channel"]
 
 _log = logging.getLogger(__name__)
 
@@ -53,40 +57,143 @@ def build_llm(choice: str, env: Mapping[str, str]) -> LLM:
     return LocalLLM(model_path=env.get("TURBOBOT_LOCAL_MODEL") or None)
 
 
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///turbobot.db"
+
+
+def database_url(flag: str | None, env: Mapping[str, str]) -> str:
+    """The database to use: the flag, else ``TURBOBOT_DATABASE_URL``, else SQLite."""
+    return flag or env.get("TURBOBOT_DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def make_store(url: str) -> BaseStore:
+    """``memory`` for a store in RAM (nothing survives), else an SQLAlchemy async URL."""
+    if url == "memory":
+        return InMemoryStore()
+    if "://" not in url:
+        raise ConfigurationError(
+            "TURBOBOT_DATABASE_URL must be an SQLAlchemy async URL such as "
+            f"{DEFAULT_DATABASE_URL} or postgresql+asyncpg://user@host/db, or 'memory'"
+        )
+    from turbobot.sql import SQLStore
+
+    return SQLStore(url)
+
+
+def parse_channel(text: str) -> ChannelKey:
+    """``NAME`` (a console channel) or ``PLATFORM:CHANNEL[:THREAD]``."""
+    parts = text.split(":")
+    if len(parts) == 1:
+        return ChannelKey("console", parts[0])
+    if len(parts) in (2, 3) and all(parts):
+        return ChannelKey(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+    raise ConfigurationError(f"channel {text!r} is not NAME or PLATFORM:CHANNEL[:THREAD]")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turbobot", description="Run LLM chat bots written as turbo templates."
     )
     parser.add_argument("--version", action="version", version=f"turbobot {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default)")
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument(
+        "--database", help=f"SQLAlchemy async URL or 'memory' (default: {DEFAULT_DATABASE_URL})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a bot")
+    run = sub.add_parser("run", help="run a bot", parents=[database])
     run.add_argument("bot", help="bots.horoscope, path/to/bot.py, or module:attribute")
     run.add_argument("--platform", choices=PLATFORMS, default="console")
     run.add_argument("--channel", default="console", help="console channel name")
     run.add_argument("--model", help="model name (default: TURBOBOT_MODEL or the template's)")
     run.add_argument("--llm", choices=("auto", "openai", "local"), help="LLM backend")
-    run.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default)")
+    db = sub.add_parser("db", help="manage the database schema", parents=[database])
+    db.add_argument("action", choices=("upgrade", "current"))
+    transcript = sub.add_parser(
+        "transcript", help="print a channel's conversations", parents=[database]
+    )
+    transcript.add_argument("channel", help="NAME (console) or PLATFORM:CHANNEL[:THREAD]")
+    sub.add_parser("conversations", help="list conversations and their state", parents=[database])
     return parser
 
 
 async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     from adapters.console import ConsoleAdapter
-    from turbobot.runtime import Runtime
 
     template = load_template(args.bot)
     model = args.model or env.get("TURBOBOT_MODEL")
     if model:
         template = template.configure(model=model)
+    store = make_store(database_url(args.database, env))
     llm = build_llm(choose_llm(args.llm, env), env)
-    adapter = ConsoleAdapter(channel=args.channel)
+    adapter = ConsoleAdapter(
+        channel=args.channel, kill_before_send=env.get("TURBOBOT_FAULT_KILL_BEFORE_SEND")
+    )
     try:
         start = getattr(llm, "start", None)
         if start is not None:
             await start()  # load a local model before the first message, not during it
-        async with Runtime(template, llm=llm, sender=adapter) as runtime:
+        async with store, Runtime(template, llm=llm, sender=adapter, store=store) as runtime:
             await adapter.run(runtime)
     finally:
         await llm.aclose()
+
+
+async def _db(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from turbobot.sql.migrate import current_revision, head_revision, upgrade_schema
+
+    url = database_url(args.database, env)
+    if url == "memory":
+        raise ConfigurationError("the in-memory store has no schema to manage")
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            if args.action == "upgrade":
+                await conn.run_sync(upgrade_schema)
+            revision = await conn.run_sync(current_revision)
+    finally:
+        await engine.dispose()
+    head = head_revision()
+    state = "up to date" if revision == head else f"needs upgrade to {head}"
+    print(f"{revision or 'empty'} ({state})")
+
+
+async def _transcript(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    key = parse_channel(args.channel)
+    async with make_store(database_url(args.database, env)) as store:
+        lines = await store.transcript(key)
+        records = {r.id: r for r in await store.conversations(key)}
+    if not lines:
+        print(f"no messages in {key}", file=sys.stderr)
+        return
+    current = None
+    for line in lines:
+        if line.conversation_id != current:
+            current = line.conversation_id
+            record = records.get(current)
+            status = record.status if record else "?"
+            print(f"--- conversation {current} ({status})")
+        print(f"{line.role}: {line.text}")
+
+
+async def _conversations(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    async with make_store(database_url(args.database, env)) as store:
+        records = await store.conversations()
+    if not records:
+        print("no conversations", file=sys.stderr)
+    for record in records:
+        state: str = record.status
+        if record.status == "waiting" and record.deadline is not None:
+            state += f" (times out {_when(record.deadline)})"
+        if record.broken:
+            state += " (generation to retry)"
+        started = _when(record.started_at)
+        print(f"{record.key}\t{record.id}\t{started}\t{state}")
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,6 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "use --platform console"
                 )
             asyncio.run(_run_console(args, env))
+        elif args.command == "db":
+            asyncio.run(_db(args, env))
+        elif args.command == "transcript":
+            asyncio.run(_transcript(args, env))
+        elif args.command == "conversations":
+            asyncio.run(_conversations(args, env))
     except ConfigurationError as exc:
         print(f"turbobot: {exc}", file=sys.stderr)
         return 2

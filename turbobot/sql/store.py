@@ -73,8 +73,13 @@ class _Batch:
 
     def size(self) -> int:
         return (
-            len(self.incoming) + len(self.new_conversations) + len(self.conversation_updates)
-            + len(self.journal) + len(self.messages) + len(self.outgoing) + len(self.sent)
+            len(self.incoming)
+            + len(self.new_conversations)
+            + len(self.conversation_updates)
+            + len(self.journal)
+            + len(self.messages)
+            + len(self.outgoing)
+            + len(self.sent)
             + len(self.consumed)
         )
 
@@ -376,8 +381,9 @@ class SQLStore(BaseStore):
                 for r in pending
             ]
             active_rows = await conn.execute(
-                select(conversations.c.channel, conversations.c.status, conversations.c.deadline)
-                .where(conversations.c.status.in_(ACTIVE_STATUSES))
+                select(
+                    conversations.c.channel, conversations.c.status, conversations.c.deadline
+                ).where(conversations.c.status.in_(ACTIVE_STATUSES))
             )
             active: set[ChannelKey] = set()
             deadlines: list[tuple[ChannelKey, float]] = []
@@ -470,4 +476,3 @@ _CONSUME = (
     .where(inbox.c.message_id == bindparam("b_message_id"))
     .values(consumed=True)
 )
-
