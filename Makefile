@@ -17,8 +17,8 @@ chat: install  ## run a bot in the console
 	$(VENV)/bin/turbobot run $(BOT) --platform console
 
 lint: install
-	$(VENV)/bin/ruff check turbobot adapters bots tests
-	$(VENV)/bin/ruff format --check turbobot adapters bots tests
+	$(VENV)/bin/ruff check turbobot adapters bots tests migrations
+	$(VENV)/bin/ruff format --check turbobot adapters bots tests migrations
 	$(VENV)/bin/mypy
 
 test: lint  ## lint, type-check and run the whole suite

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,60 @@ def test_missing_local_model_file_is_a_clear_error() -> None:
     )
     assert result.returncode == 2
     assert "local model file '/nonexistent/model.gguf' does not exist" in result.stderr
+
+
+def turbobot(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "turbobot", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_db_transcript_and_conversations_commands(tmp_path: Path) -> None:
+    from tests.test_runtime import survey  # noqa: F401 - imported for its module path
+
+    env = clean_env(TURBOBOT_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    created = turbobot("db", "upgrade", env=env)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip() == "0001 (up to date)"
+    assert turbobot("db", "current", env=env).stdout.strip() == "0001 (up to date)"
+
+    ran = turbobot(
+        "run",
+        "tests.test_runtime:survey",
+        "--channel",
+        "room",
+        env=env,
+        stdin="hi\nAnn\ngreen\nhello again\n",
+    )
+    assert ran.returncode == 0, ran.stderr
+    shown = turbobot("transcript", "room", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("--- conversation ") and lines[0].endswith("(finished)")
+    assert lines[1:7] == [
+        "user: hi",
+        "assistant: What is your name?",
+        "user: Ann",
+        "assistant: Hi Ann. Favourite colour?",
+        "user: green",
+        "assistant: Ann likes green.",
+    ]
+    assert lines[7].endswith("(waiting)") and lines[8:] == [
+        "user: hello again",
+        "assistant: What is your name?",
+    ]
+    listed = turbobot("conversations", env=env).stdout.splitlines()
+    assert [line.split("\t")[0] for line in listed] == ["console:room", "console:room"]
+    assert [line.split("\t")[-1] for line in listed] == ["finished", "waiting"]
+
+
+def test_bad_database_url_is_a_clear_error() -> None:
+    result = turbobot("conversations", env=clean_env(TURBOBOT_DATABASE_URL="turbobot.db"))
+    assert result.returncode == 2
+    assert "must be an SQLAlchemy async URL" in result.stderr

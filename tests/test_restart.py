@@ -52,9 +52,9 @@ class Console:
         self.proc.stdin.write(f"{text}\n".encode())
         await self.proc.stdin.drain()
 
-    async def read(self, timeout: float = 20) -> str:
+    async def read(self) -> str:
         assert self.proc is not None and self.proc.stdout is not None
-        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
         if not line:
             err = await self.proc.stderr.read() if self.proc.stderr else b""
             raise AssertionError(f"the bot exited early: {err.decode()[-2000:]}")
