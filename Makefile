@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BOT ?= bots.horoscope
 
-.PHONY: chat test quick lint install clean
+.PHONY: chat test quick lint install postgres clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The suite starts a throwaway PostgreSQL server itself; it needs the server binaries.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
+
 chat: install  ## run a bot in the console
 	$(VENV)/bin/turbobot run $(BOT) --platform console
 
@@ -21,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff format --check turbobot adapters bots tests migrations
 	$(VENV)/bin/mypy
 
-test: lint  ## lint, type-check and run the whole suite
+test: lint postgres  ## lint, type-check and run the whole suite
 	$(VENV)/bin/python -m pytest
 
 quick: install  ## the suite without the slow tests (real local model)
