@@ -50,16 +50,25 @@ async def main() -> None:
         response = await llm.complete(request, on_delta=on_delta)
         elapsed = time.perf_counter() - start
         tokens = response.usage.completion_tokens if response.usage else 0
-        runs.append({"tokens": tokens, "seconds": round(elapsed, 3),
-                     "first_token_s": round(first[0], 3) if first else None,
-                     "tokens_per_s": round(tokens / (elapsed - (first[0] if first else 0)), 1)})
+        runs.append(
+            {
+                "tokens": tokens,
+                "seconds": round(elapsed, 3),
+                "first_token_s": round(first[0], 3) if first else None,
+                "tokens_per_s": round(tokens / (elapsed - (first[0] if first else 0)), 1),
+            }
+        )
     await llm.aclose()
-    print(json.dumps({
-        "load_seconds": round(load, 3),
-        "rss_before_mb": round(before, 1),
-        "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "runs": runs,
-    }))
+    print(
+        json.dumps(
+            {
+                "load_seconds": round(load, 3),
+                "rss_before_mb": round(before, 1),
+                "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "runs": runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

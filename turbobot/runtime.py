@@ -132,6 +132,8 @@ class _Live:
 
     record: ConversationRecord
     app: App | None
+    #: the context the app runs with (kept to rebuild it without reading the store)
+    context: TemplateContext | None = None
     #: journal entries already handed to the store
     saved: int = 0
     #: changes of the current step not yet handed to the store
@@ -427,7 +429,7 @@ class Runtime:
         if record is None:
             self._active_keys.discard(key)
             return None
-        live = _Live(record, None, len(record.journal))
+        live = _Live(record, None, None, len(record.journal))
         self._deadlines.pop(key, None)
         self._touch(key, live)
         return live
@@ -442,7 +444,7 @@ class Runtime:
         )
         record = ConversationRecord(new_id(), key, self.template.ref, context.to_dict())
         app = self.template().bind(llm=self.llm, context=context)
-        live = _Live(record, app, buffer=StepWrite(record=record, new_conversation=True))
+        live = _Live(record, app, context, buffer=StepWrite(record=record, new_conversation=True))
         self._active_keys.add(key)
         self._touch(key, live)
         return live
@@ -489,7 +491,8 @@ class Runtime:
         if live.app is not None and not live.record.broken:
             return True
         record = live.record
-        context = TemplateContext.from_dict(record.context)
+        context = live.context or TemplateContext.from_dict(record.context)
+        live.context = context
         live.app = self.template().bind(
             llm=self.llm, context=context, replay=list(record.journal), replay_until=record.yields
         )
@@ -529,6 +532,9 @@ class Runtime:
             live.record.journal = app.journal
         step.record = live.record
         await self.store.write(step)
+        if step.new_conversation:
+            # Stored with the new row; in RAM ``live.context`` stands for it.
+            live.record.context = {}
         if wait:
             await self.store.flush()
 

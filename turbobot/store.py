@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -49,12 +48,17 @@ ConversationStatus = Literal[
 FINAL_STATUSES = frozenset({"finished", "reset", "restarted", "failed", "diverged"})
 
 _counter = itertools.count()
-_PID = os.getpid() & 0xFFFF
+
+
+_RANDOM = os.urandom(4).hex()
 
 
 def new_id() -> str:
-    """A unique, roughly time-ordered id (safe across processes sharing a database)."""
-    return f"{time.time_ns():016x}{_PID:04x}{next(_counter) & 0xFFFF:04x}{uuid.uuid4().hex[:8]}"
+    """A unique, time-ordered id, safe across processes sharing a database.
+
+    Nanoseconds, then this process's random tag, then a per-process counter.
+    """
+    return f"{time.time_ns():016x}{_RANDOM}{next(_counter) & 0xFFFFFF:06x}"
 
 
 @dataclass(slots=True)
@@ -230,6 +234,9 @@ class InMemoryStore(BaseStore):
         record = step.record
         if record is not None:
             state = record.snapshot()
+            previous = self._conversations.get(record.id)
+            if previous is not None:
+                state.context = previous.context  # written once, with the new conversation
             self._conversations[record.id] = state
             journal = self._journals.setdefault(record.id, [])
             if step.journal:

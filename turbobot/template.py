@@ -169,6 +169,26 @@ class App:
     journal to replay.
     """
 
+    __slots__ = (
+        "_chain",
+        "_driver",
+        "_replay",
+        "_stack",
+        "args",
+        "cache",
+        "context",
+        "done",
+        "journal",
+        "kwargs",
+        "llm",
+        "memory",
+        "replay_until",
+        "result",
+        "template",
+        "waiting",
+        "yields",
+    )
+
     def __init__(self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.template = template
         self.args = args
@@ -184,8 +204,9 @@ class App:
         self.result: Any = None
         self.done = False
         self.waiting: GetUserInput | None = None
-        self._replay: deque[JournalEntry] = deque()
-        self._chain = hashlib.blake2b(digest_size=16)
+        self._replay: deque[JournalEntry] | None = None
+        #: running hash of every yield so far (16 bytes: a hasher object costs 400)
+        self._chain = b""
         self._driver: AsyncGenerator[Output, Any] | None = None
         self._stack: list[_Frame] = []
 
@@ -219,7 +240,7 @@ class App:
         if cache is not None:
             self.cache = cache
         if replay:
-            self._replay.extend(replay)
+            self._replay = deque(replay)
         self.replay_until = replay_until
         return self
 
@@ -298,14 +319,18 @@ class App:
     def _fingerprint(self, item: Any) -> None:
         describe = getattr(item, "fingerprint", None)
         text = describe() if describe is not None else type(item).__name__
-        self._chain.update(text.encode("utf-8", "surrogatepass"))
+        self._chain = hashlib.blake2b(
+            self._chain + text.encode("utf-8", "surrogatepass"), digest_size=16
+        ).digest()
 
     def _take(self, kinds: tuple[str, ...]) -> JournalEntry | None:
         """The next recorded value if replaying, checked against the current chain."""
         if not self._replay:
             return None
         entry = self._replay.popleft()
-        chain = self._chain.hexdigest()
+        if not self._replay:
+            self._replay = None
+        chain = self._chain.hex()
         if entry.kind not in kinds or entry.chain != chain:
             raise ReplayDivergedError(
                 f"template {self._name()} no longer matches its recorded conversation at "
@@ -317,7 +342,7 @@ class App:
         return entry
 
     def _record(self, kind: str, value: Any) -> None:
-        self.journal.append(JournalEntry(kind, value, self._chain.hexdigest()))
+        self.journal.append(JournalEntry(kind, value, self._chain.hex()))
 
     def _live_output(self) -> bool:
         return not self._replay and self.yields > self.replay_until

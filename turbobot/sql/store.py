@@ -11,6 +11,7 @@ default: a committed step survives a crash of the process and of the machine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -43,6 +44,7 @@ _log = logging.getLogger(__name__)
 ACTIVE_STATUSES = ("running", "waiting")
 
 
+@functools.lru_cache(maxsize=65536)
 def channel_column(key: ChannelKey) -> str:
     """A channel key as stored: canonical JSON."""
     return json.dumps([key.platform, key.channel, key.thread, key.user], ensure_ascii=False)
