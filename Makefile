@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BOT ?= bots.horoscope
 
-.PHONY: chat test quick lint install postgres clean
+.PHONY: chat test quick lint install postgres bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: lint postgres  ## lint, type-check and run the whole suite
 
 quick: install  ## the suite without the slow tests (real local model)
 	$(VENV)/bin/python -m pytest -m "not slow"
+
+bench: install  ## benchmarks (not tests): the two-step workload and durability figures
+	$(VENV)/bin/python bench/bench_turbobot.py 10000 memory
+	$(VENV)/bin/python bench/bench_turbobot.py 10000 sqlite
+	$(VENV)/bin/python bench/bench_durability.py
+	$(VENV)/bin/python bench/local_model.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -73,7 +73,9 @@ def make_store(variant: str) -> tuple[BaseStore, str | None]:
     if variant in ("sqlite", "sqlite-normal"):
         path = B.fresh_path("turbobot.db")
         synchronous = "NORMAL" if variant == "sqlite-normal" else "FULL"
-        return SQLStore(f"sqlite+aiosqlite:///{path}", sqlite_synchronous=synchronous), path
+        window = float(os.environ.get("BENCH_BATCH_WINDOW", "0"))
+        url = f"sqlite+aiosqlite:///{path}"
+        return SQLStore(url, sqlite_synchronous=synchronous, batch_window=window), path
     if variant == "postgres":
         return SQLStore(os.environ["BENCH_POSTGRES_URL"], upgrade=True), None
     sys.exit(f"unknown variant {variant}")

@@ -15,7 +15,7 @@ from turbobot.chat import ChannelKey
 from turbobot.exceptions import ConfigurationError
 from turbobot.llm.base import LLM
 from turbobot.loader import load_template
-from turbobot.runtime import Runtime
+from turbobot.runtime import Runtime, RuntimeSettings
 from turbobot.store import BaseStore, InMemoryStore
 
 __all__ = ["build_llm", "choose_llm", "database_url", "main", "make_store", "parse_channel"]
@@ -79,6 +79,21 @@ def make_store(url: str) -> BaseStore:
     return SQLStore(url)
 
 
+def runtime_settings(env: Mapping[str, str]) -> RuntimeSettings:
+    """Eviction settings from ``TURBOBOT_IDLE_EVICT_SECONDS`` and ``TURBOBOT_MAX_LIVE``."""
+    try:
+        idle = env.get("TURBOBOT_IDLE_EVICT_SECONDS")
+        cap = env.get("TURBOBOT_MAX_LIVE")
+        return RuntimeSettings(
+            idle_evict_seconds=float(idle) if idle else 600.0,
+            max_live=int(cap) if cap else None,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"TURBOBOT_IDLE_EVICT_SECONDS must be a number and TURBOBOT_MAX_LIVE an integer ({exc})"
+        ) from exc
+
+
 def parse_channel(text: str) -> ChannelKey:
     """``NAME`` (a console channel) or ``PLATFORM:CHANNEL[:THREAD]``."""
     parts = text.split(":")
@@ -132,7 +147,11 @@ async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None
         start = getattr(llm, "start", None)
         if start is not None:
             await start()  # load a local model before the first message, not during it
-        async with store, Runtime(template, llm=llm, sender=adapter, store=store) as runtime:
+        settings = runtime_settings(env)
+        async with (
+            store,
+            Runtime(template, llm=llm, sender=adapter, store=store, settings=settings) as runtime,
+        ):
             await adapter.run(runtime)
     finally:
         await llm.aclose()

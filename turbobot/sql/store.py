@@ -119,6 +119,8 @@ class SQLStore(BaseStore):
         url: an SQLAlchemy async URL, e.g. ``sqlite+aiosqlite:///turbobot.db`` or
             ``postgresql+asyncpg://user@host/db``.
         batch_window: seconds the writer waits to gather more operations per commit.
+            The default, 0, commits at once when idle; operations that arrive while
+            a commit is in flight go together into the next one (group commit).
         max_batch: commit at once when this many operations are waiting.
         sqlite_synchronous: SQLite's ``synchronous`` pragma; ``FULL`` (default)
             survives power loss, ``NORMAL`` only a crash of the process.
@@ -130,7 +132,7 @@ class SQLStore(BaseStore):
         self,
         url: str,
         *,
-        batch_window: float = 0.002,
+        batch_window: float = 0.0,
         max_batch: int = 5000,
         sqlite_synchronous: str = "FULL",
         upgrade: bool | None = None,
@@ -146,6 +148,8 @@ class SQLStore(BaseStore):
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        #: a batch has been taken and is being committed
+        self._busy = False
         self._closing = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -282,6 +286,8 @@ class SQLStore(BaseStore):
 
     async def flush(self) -> None:
         self._check_writer()
+        if not self._busy and not self._batch.size() and not self._batch.waiters:
+            return  # nothing written that is not committed yet
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._batch.waiters.append(future)
         self._queued()
@@ -294,6 +300,7 @@ class SQLStore(BaseStore):
                 await asyncio.sleep(self.batch_window)
             self._wake.clear()
             batch, self._batch = self._batch, _Batch()
+            self._busy = True
             if batch.size() or batch.waiters:
                 try:
                     inserted = await self._commit(batch) if batch.size() else {}
@@ -313,6 +320,7 @@ class SQLStore(BaseStore):
                 for waiter in batch.waiters:
                     if not waiter.done():
                         waiter.set_result(None)
+            self._busy = False
             if self._closing and not self._batch.size() and not self._batch.waiters:
                 return
 
