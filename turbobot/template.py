@@ -17,6 +17,7 @@ what they receive: wrap time, randomness and outside calls in :class:`Step`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -151,6 +152,9 @@ class AssistantStream:
             yield delta
 
 
+_INPUT = object()
+_STREAM = object()
+
 #: what an App yields to its consumer
 Output: TypeAlias = Assistant | Result | GetUserInput | AssistantStream
 
@@ -171,9 +175,13 @@ class App:
 
     __slots__ = (
         "_chain",
-        "_driver",
+        "_pending",
         "_replay",
+        "_send",
         "_stack",
+        "_started",
+        "_task",
+        "_throw",
         "args",
         "cache",
         "context",
@@ -205,9 +213,15 @@ class App:
         self.done = False
         self.waiting: GetUserInput | None = None
         self._replay: deque[JournalEntry] | None = None
+        self._started = False
+        #: what the template gets next: a value to send or an error to throw
+        self._send: Any = None
+        self._throw: BaseException | None = None
+        #: why the app stopped last: waiting for input, or for a stream to finish
+        self._pending: object | None = None
+        self._task: asyncio.Future[Assistant] | None = None
         #: running hash of every yield so far (16 bytes: a hasher object costs 400)
         self._chain = b""
-        self._driver: AsyncGenerator[Output, Any] | None = None
         self._stack: list[_Frame] = []
 
     # -- set-up -------------------------------------------------------------------
@@ -229,7 +243,7 @@ class App:
             replay_until: the ``yields`` count at which the replayed run stopped;
                 outputs up to it were already delivered and are not yielded again.
         """
-        if self._driver is not None:
+        if self._started:
             raise RuntimeError("App.bind() must be called before the app starts")
         if llm is not None:
             self.llm = llm
@@ -246,7 +260,7 @@ class App:
 
     @property
     def started(self) -> bool:
-        return self._driver is not None
+        return self._started
 
     @property
     def replaying(self) -> bool:
@@ -266,23 +280,46 @@ class App:
 
         Raises:
             StopAsyncIteration: the template has finished.
+            TemplateError: it waits for input and ``value`` is ``None``.
         """
-        if self._driver is None:
-            self._driver = self._drive()
-            value = None
+        if self.done:
+            raise StopAsyncIteration
+        if not self._started:
+            self._started = True
+            self._open_frame(self.template, self.args, self.kwargs)
+        elif self._pending is _INPUT:
+            given = _as_input(value)  # raises while still waiting: the state is kept
+            self._record(
+                "timeout" if given.timed_out else "input",
+                None if given.timed_out else _input_to_json(given),
+            )
+            self._pending, self.waiting, self._send = None, None, given
+        elif self._pending is _STREAM:
+            task, self._task, self._pending = self._task, None, None
+            assert task is not None
+            if not task.done():
+                await asyncio.wait([task])
+            try:
+                self._send = task.result()
+            except LLMError as exc:
+                self._record_error(exc)
         try:
-            return await self._driver.asend(value)
-        except StopAsyncIteration:
+            return await self._run()
+        except BaseException:
             self.done = True
             raise
 
     async def aclose(self) -> None:
         """Stop the template, running its ``finally`` blocks."""
+        self.done = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._task = None
         for frame in reversed(self._stack):
             await frame.gen.aclose()
         self._stack.clear()
-        if self._driver is not None:
-            await self._driver.aclose()
 
     async def run(self, input: str | None = None) -> Result:
         """turbo-chat's ``app.run(input)``: step to the next input request or the end."""
@@ -347,17 +384,21 @@ class App:
     def _live_output(self) -> bool:
         return not self._replay and self.yields > self.replay_until
 
-    async def _drive(self) -> AsyncGenerator[Output, Any]:
-        self._open_frame(self.template, self.args, self.kwargs)
-        send: Any = None
-        throw: BaseException | None = None
+    async def _run(self) -> Output:
+        """Drive the template until it produces an output; raise StopAsyncIteration at its end.
+
+        The App is a state machine, not an async generator: between outputs, only its
+        attributes remain (what to send or throw next, whether it waits for input or
+        for a stream), which keeps a waiting conversation small.
+        """
         while self._stack:
             frame = self._stack[-1]
+            send, throw = self._send, self._throw
+            self._send, self._throw = None, None
             try:
                 item = await (frame.gen.athrow(throw) if throw else frame.gen.asend(send))
             except StopAsyncIteration:
                 self._stack.pop()
-                send, throw = None, None
                 continue
             except Exception as exc:
                 self._stack.pop()
@@ -369,65 +410,50 @@ class App:
                         self.journal.pop()
                         self.yields -= 1
                     raise
-                send, throw = None, exc
+                self._throw = exc
                 continue
-            send, throw = None, None
             self.yields += 1
             self._fingerprint(item)
 
             if isinstance(item, Message):
                 await self.memory.append(item)
                 if isinstance(item, Assistant) and item.forward and self._live_output():
-                    yield item
+                    return item
             elif isinstance(item, Generate):
                 try:
                     if item.stream and item.forward and self._live_output():
                         stream = AssistantStream()
-                        task = asyncio.ensure_future(self._generate(item, stream))
-                        try:
-                            yield stream
-                        finally:
-                            if not task.done():
-                                await asyncio.wait([task])
-                        send = task.result()
-                    else:
-                        send = await self._generate(item, None)
-                        if item.forward and self._live_output():
-                            yield send
+                        self._task = asyncio.ensure_future(self._generate(item, stream))
+                        self._pending = _STREAM
+                        return stream
+                    message = await self._generate(item, None)
+                    self._send = message
+                    if item.forward and self._live_output():
+                        return message
                 except LLMError as exc:
-                    self._record("error", {"type": type(exc).__name__, "message": str(exc)})
-                    throw = exc
+                    self._record_error(exc)
             elif isinstance(item, GetUserInput):
                 if item.message is not None and item.record:
                     await self.memory.append(Assistant(item.message))
                 entry = self._take(("input", "timeout"))
                 if entry is None:
-                    prompt = item if self._live_output() else GetUserInput(timeout=item.timeout)
                     self.waiting = item
-                    try:
-                        yield_value = yield prompt
-                    finally:
-                        self.waiting = None
-                    send = _as_input(yield_value)
-                    self._record(
-                        "timeout" if send.timed_out else "input",
-                        None if send.timed_out else _input_to_json(send),
-                    )
-                else:
-                    send = _input_from_json(entry)
+                    self._pending = _INPUT
+                    return item if self._live_output() else GetUserInput(timeout=item.timeout)
+                self._send = _input_from_json(entry)
             elif isinstance(item, Result):
                 if self._live_output():
-                    yield item
+                    return item
             elif isinstance(item, Step):
                 entry = self._take(("step",))
                 if entry is not None:
-                    send = entry.value
+                    self._send = entry.value
                 else:
                     value = item.fn(*item.args, **item.kwargs)
                     if inspect.isawaitable(value):
                         value = await value
                     self._record("step", value)
-                    send = value
+                    self._send = value
             elif isinstance(item, (Delegate, App)):
                 sub = item.app if isinstance(item, Delegate) else item
                 self._open_frame(sub.template, sub.args, sub.kwargs)
@@ -436,7 +462,7 @@ class App:
                 self._stack.pop()
                 if not self._stack:
                     self.result = item.value
-                send = item.value
+                self._send = item.value
             else:
                 raise InvalidYieldError(
                     f"template {self._name()} yielded {item!r} ({type(item).__name__}), which "
@@ -445,6 +471,11 @@ class App:
                     template=self._name(),
                     value=item,
                 )
+        raise StopAsyncIteration
+
+    def _record_error(self, exc: LLMError) -> None:
+        self._record("error", {"type": type(exc).__name__, "message": str(exc)})
+        self._throw = exc
 
     async def _generate(self, signal: Generate, stream: AssistantStream | None) -> Assistant:
         message: Assistant | None = None

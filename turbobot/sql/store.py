@@ -44,7 +44,7 @@ _log = logging.getLogger(__name__)
 ACTIVE_STATUSES = ("running", "waiting")
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=4096)
 def channel_column(key: ChannelKey) -> str:
     """A channel key as stored: canonical JSON."""
     return json.dumps([key.platform, key.channel, key.thread, key.user], ensure_ascii=False)
