@@ -221,3 +221,19 @@ async def test_failed_generation_retried_after_restart(make_store: StoreFactory)
     llm = echo_llm()
     replies = await run_session(make_store, llm, ["two"])
     assert replies == ["echo: 1: one", "echo: 2: two"]
+
+
+async def test_first_receives_wait_for_recovery(make_store: StoreFactory) -> None:
+    # Regression: a receive racing the runtime's recovery could queue a message twice.
+    store = await make_store()
+    harness = ChatHarness(counter_chat, llm=echo_llm(), store=store)
+    await store.add_incoming(harness.message("left over"))
+    async with harness as h:
+        await asyncio.gather(*(h.send(f"new {n}") for n in range(3)))
+        await h.runtime.join()
+        assert h.sender.texts() == [
+            "echo: 1: left over",
+            "echo: 2: new 0",
+            "echo: 3: new 1",
+            "echo: 4: new 2",
+        ]

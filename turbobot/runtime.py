@@ -184,15 +184,19 @@ class Runtime:
         self._sweeper: asyncio.Task[None] | None = None
         self._typing = type(sender).typing is not BaseSender.typing
         self._started = False
+        self._start_lock = asyncio.Lock()
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Recover from the store: resend unsent replies, requeue messages, arm deadlines."""
-        if self._started:
-            return
-        self._started = True
+        async with self._start_lock:  # receivers wait: recovery must not race new messages
+            if not self._started:
+                await self._recover()
+                self._started = True
+
+    async def _recover(self) -> None:
         recovery = await self.store.recovery()
         self._active_keys = set(recovery.active)
         if recovery.unsent:
