@@ -77,6 +77,14 @@ async def transcript(env: dict[str, str]) -> list[tuple[str, str]]:
         return [(line.role, line.text) for line in await store.transcript(KEY)]
 
 
+async def reach_leo(bot: Console) -> None:
+    """The first two turns: the bot greets, learns the sign, asks the question."""
+    await bot.say("hello")
+    assert await bot.read() == WELCOME
+    await bot.say("I am a Leo")
+    assert await bot.read() == LEO
+
+
 BASELINE = [
     ("user", "hello"),
     ("assistant", WELCOME),
@@ -116,10 +124,7 @@ async def baseline(openai_server: FakeOpenAI) -> dict[str, Any]:
 async def test_kill_while_waiting(openai_server: FakeOpenAI, baseline: dict[str, Any]) -> None:
     env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
     bot = await Console(env).start()
-    await bot.say("hello")
-    assert await bot.read() == WELCOME
-    await bot.say("I am a Leo")
-    assert await bot.read() == LEO
+    await reach_leo(bot)
     # Idle at GetUserInput. (Killed within the ~2 ms between printing a reply and
     # committing that it was sent, the reply would be printed again on recovery:
     # replies are delivered at least once.)
@@ -139,10 +144,7 @@ async def test_kill_while_waiting(openai_server: FakeOpenAI, baseline: dict[str,
 async def test_kill_mid_generation(openai_server: FakeOpenAI, baseline: dict[str, Any]) -> None:
     env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
     bot = await Console(env).start()
-    await bot.say("hello")
-    assert await bot.read() == WELCOME
-    await bot.say("I am a Leo")
-    assert await bot.read() == LEO
+    await reach_leo(bot)
     openai_server.script(Reply(content="never delivered", delay=30))
     await bot.say("money?")
     for _ in range(500):  # the input is committed before the model is asked
@@ -167,10 +169,7 @@ async def test_kill_after_reply_recorded_before_sent(
 ) -> None:
     env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
     bot = await Console({**env, "TURBOBOT_FAULT_KILL_BEFORE_SEND": "echo: money?"}).start()
-    await bot.say("hello")
-    assert await bot.read() == WELCOME
-    await bot.say("I am a Leo")
-    assert await bot.read() == LEO
+    await reach_leo(bot)
     await bot.say("money?")
     assert bot.proc is not None
     assert await asyncio.wait_for(bot.proc.wait(), 20) == -signal.SIGKILL
