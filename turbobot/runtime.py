@@ -31,8 +31,9 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.exceptions import LLMError, ReplayDivergedError
@@ -55,6 +56,9 @@ from turbobot.template import App, AssistantStream, Template
 __all__ = ["BaseSender", "Notices", "Runtime", "RuntimeSettings", "parse_command"]
 
 _log = logging.getLogger(__name__)
+
+#: what _deliver returns when the platform refused a reply
+_FAILED: Any = object()
 
 
 class BaseSender(ABC):
@@ -138,6 +142,8 @@ class _Live:
     saved: int = 0
     #: changes of the current step not yet handed to the store
     buffer: StepWrite | None = None
+    #: the message that started the conversation, until it is known whether it is input
+    wake: IncomingMessage | None = None
     used_at: float = 0.0
 
 
@@ -181,6 +187,8 @@ class Runtime:
         self._timers: dict[ChannelKey, asyncio.TimerHandle] = {}
         #: deadlines of waiting conversations that are not in RAM
         self._deadlines: dict[ChannelKey, float] = {}
+        #: channels whose conversation stopped mid-step and must be replayed to go on
+        self._resume: set[ChannelKey] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._typing = type(sender).typing is not BaseSender.typing
         self._started = False
@@ -208,6 +216,10 @@ class Runtime:
             self._queues.setdefault(item.message.key, deque()).append(item)
         for key, deadline in recovery.deadlines:
             self._arm_timer(key, deadline)
+        for key in recovery.running:
+            # Stopped mid-step (say, during a streamed reply): finish that step now.
+            self._resume.add(key)
+            self._wake(key)
         for key in list(self._queues):
             self._wake(key)
         idle = self.settings.idle_evict_seconds
@@ -253,6 +265,8 @@ class Runtime:
         if seq is None:
             _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
             return False
+        if self._closed:
+            return True  # committed: the next start handles it
         self._queues.setdefault(message.key, deque()).append(InboxItem(seq, message))
         self._wake(message.key)
         return True
@@ -275,7 +289,7 @@ class Runtime:
     async def evict(self, key: ChannelKey) -> bool:
         """Move an idle conversation out of RAM (it comes back by replay). ``False`` if busy."""
         live = self._live.get(key)
-        if live is None or key in self._workers:
+        if live is None or key in self._workers or self._closed:
             return False
         # Detach before the first await: a message arriving meanwhile loads the
         # conversation from the store, where this commit is already queued.
@@ -306,13 +320,19 @@ class Runtime:
                 except Exception:
                     _log.exception("channel %s: unexpected error; its inbox is kept", key)
                     return
+                # Still registered as a worker, so join() and aclose() wait for this.
+                await self._enforce_cap()
         finally:
             # No await between the last dirty check and this: a message committed
             # meanwhile either set dirty before the check or starts a new worker after.
             del self._workers[key]
-        await self._enforce_cap()
 
     async def _drain(self, key: ChannelKey) -> None:
+        if key in self._resume:
+            self._resume.discard(key)
+            live = await self._load(key)
+            if live is not None:
+                await self._ensure_app(key, live, None)
         queue = self._queues.get(key)
         while queue:
             if not await self._handle(key, queue[0].message):
@@ -320,7 +340,9 @@ class Runtime:
             queue.popleft()
         self._queues.pop(key, None)
         deadline = self._deadline_of(key)
-        if deadline is not None and self.clock() >= deadline:
+        if deadline is not None and self.clock() < deadline:
+            self._arm_timer(key, deadline)  # the timer ran early (or the clock stepped back)
+        elif deadline is not None:
             live = await self._load(key)
             if (
                 live is not None
@@ -403,6 +425,11 @@ class Runtime:
             return True  # the replay diverged; ``message`` started a new conversation
         if live.record.broken:
             return False  # the retried generation failed again; keep the message
+        if not live.record.active:
+            # The rebuild finished the conversation (it ended in a step that crashed
+            # before being recorded as ended): this message starts the next one.
+            await self._begin(key, message)
+            return True
         if live.app is not None and live.app.waiting is not None:
             self._note_user(live, message)
             await self._advance(key, live, message)
@@ -454,13 +481,21 @@ class Runtime:
         return live
 
     async def _begin(self, key: ChannelKey, message: IncomingMessage) -> None:
-        """Start a conversation woken by ``message`` (the first-message rule)."""
+        """Start a conversation woken by ``message`` (the first-message rule).
+
+        Whether ``message`` is input is known only when the template first waits, so
+        its consumption is recorded with the step that uses it: the question's
+        commit, the input's journal entry, or the end of the conversation.
+        """
         live = self._start(key, message)
-        self._note_user(live, message)
+        self._buffer(live).transcript.append(self._user_line(live, message))
+        live.wake = message
         await self._advance(key, live, None)
         app = live.app
-        if app is not None and app.waiting is not None and app.waiting.message is None:
+        if app is not None and app.waiting is not None and live.wake is message:
             # A chat-style template asked nothing: the message is its first input.
+            live.wake = None
+            self._buffer(live).consumed.append((key, message.message_id))
             await self._advance(key, live, message)
 
     async def _end(
@@ -519,12 +554,24 @@ class Runtime:
         """Record that ``message`` was used by this conversation (atomic with its effects)."""
         step = self._buffer(live)
         step.consumed.append((message.key, message.message_id))
-        step.transcript.append(
-            TranscriptLine(live.record.id, "user", message.text, message.timestamp)
-        )
+        step.transcript.append(self._user_line(live, message))
 
-    async def _commit(self, live: _Live, *, wait: bool = False) -> None:
-        """Hand the step's changes to the store; with ``wait``, until committed."""
+    @staticmethod
+    def _user_line(live: _Live, message: IncomingMessage) -> TranscriptLine:
+        return TranscriptLine(live.record.id, "user", message.text, message.timestamp)
+
+    def _use_wake(self, live: _Live) -> None:
+        """The waking message was not input: consume it with the current step."""
+        if live.wake is not None:
+            self._buffer(live).consumed.append((live.wake.key, live.wake.message_id))
+            live.wake = None
+
+    async def _commit(self, live: _Live, *, wait: bool = False, undelivered: int = 0) -> None:
+        """Hand the step's changes to the store; with ``wait``, until committed.
+
+        ``undelivered``: how many of the app's last yields produced output not yet
+        delivered (a replay must deliver them).
+        """
         step = self._buffer(live)
         live.buffer = None
         app = live.app
@@ -532,7 +579,7 @@ class Runtime:
         if app is not None:
             step.journal = app.journal[live.saved :]
             live.saved = len(app.journal)
-            live.record.yields = app.yields
+            live.record.yields = app.yields - undelivered
             live.record.journal = app.journal
         step.record = live.record
         await self.store.write(step)
@@ -568,6 +615,7 @@ class Runtime:
                     elif output.timeout is not None:
                         record.deadline = self.clock() + output.timeout
                     if output.message:
+                        self._use_wake(live)
                         await self._say(key, live, output.message)
                         sent = True
                     break
@@ -606,6 +654,8 @@ class Runtime:
         if not record.active:
             record.ended_at = self.clock()
             record.deadline = None
+        if live.wake is not None and (app.waiting is None or record.broken):
+            self._use_wake(live)  # it ended (or failed) before asking for input
         await self._commit(live)
         if record.broken or not record.active:
             live.app = None  # the generator is gone; replay rebuilds it if needed
@@ -650,15 +700,17 @@ class Runtime:
         """Record a reply, commit everything that led to it, then send it."""
         outgoing = self._record_reply(key, live, text, message)
         await self._commit(live, wait=True)
-        platform_id = await self.sender.send(key, text)
-        self._buffer(live).sent.append((outgoing.id, platform_id))
+        platform_id = await self._deliver(key, self.sender.send(key, text))
+        if platform_id is not _FAILED:
+            self._buffer(live).sent.append((outgoing.id, platform_id))
 
     async def _say_stream(self, key: ChannelKey, live: _Live, stream: AssistantStream) -> None:
         # The input is committed before the first fragment is shown; the reply itself is
         # recorded (and marked sent) once complete. A crash mid-stream re-generates it.
-        await self._commit(live, wait=True)
-        platform_id = await self.sender.send_stream(key, stream)
-        if stream.text:
+        # The Generate's output is not delivered yet: a crash mid-stream must replay it.
+        await self._commit(live, wait=True, undelivered=1)
+        platform_id = await self._deliver(key, self.sender.send_stream(key, stream))
+        if stream.text and platform_id is not _FAILED:
             outgoing = self._record_reply(key, live, stream.text, stream.message)
             self._buffer(live).sent.append((outgoing.id, platform_id))
 
@@ -672,5 +724,18 @@ class Runtime:
             step.consumed.append((consumed.key, consumed.message_id))
         await self.store.write(step)
         await self.store.flush()
-        platform_id = await self.sender.send(key, text)
-        await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))
+        platform_id = await self._deliver(key, self.sender.send(key, text))
+        if platform_id is not _FAILED:
+            await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))
+
+    async def _deliver(self, key: ChannelKey, sending: Awaitable[str | None]) -> Any:
+        """Await a send; a failure is logged and leaves the reply unsent in the outbox."""
+        try:
+            return await sending
+        except Exception:
+            _log.exception(
+                "channel %s: sending a reply failed; it stays in the outbox and is sent "
+                "again when the bot restarts",
+                key,
+            )
+            return _FAILED

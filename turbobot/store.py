@@ -161,6 +161,8 @@ class Recovery:
     deadlines: list[tuple[ChannelKey, float]]
     #: replies recorded but not marked sent, oldest first
     unsent: list[OutgoingRecord]
+    #: active conversations stopped in the middle of a step (not waiting for input)
+    running: list[ChannelKey] = field(default_factory=list)
 
 
 class BaseStore(ABC):
@@ -277,7 +279,10 @@ class InMemoryStore(BaseStore):
             and self._conversations[cid].deadline is not None
         ]
         unsent = sorted(self._outbox.values(), key=lambda o: o.id)
-        return Recovery(inbox, active, deadlines, unsent)  # type: ignore[arg-type]
+        running = [
+            key for key, cid in self._active.items() if self._conversations[cid].status == "running"
+        ]
+        return Recovery(inbox, active, deadlines, unsent, running)  # type: ignore[arg-type]
 
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
         records = [replace(r) for r in self._conversations.values() if key is None or r.key == key]

@@ -284,29 +284,33 @@ class App:
         """
         if self.done:
             raise StopAsyncIteration
-        if not self._started:
-            self._started = True
-            self._open_frame(self.template, self.args, self.kwargs)
-        elif self._pending is _INPUT:
+        if self._pending is _INPUT:
             given = _as_input(value)  # raises while still waiting: the state is kept
-            self._record(
-                "timeout" if given.timed_out else "input",
-                None if given.timed_out else _input_to_json(given),
-            )
-            self._pending, self.waiting, self._send = None, None, given
-        elif self._pending is _STREAM:
-            task, self._task, self._pending = self._task, None, None
-            assert task is not None
-            if not task.done():
-                await asyncio.wait([task])
-            try:
-                self._send = task.result()
-            except LLMError as exc:
-                self._record_error(exc)
         try:
+            if not self._started:
+                self._started = True
+                self._open_frame(self.template, self.args, self.kwargs)
+            elif self._pending is _INPUT:
+                self._record(
+                    "timeout" if given.timed_out else "input",
+                    None if given.timed_out else _input_to_json(given),
+                )
+                self._pending, self.waiting, self._send = None, None, given
+            elif self._pending is _STREAM:
+                task, self._task, self._pending = self._task, None, None
+                assert task is not None
+                if not task.done():
+                    await asyncio.wait([task])
+                try:
+                    self._send = task.result()
+                except LLMError as exc:
+                    self._record_error(exc)
             return await self._run()
-        except BaseException:
+        except StopAsyncIteration:
             self.done = True
+            raise
+        except BaseException:
+            await self.aclose()  # run the templates' finally blocks
             raise
 
     async def aclose(self) -> None:
@@ -474,6 +478,10 @@ class App:
         raise StopAsyncIteration
 
     def _record_error(self, exc: LLMError) -> None:
+        """Throw ``exc`` into the template; journal it unless it came from the journal."""
+        if isinstance(exc, _ReplayedLLMError):
+            self._throw = exc.error
+            return
         self._record("error", {"type": type(exc).__name__, "message": str(exc)})
         self._throw = exc
 
@@ -494,7 +502,7 @@ class App:
             entry = self._take(("generate", "error"))
             if entry is not None:
                 if entry.kind == "error":
-                    raise _error_from_json(entry.value)
+                    raise _ReplayedLLMError.wrap(_error_from_json(entry.value))
                 message = message_from_dict(entry.value)
                 assert isinstance(message, Assistant)
             else:
@@ -599,6 +607,18 @@ def _input_from_json(entry: JournalEntry) -> UserInput:
     return UserInput(
         entry.value["text"], incoming=IncomingMessage.from_dict(entry.value["incoming"])
     )
+
+
+class _ReplayedLLMError(LLMError):
+    """Carries a journaled LLM error out of ``_generate`` without journaling it again."""
+
+    def __init__(self, error: LLMError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+    @classmethod
+    def wrap(cls, error: LLMError) -> _ReplayedLLMError:
+        return cls(error)
 
 
 def _error_from_json(value: Mapping[str, Any]) -> LLMError:

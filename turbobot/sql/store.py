@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table, bindparam, event, insert, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from turbobot.chat import ChannelKey, IncomingMessage
@@ -191,7 +192,8 @@ class SQLStore(BaseStore):
         if self.engine is None:
             return
         if self._writer is not None:
-            await self.flush()
+            if self._failure is None:
+                await self.flush()
             self._closing = True
             self._wake.set()
             await self._writer
@@ -303,16 +305,20 @@ class SQLStore(BaseStore):
             self._busy = True
             if batch.size() or batch.waiters:
                 try:
-                    inserted = await self._commit(batch) if batch.size() else {}
+                    inserted = await self._commit_with_retries(batch) if batch.size() else {}
                 except Exception as exc:
-                    _log.exception("SQL store: a group commit failed")
+                    _log.exception("SQL store: a group commit failed; the store stops")
                     self._failure = exc
-                    for _row, future in batch.incoming:
-                        if not future.done():
-                            future.set_exception(exc)
-                    for waiter in batch.waiters:
-                        if not waiter.done():
-                            waiter.set_exception(exc)
+                    # Fail everyone: this batch and whatever queued up meanwhile.
+                    pending, self._batch = self._batch, _Batch()
+                    for failed in (batch, pending):
+                        for _row, future in failed.incoming:
+                            if not future.done():
+                                future.set_exception(exc)
+                        for waiter in failed.waiters:
+                            if not waiter.done():
+                                waiter.set_exception(exc)
+                    self._busy = False
                     return
                 for row, future in batch.incoming:
                     if not future.done():
@@ -323,6 +329,17 @@ class SQLStore(BaseStore):
             self._busy = False
             if self._closing and not self._batch.size() and not self._batch.waiters:
                 return
+
+    async def _commit_with_retries(self, batch: _Batch) -> dict[tuple[str, str], int]:
+        # A failed transaction rolled back whole, so trying it again is safe; transient
+        # errors (a locked SQLite file, a dropped PostgreSQL connection) pass.
+        for delay in (0.05, 0.25, 1.0):
+            try:
+                return await self._commit(batch)
+            except (OperationalError, InterfaceError) as exc:
+                _log.warning("SQL store: group commit failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay)
+        return await self._commit(batch)
 
     async def _commit(self, batch: _Batch) -> dict[tuple[str, str], int]:
         inserted: dict[tuple[str, str], int] = {}
@@ -416,11 +433,14 @@ class SQLStore(BaseStore):
             )
             active: set[ChannelKey] = set()
             deadlines: list[tuple[ChannelKey, float]] = []
+            running: list[ChannelKey] = []
             for r in active_rows:
                 key = parse_channel_column(r.channel)
                 active.add(key)
                 if r.status == "waiting" and r.deadline is not None:
                     deadlines.append((key, float(r.deadline)))
+                elif r.status == "running":
+                    running.append(key)
             unsent_rows = await conn.execute(
                 select(outbox).where(outbox.c.sent.is_(False)).order_by(outbox.c.id)
             )
@@ -428,7 +448,7 @@ class SQLStore(BaseStore):
                 OutgoingRecord(r.id, parse_channel_column(r.channel), r.text, r.created_at)
                 for r in unsent_rows
             ]
-        return Recovery(items, active, deadlines, unsent)
+        return Recovery(items, active, deadlines, unsent, running)
 
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
         await self.flush()
