@@ -493,9 +493,9 @@ class Runtime:
         await self._advance(key, live, None)
         app = live.app
         if app is not None and app.waiting is not None and live.wake is message:
-            # A chat-style template asked nothing: the message is its first input.
-            live.wake = None
-            self._buffer(live).consumed.append((key, message.message_id))
+            # A chat-style template asked nothing: the message is its first input,
+            # consumed in the same step that journals it.
+            self._use_wake(live)
             await self._advance(key, live, message)
 
     async def _end(
@@ -514,8 +514,7 @@ class Runtime:
         live.record.deadline = None
         live.record.ended_at = self.clock()
         await self._commit(live)
-        self._live.pop(key, None)
-        self._active_keys.discard(key)
+        self._forget(key)
         return True
 
     async def _ensure_app(
@@ -545,6 +544,11 @@ class Runtime:
             await self._begin(key, message)
         return False
 
+    def _forget(self, key: ChannelKey) -> None:
+        """The channel's conversation ended: it is neither in RAM nor active any more."""
+        self._live.pop(key, None)
+        self._active_keys.discard(key)
+
     def _buffer(self, live: _Live) -> StepWrite:
         if live.buffer is None:
             live.buffer = StepWrite(record=live.record)
@@ -561,7 +565,7 @@ class Runtime:
         return TranscriptLine(live.record.id, "user", message.text, message.timestamp)
 
     def _use_wake(self, live: _Live) -> None:
-        """The waking message was not input: consume it with the current step."""
+        """Consume the waking message (if still pending) with the current step."""
         if live.wake is not None:
             self._buffer(live).consumed.append((live.wake.key, live.wake.message_id))
             live.wake = None
@@ -654,14 +658,13 @@ class Runtime:
         if not record.active:
             record.ended_at = self.clock()
             record.deadline = None
-        if live.wake is not None and (app.waiting is None or record.broken):
+        if app.waiting is None or record.broken:
             self._use_wake(live)  # it ended (or failed) before asking for input
         await self._commit(live)
         if record.broken or not record.active:
             live.app = None  # the generator is gone; replay rebuilds it if needed
         if not record.active:
-            self._live.pop(key, None)
-            self._active_keys.discard(key)
+            self._forget(key)
         self._arm_timer(key, record.deadline if record.status == "waiting" else None)
         return sent
 
@@ -705,9 +708,9 @@ class Runtime:
             self._buffer(live).sent.append((outgoing.id, platform_id))
 
     async def _say_stream(self, key: ChannelKey, live: _Live, stream: AssistantStream) -> None:
-        # The input is committed before the first fragment is shown; the reply itself is
-        # recorded (and marked sent) once complete. A crash mid-stream re-generates it.
-        # The Generate's output is not delivered yet: a crash mid-stream must replay it.
+        # The input is committed before the first fragment is shown, without counting
+        # the Generate as delivered: a crash mid-stream replays and delivers it. The
+        # reply itself is recorded (and marked sent) once complete.
         await self._commit(live, wait=True, undelivered=1)
         platform_id = await self._deliver(key, self.sender.send_stream(key, stream))
         if stream.text and platform_id is not _FAILED:

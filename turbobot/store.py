@@ -138,16 +138,6 @@ class StepWrite:
     #: replies that were sent: (outgoing id, platform id)
     sent: list[tuple[str, str | None]] = field(default_factory=list)
 
-    def empty(self) -> bool:
-        return not (
-            self.record
-            or self.journal
-            or self.consumed
-            or self.transcript
-            or self.outgoing
-            or self.sent
-        )
-
 
 @dataclass(slots=True)
 class Recovery:
@@ -250,9 +240,8 @@ class InMemoryStore(BaseStore):
                 del self._active[record.key]
         for consumed in step.consumed:
             self._inbox.pop(consumed, None)
-        for line in step.transcript:
-            key = self._conversations[line.conversation_id].key
-            self._transcript.setdefault(key, []).append(line)
+        if record is not None and step.transcript:
+            self._transcript.setdefault(record.key, []).extend(step.transcript)
         for outgoing in step.outgoing:
             self._outbox[outgoing.id] = replace(outgoing)
         for outgoing_id, _platform_id in step.sent:

@@ -502,7 +502,7 @@ class App:
             entry = self._take(("generate", "error"))
             if entry is not None:
                 if entry.kind == "error":
-                    raise _ReplayedLLMError.wrap(_error_from_json(entry.value))
+                    raise _ReplayedLLMError(_error_from_json(entry.value))
                 message = message_from_dict(entry.value)
                 assert isinstance(message, Assistant)
             else:
@@ -615,10 +615,6 @@ class _ReplayedLLMError(LLMError):
     def __init__(self, error: LLMError) -> None:
         super().__init__(str(error))
         self.error = error
-
-    @classmethod
-    def wrap(cls, error: LLMError) -> _ReplayedLLMError:
-        return cls(error)
 
 
 def _error_from_json(value: Mapping[str, Any]) -> LLMError:

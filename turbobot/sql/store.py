@@ -473,13 +473,6 @@ class SQLStore(BaseStore):
                 for r in await conn.execute(query)
             ]
 
-    async def channels(self) -> list[ChannelKey]:
-        """Every channel that has a conversation."""
-        await self.flush()
-        async with self._engine().connect() as conn:
-            rows = await conn.execute(select(conversations.c.channel).distinct())
-            return sorted((parse_channel_column(r.channel) for r in rows), key=str)
-
 
 class _Prepared:
     """A statement compiled once for the engine's dialect, run with plain tuples.
