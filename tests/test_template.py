@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from typing import Any
 
 import pytest
@@ -445,3 +447,35 @@ async def test_waiting_app_needs_input() -> None:
     await app.asend(None)
     with pytest.raises(TemplateError, match="waiting for user input"):
         await app.asend(None)
+
+
+async def test_owned_app_is_not_tracked_by_the_loop_and_still_cleans_up() -> None:
+    events: list[str] = []
+
+    @turbo()
+    async def asks():
+        try:
+            yield GetUserInput("name?")
+        finally:
+            events.append("finally")
+
+    loop = asyncio.get_running_loop()
+    before = len(loop._asyncgens)  # type: ignore[attr-defined]
+    owned = asks().bind(owned=True)
+    assert isinstance(await owned.asend(None), GetUserInput)
+    assert len(loop._asyncgens) == before  # type: ignore[attr-defined]
+    await owned.aclose()
+    assert events == ["finally"]
+
+    # Dropped without aclose(): Python closes the generator when it is collected.
+    dropped = asks().bind(owned=True)
+    await dropped.asend(None)
+    del dropped
+    gc.collect()
+    assert events == ["finally", "finally"]
+
+    # Not owned: the loop tracks it, as for any async generator.
+    tracked = asks()
+    await tracked.asend(None)
+    assert len(loop._asyncgens) == before + 1  # type: ignore[attr-defined]
+    await tracked.aclose()

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +59,9 @@ _log = logging.getLogger(__name__)
 
 #: what _deliver returns when the platform refused a reply
 _FAILED: Any = object()
+#: stands for a context already stored with its conversation (one shared empty dict,
+#: never changed: a new one per conversation would cost 64 bytes each)
+_STORED_CONTEXT: dict[str, Any] = {}
 
 
 class BaseSender(ABC):
@@ -179,7 +182,8 @@ class Runtime:
         self.store = store or InMemoryStore()
         self.settings = settings or RuntimeSettings()
         self.clock = clock
-        self._live: OrderedDict[ChannelKey, _Live] = OrderedDict()
+        # insertion order = least recently used first (a plain dict is half an OrderedDict)
+        self._live: dict[ChannelKey, _Live] = {}
         self._active_keys: set[ChannelKey] = set()
         self._queues: dict[ChannelKey, deque[InboxItem]] = {}
         self._workers: dict[ChannelKey, asyncio.Task[None]] = {}
@@ -443,8 +447,8 @@ class Runtime:
 
     def _touch(self, key: ChannelKey, live: _Live) -> None:
         live.used_at = time.monotonic()
+        self._live.pop(key, None)
         self._live[key] = live
-        self._live.move_to_end(key)
 
     async def _load(self, key: ChannelKey) -> _Live | None:
         live = self._live.get(key)
@@ -474,7 +478,7 @@ class Runtime:
             trigger=trigger,
         )
         record = ConversationRecord(new_id(), key, self.template.ref, context.to_dict())
-        app = self.template().bind(llm=self.llm, context=context)
+        app = self.template().bind(llm=self.llm, context=context, owned=True)
         live = _Live(record, app, context, buffer=StepWrite(record=record, new_conversation=True))
         self._active_keys.add(key)
         self._touch(key, live)
@@ -532,7 +536,11 @@ class Runtime:
         context = live.context or TemplateContext.from_dict(record.context)
         live.context = context
         live.app = self.template().bind(
-            llm=self.llm, context=context, replay=list(record.journal), replay_until=record.yields
+            llm=self.llm,
+            context=context,
+            replay=list(record.journal),
+            replay_until=record.yields,
+            owned=True,
         )
         live.saved = len(record.journal)
         record.broken = False
@@ -589,7 +597,7 @@ class Runtime:
         await self.store.write(step)
         if step.new_conversation:
             # Stored with the new row; in RAM ``live.context`` stands for it.
-            live.record.context = {}
+            live.record.context = _STORED_CONTEXT
         if wait:
             await self.store.flush()
 

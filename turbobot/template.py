@@ -22,6 +22,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import sys
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -98,6 +99,21 @@ class Template:
 
     def __repr__(self) -> str:
         return f"<Template {self.ref} {self.settings!r}>"
+
+
+def _skip_loop_tracking(gen: AsyncGenerator[Any, Any]) -> None:
+    """Keep the event loop from tracking ``gen`` (a weak reference per generator).
+
+    An async generator calls the loop's hooks the first time an ``asend`` is made;
+    making one (never awaited) with the hooks off marks it as seen. Whoever runs it
+    closes it; if it is collected unclosed, Python closes it synchronously.
+    """
+    hooks = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(firstiter=None, finalizer=None)
+    try:
+        _ = gen.asend(None)  # not a coroutine: dropping it unawaited is silent
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
 
 
 def turbo(fn: TemplateFn | None = None, /, **settings: Any) -> Any:
@@ -182,6 +198,7 @@ class App:
         "_started",
         "_task",
         "_throw",
+        "_untracked",
         "args",
         "cache",
         "context",
@@ -223,6 +240,7 @@ class App:
         #: running hash of every yield so far (16 bytes: a hasher object costs 400)
         self._chain = b""
         self._stack: list[_Frame] = []
+        self._untracked = False
 
     # -- set-up -------------------------------------------------------------------
 
@@ -235,6 +253,7 @@ class App:
         cache: BaseCache | None = None,
         replay: list[JournalEntry] | None = None,
         replay_until: int = 0,
+        owned: bool = False,
     ) -> App:
         """Choose collaborators before the first step. Returns ``self``.
 
@@ -242,6 +261,10 @@ class App:
             replay: journal entries to feed back instead of doing their effects.
             replay_until: the ``yields`` count at which the replayed run stopped;
                 outputs up to it were already delivered and are not yielded again.
+            owned: the caller promises to ``aclose()`` the app when it drops it
+                unfinished (the runtime does). Its generators are then not registered
+                with the event loop for clean-up at shutdown, which saves ~110 bytes
+                per conversation.
         """
         if self._started:
             raise RuntimeError("App.bind() must be called before the app starts")
@@ -256,6 +279,7 @@ class App:
         if replay:
             self._replay = deque(replay)
         self.replay_until = replay_until
+        self._untracked = owned
         return self
 
     @property
@@ -354,6 +378,8 @@ class App:
         if "settings" in params and "settings" not in injected:
             injected["settings"] = self._settings()
         frame = _Frame(template, template.fn(*args, **injected))
+        if self._untracked:
+            _skip_loop_tracking(frame.gen)
         self._stack.append(frame)
         return frame
 

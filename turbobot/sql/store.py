@@ -45,10 +45,17 @@ _log = logging.getLogger(__name__)
 ACTIVE_STATUSES = ("running", "waiting")
 
 
-@functools.lru_cache(maxsize=4096)
+# Encoders built once: ``json.dumps`` with options builds a new encoder on every call.
+_encode_key = json.JSONEncoder(ensure_ascii=False).encode
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+# Small on purpose: it only needs to cover the channels active in one group commit,
+# and every entry costs ~200 bytes for as long as it stays.
+@functools.lru_cache(maxsize=1024)
 def channel_column(key: ChannelKey) -> str:
     """A channel key as stored: canonical JSON."""
-    return json.dumps([key.platform, key.channel, key.thread, key.user], ensure_ascii=False)
+    return _encode_key([key.platform, key.channel, key.thread, key.user])
 
 
 def parse_channel_column(value: str) -> ChannelKey:
@@ -57,7 +64,7 @@ def parse_channel_column(value: str) -> ChannelKey:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _encode(value)
 
 
 @dataclass(slots=True)
