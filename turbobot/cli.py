@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, cast
 
 from turbobot import __version__
 from turbobot.chat import ChannelKey
@@ -17,6 +20,10 @@ from turbobot.llm.base import LLM
 from turbobot.loader import load_template
 from turbobot.runtime import Runtime, RuntimeSettings
 from turbobot.store import BaseStore, InMemoryStore
+from turbobot.template import Template
+
+if TYPE_CHECKING:
+    from adapters.telegram import GroupMode, TelegramSettings
 
 __all__ = ["build_llm", "choose_llm", "database_url", "main", "make_store", "parse_channel"]
 
@@ -121,6 +128,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--channel", default="console", help="console channel name")
     run.add_argument("--model", help="model name (default: TURBOBOT_MODEL or the template's)")
     run.add_argument("--llm", choices=("auto", "openai", "local"), help="LLM backend")
+    telegram = run.add_argument_group("telegram")
+    telegram.add_argument(
+        "--webhook-url", help="receive updates at this public URL (default: long polling)"
+    )
+    telegram.add_argument("--listen", default="0.0.0.0", help="webhook listen address")
+    telegram.add_argument("--port", type=int, default=8443, help="webhook listen port")
+    telegram.add_argument(
+        "--group-mode",
+        choices=("per-user", "shared"),
+        help="groups: a conversation per member (default) or one shared by all",
+    )
     db = sub.add_parser("db", help="manage the database schema", parents=[database])
     db.add_argument("action", choices=("upgrade", "current"))
     transcript = sub.add_parser(
@@ -131,30 +149,73 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    from adapters.console import ConsoleAdapter
-
+def _template(args: argparse.Namespace, env: Mapping[str, str]) -> Template:
     template = load_template(args.bot)
     model = args.model or env.get("TURBOBOT_MODEL")
-    if model:
-        template = template.configure(model=model)
+    return template.configure(model=model) if model else template
+
+
+@contextlib.asynccontextmanager
+async def _bot_parts(
+    args: argparse.Namespace, env: Mapping[str, str]
+) -> AsyncIterator[tuple[Template, BaseStore, LLM]]:
+    """The template, the open store and the started LLM of a ``run``; closed after."""
+    template = _template(args, env)
     store = make_store(database_url(args.database, env))
     llm = build_llm(choose_llm(args.llm, env), env)
-    adapter = ConsoleAdapter(
-        channel=args.channel, kill_before_send=env.get("TURBOBOT_FAULT_KILL_BEFORE_SEND")
-    )
     try:
         start = getattr(llm, "start", None)
         if start is not None:
             await start()  # load a local model before the first message, not during it
-        settings = runtime_settings(env)
-        async with (
-            store,
-            Runtime(template, llm=llm, sender=adapter, store=store, settings=settings) as runtime,
-        ):
-            await adapter.run(runtime)
+        async with store:
+            yield template, store, llm
     finally:
         await llm.aclose()
+
+
+async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    from adapters.console import ConsoleAdapter
+
+    adapter = ConsoleAdapter(
+        channel=args.channel, kill_before_send=env.get("TURBOBOT_FAULT_KILL_BEFORE_SEND")
+    )
+    async with _bot_parts(args, env) as (template, store, llm):
+        settings = runtime_settings(env)
+        async with Runtime(
+            template, llm=llm, sender=adapter, store=store, settings=settings
+        ) as runtime:
+            await adapter.run(runtime)
+
+
+def telegram_settings(args: argparse.Namespace, env: Mapping[str, str]) -> TelegramSettings:
+    """Adapter settings from flags and ``TELEGRAM_*`` variables (flags win)."""
+    from adapters.telegram import TelegramSettings
+
+    return TelegramSettings(
+        token=env.get("TELEGRAM_BOT_TOKEN", ""),
+        base_url=env.get("TELEGRAM_API_BASE_URL") or None,
+        base_file_url=env.get("TELEGRAM_API_FILE_URL") or None,
+        webhook_url=args.webhook_url or env.get("TELEGRAM_WEBHOOK_URL") or None,
+        listen=args.listen,
+        port=args.port,
+        secret_token=env.get("TELEGRAM_WEBHOOK_SECRET") or None,
+        # checked by TelegramSettings, which names the valid modes
+        group_mode=cast(GroupMode, args.group_mode or env.get("TELEGRAM_GROUP_MODE") or "per-user"),
+        trigger=env.get("TELEGRAM_TRIGGER") or None,
+    )
+
+
+async def _run_telegram(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    from adapters.telegram import TelegramAdapter
+
+    adapter = TelegramAdapter(telegram_settings(args, env))
+    async with adapter, _bot_parts(args, env) as (template, store, llm):
+        settings = dataclasses.replace(runtime_settings(env), bot_username=adapter.username)
+        async with Runtime(
+            template, llm=llm, sender=adapter, store=store, settings=settings
+        ) as runtime:
+            print(f"turbobot: @{adapter.username} is running; Ctrl-C stops it", file=sys.stderr)
+            await adapter.run(runtime)
 
 
 async def _db(args: argparse.Namespace, env: Mapping[str, str]) -> None:
@@ -228,12 +289,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
-            if args.platform != "console":
+            if args.platform == "console":
+                asyncio.run(_run_console(args, env))
+            elif args.platform == "telegram":
+                asyncio.run(_run_telegram(args, env))
+            else:
                 raise ConfigurationError(
                     f"the {args.platform} adapter is not part of this version yet; "
-                    "use --platform console"
+                    "use --platform console or telegram"
                 )
-            asyncio.run(_run_console(args, env))
         elif args.command == "db":
             asyncio.run(_db(args, env))
         elif args.command == "transcript":

@@ -95,6 +95,8 @@ class Notices:
     diverged: str = (
         "The bot was updated and could not resume our conversation, so it started a new one."
     )
+    #: the answer to a message with media but no text (the message is kept in the inbox)
+    text_only: str = "I can only read text messages, sorry: please type your message."
     help: str = (
         "Commands: /start (or /new) starts a new conversation, /reset ends this one "
         "and forgets it, /help shows this."
@@ -420,6 +422,11 @@ class Runtime:
                 await self._send_standalone(key, self._help(), consumed=message)
             return True
 
+        if not message.text.strip():
+            # Media without a caption: nothing for a template to read. The message
+            # stays stored (in the inbox, with its attachments); it is answered, not used.
+            await self._send_standalone(key, notices.text_only, consumed=message)
+            return True
         loaded = await self._load(key)
         if loaded is None:
             await self._begin(key, message)

@@ -26,6 +26,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     raw: str | None = None
     delay: float = 0.0
+    #: streaming only: seconds between content chunks (of 5 characters)
+    chunk_delay: float = 0.0
 
 
 def echo(body: dict[str, Any]) -> Reply:
@@ -124,6 +126,8 @@ class FakeOpenAI:
         text = reply.content
         for i in range(0, len(text), 5):
             await send([{"index": 0, "delta": {"content": text[i : i + 5]}}])
+            if reply.chunk_delay:
+                await asyncio.sleep(reply.chunk_delay)
         for i, (name, args) in enumerate(reply.tool_calls):
             head = {
                 "index": i,

@@ -1,0 +1,724 @@
+"""The Telegram adapter, on python-telegram-bot (extra ``telegram``).
+
+Updates come by long polling (default) or by webhook. Either way an update is
+acknowledged to Telegram only after its message is committed to the inbox: polling
+asks for the next page (which confirms the previous one) once a page is committed,
+and the webhook answers 200 once the message is committed. A crash in between
+means Telegram delivers the update again and the inbox drops the duplicate, so no
+message is lost or handled twice.
+
+Replies: Markdown from the model is sent as plain text plus entities (it cannot fail
+to parse), split at 4,096 characters; if Telegram rejects the entities anyway the
+part is sent as plain text. Streaming replies grow in a draft (private chats, Bot
+API 9.5+) or in a message edited about once a second, and always end as the complete
+text. A 429 makes only the chat concerned wait; all chats together stay under about
+30 messages a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import random
+import re
+import signal
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from turbobot.chat import Attachment, ChannelKey, IncomingMessage
+from turbobot.exceptions import ConfigurationError
+from turbobot.formatting import FormattedText, parse_markdown, split_formatted, utf16_len
+from turbobot.runtime import BaseSender, Runtime, parse_command
+from turbobot.template import AssistantStream
+
+# Opt in to PTB's future behaviour (time periods as timedelta) now: otherwise PTB warns
+# on every 429 it parses. The code below reads both forms.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
+
+try:
+    from telegram import Bot, Message, MessageEntity, Update
+    from telegram.constants import ChatAction, ChatType, MessageEntityType
+    from telegram.error import (
+        BadRequest,
+        Conflict,
+        Forbidden,
+        InvalidToken,
+        NetworkError,
+        RetryAfter,
+        TelegramError,
+    )
+    from telegram.ext import Application, ApplicationBuilder
+    from telegram.request import HTTPXRequest
+    from telegram.warnings import PTBDeprecationWarning
+except ImportError as exc:  # pragma: no cover - exercised through the CLI message
+    raise ConfigurationError(
+        "the Telegram adapter needs python-telegram-bot: run `make install` or "
+        "`pip install 'turbobot[telegram]'`"
+    ) from exc
+
+__all__ = ["GroupMode", "TelegramAdapter", "TelegramSettings"]
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: Telegram's limit for one message, in UTF-16 code units after entity parsing
+MESSAGE_LIMIT = 4096
+_UPDATES = ["message", "edited_message"]
+_MEDIA = (
+    "photo",
+    "sticker",
+    "voice",
+    "audio",
+    "video",
+    "video_note",
+    "animation",
+    "document",
+    "location",
+    "contact",
+    "poll",
+)
+_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
+GroupMode = Literal["per-user", "shared"]
+
+
+@dataclass(frozen=True, slots=True)
+class TelegramSettings:
+    """How the Telegram adapter connects and behaves.
+
+    Args:
+        token: the bot token from @BotFather (never logged).
+        base_url: a self-hosted or test Bot API server in PTB's form
+            (``http://host:port/bot``; the token is appended).
+        webhook_url: receive updates by webhook at this public URL instead of polling.
+        listen, port: where the webhook server listens.
+        secret_token: required with a webhook; requests without it are refused (403).
+        group_mode: ``per-user`` (each member of a group has their own conversation)
+            or ``shared`` (one conversation per group, messages prefixed with the speaker).
+        trigger: in groups, a word that also addresses the bot (besides a mention, a
+            reply to the bot and a command).
+        drafts: stream into a message draft in private chats when the server has it.
+        stream_interval: seconds between updates of a streaming reply in one chat.
+        rate: messages per second across all chats (Telegram allows about 30).
+        poll_timeout: seconds a getUpdates long poll may wait.
+    """
+
+    token: str
+    base_url: str | None = None
+    base_file_url: str | None = None
+    webhook_url: str | None = None
+    listen: str = "0.0.0.0"
+    port: int = 8443
+    secret_token: str | None = None
+    group_mode: GroupMode = "per-user"
+    trigger: str | None = None
+    drafts: bool = True
+    stream_interval: float = 1.0
+    rate: float = 30.0
+    poll_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.token:
+            raise ConfigurationError(
+                "TELEGRAM_BOT_TOKEN is not set: create a bot with @BotFather and set "
+                "TELEGRAM_BOT_TOKEN (in the environment or a .env file)"
+            )
+        if self.webhook_url is not None:
+            if not urlsplit(self.webhook_url).scheme.startswith("http"):
+                raise ConfigurationError(f"webhook URL {self.webhook_url!r} is not an http(s) URL")
+            if not self.secret_token or not _SECRET.fullmatch(self.secret_token):
+                raise ConfigurationError(
+                    "a webhook needs a secret token (1-256 characters A-Z, a-z, 0-9, _ "
+                    "and -): set TELEGRAM_WEBHOOK_SECRET or --webhook-secret"
+                )
+        if self.group_mode not in ("per-user", "shared"):
+            raise ConfigurationError(
+                f"group mode {self.group_mode!r} is not 'per-user' or 'shared'"
+            )
+
+    def __repr__(self) -> str:  # the token and the secret never reach a log
+        return (
+            f"TelegramSettings(base_url={self.base_url!r}, webhook_url={self.webhook_url!r}, "
+            f"group_mode={self.group_mode!r})"
+        )
+
+
+class _RedactSecrets(logging.Filter):
+    """Replaces the token and the webhook secret wherever a log record shows them."""
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(s in message for s in self.secrets):
+            record.msg, record.args = self._redacted(message), None
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text: a traceback is redacted once, here.
+            record.exc_text = self._redacted(logging.Formatter().formatException(record.exc_info))
+        return True
+
+    def _redacted(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "<redacted>")
+        return text
+
+
+class _RateLimiter:
+    """A token bucket: ``rate`` acquisitions a second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+
+    async def acquire(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= 1  # a reservation: later callers wait behind it
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
+def _retry_seconds(exc: RetryAfter) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = exc.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _not_modified(exc: BadRequest) -> bool:
+    return "not modified" in exc.message.lower()
+
+
+class TelegramAdapter(BaseSender):
+    """Runs a :class:`~turbobot.runtime.Runtime` as a Telegram bot.
+
+    Use it as an async context manager (it initializes the bot: ``getMe``), then
+    ``await adapter.run(runtime)`` until :meth:`stop` (or SIGINT/SIGTERM).
+    """
+
+    def __init__(self, settings: TelegramSettings) -> None:
+        self.settings = settings
+        self._redact = _RedactSecrets(settings.token, settings.secret_token or "")
+        _guard_logs(self._redact)  # before PTB logs its URLs (they contain the token)
+        # Our own request objects, so they can be closed even when getMe fails (PTB
+        # only closes them after a successful initialize).
+        self._requests = (
+            HTTPXRequest(connection_pool_size=64),
+            HTTPXRequest(connection_pool_size=1, read_timeout=10.0),  # getUpdates
+        )
+        builder: ApplicationBuilder[Any, Any, Any, Any, Any, Any] = (
+            ApplicationBuilder()
+            .token(settings.token)
+            .updater(None)
+            .request(self._requests[0])
+            .get_updates_request(self._requests[1])
+        )
+        if settings.base_url:
+            builder = builder.base_url(settings.base_url)
+            builder = builder.base_file_url(
+                settings.base_file_url or settings.base_url.replace("/bot", "/file/bot", 1)
+            )
+        self.application: Application[Any, Any, Any, Any, Any, Any] = builder.build()
+        self._limiter = _RateLimiter(settings.rate, burst=max(1, int(settings.rate)))
+        self._drafts = settings.drafts
+        self._stopping = asyncio.Event()
+        self.username: str | None = None
+        self.bot_id: int | None = None
+
+    @property
+    def bot(self) -> Bot:
+        bot: Bot = self.application.bot
+        return bot
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def __aenter__(self) -> TelegramAdapter:
+        try:
+            await self.application.initialize()  # getMe
+        except BaseException as exc:
+            for request in self._requests:
+                await request.shutdown()
+            if isinstance(exc, InvalidToken):
+                raise ConfigurationError(
+                    "Telegram refused the bot token (401 Unauthorized): check "
+                    "TELEGRAM_BOT_TOKEN (and TELEGRAM_API_BASE_URL if you set one)"
+                ) from exc
+            if isinstance(exc, NetworkError):
+                raise ConfigurationError(
+                    f"cannot reach the Telegram Bot API ({type(exc).__name__}): check the "
+                    "network and TELEGRAM_API_BASE_URL"
+                ) from exc
+            raise
+        self.username = self.bot.username
+        self.bot_id = self.bot.id
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.application.shutdown()
+        for request in self._requests:
+            await request.shutdown()
+
+    def stop(self) -> None:
+        """Stop receiving; :meth:`run` returns once what was received is committed."""
+        self._stopping.set()
+
+    async def run(self, runtime: Runtime, *, handle_signals: bool = True) -> None:
+        """Receive updates (polling or webhook) and hand them to ``runtime`` until stopped."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+        for signum in signals:
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            if self.settings.webhook_url:
+                await self._run_webhook(runtime)
+            else:
+                await self._run_polling(runtime)
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+
+    # -- polling ----------------------------------------------------------------------
+
+    async def _run_polling(self, runtime: Runtime) -> None:
+        await self._call(lambda: self.bot.delete_webhook(drop_pending_updates=False))
+        offset: int | None = None
+        delay = 1.0
+        while not self._stopping.is_set():
+            poll = asyncio.ensure_future(
+                self.bot.get_updates(
+                    offset=offset,
+                    timeout=int(self.settings.poll_timeout),
+                    allowed_updates=_UPDATES,
+                )
+            )
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait([poll, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not poll.done():
+                poll.cancel()  # nothing of this poll was handled: Telegram sends it again
+                with contextlib.suppress(asyncio.CancelledError, TelegramError):
+                    await poll
+                break
+            try:
+                updates = poll.result()
+            except RetryAfter as exc:
+                await asyncio.sleep(_retry_seconds(exc))
+                continue
+            except Conflict:
+                _log.error(
+                    "Telegram: another getUpdates or a webhook is active for this bot; "
+                    "retrying (stop the other instance)"
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            except InvalidToken as exc:
+                raise ConfigurationError("Telegram refused the bot token while polling") from exc
+            except NetworkError as exc:
+                _log.warning("Telegram: getUpdates failed (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 1.0
+            await self._receive_all(runtime, updates)
+            if updates:
+                offset = updates[-1].update_id + 1
+        if offset is not None:
+            # Confirm the last page, so a restart does not fetch it again.
+            with contextlib.suppress(TelegramError):
+                await self.bot.get_updates(offset=offset, timeout=0, allowed_updates=_UPDATES)
+
+    async def _receive_all(self, runtime: Runtime, updates: Sequence[Update]) -> None:
+        messages = [m for m in map(self.to_incoming, updates) if m is not None]
+        # Each receive queues its message for the inbox before its first await, so a
+        # chat's messages keep their order; the page is committed in one transaction.
+        await asyncio.gather(*(runtime.receive(m) for m in messages))
+
+    # -- webhook ----------------------------------------------------------------------
+
+    async def _run_webhook(self, runtime: Runtime) -> None:
+        from tornado.httpserver import HTTPServer
+        from tornado.web import Application as WebApplication
+
+        settings = self.settings
+        assert settings.webhook_url is not None and settings.secret_token is not None
+        path = urlsplit(settings.webhook_url).path or "/"
+        handler = _make_webhook_handler()
+        web = WebApplication([(re.escape(path), handler, {"adapter": self, "runtime": runtime})])
+        server = HTTPServer(web)
+        server.listen(settings.port, settings.listen)
+        try:
+            await self._call(
+                lambda: self.bot.set_webhook(
+                    url=settings.webhook_url or "",
+                    secret_token=settings.secret_token,
+                    allowed_updates=_UPDATES,
+                )
+            )
+            _log.info(
+                "Telegram: webhook set; listening on %s:%s%s", settings.listen, settings.port, path
+            )
+            await self._stopping.wait()
+        finally:
+            # The webhook stays set: Telegram keeps updates while the bot is down.
+            server.stop()
+            await server.close_all_connections()
+
+    def secret_matches(self, given: str | None) -> bool:
+        expected = self.settings.secret_token or ""
+        return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+    # -- incoming ---------------------------------------------------------------------
+
+    def to_incoming(self, update: Update) -> IncomingMessage | None:
+        """The platform-neutral message for ``update``, or ``None`` if it is not for the bot.
+
+        Edits are not new input (the original was handled); channel posts and other
+        update kinds are ignored; messages from bots are marked so the runtime ignores them.
+        """
+        message = update.message
+        if message is None:
+            if update.edited_message is not None:
+                _log.debug("Telegram: ignoring an edited message (edits are not new input)")
+            return None
+        chat = message.chat
+        user = message.from_user
+        text = message.text if message.text is not None else (message.caption or "")
+        entities = message.entities if message.text is not None else message.caption_entities
+        thread = (
+            str(message.message_thread_id)
+            if message.is_topic_message and message.message_thread_id
+            else None
+        )
+        if user is not None:
+            author_id, author_name, is_bot = str(user.id), user.full_name, user.is_bot
+        elif message.sender_chat is not None:
+            author_id = str(message.sender_chat.id)
+            author_name = message.sender_chat.title or author_id
+            is_bot = False
+        else:
+            return None
+        if chat.type == ChatType.PRIVATE:
+            key = ChannelKey("telegram", str(chat.id), thread)
+        elif chat.type in (ChatType.GROUP, ChatType.SUPERGROUP):
+            addressed, text = self._addressed(message, text, entities)
+            if not addressed:
+                return None
+            if self.settings.group_mode == "shared":
+                key = ChannelKey("telegram", str(chat.id), thread)
+                if parse_command(text, self.username) is None:
+                    text = f"{author_name}: {text}"
+            else:
+                key = ChannelKey("telegram", str(chat.id), thread, author_id)
+        else:
+            return None
+        reply = message.reply_to_message
+        return IncomingMessage(
+            key=key,
+            text=text,
+            message_id=str(message.message_id),
+            author_id=author_id,
+            author_name=author_name,
+            timestamp=message.date.timestamp(),
+            attachments=tuple(Attachment(kind) for kind in _MEDIA if getattr(message, kind)),
+            is_bot=is_bot,
+            reply_to=str(reply.message_id) if reply is not None else None,
+        )
+
+    def _addressed(
+        self, message: Message, text: str, entities: Sequence[MessageEntity]
+    ) -> tuple[bool, str]:
+        """Whether a group message is for the bot, and its text without the mention."""
+        username = (self.username or "").lower()
+        addressed = False
+        for entity in sorted(entities, key=lambda e: e.offset, reverse=True):
+            if entity.type == MessageEntityType.MENTION:
+                start, end = _python_span(text, entity.offset, entity.length)
+                if text[start:end].lower() == f"@{username}":
+                    addressed = True
+                    text = (text[:start] + text[end:]).strip()
+                    text = re.sub(r"[ \t]{2,}", " ", text)
+            elif entity.type == MessageEntityType.TEXT_MENTION and entity.user is not None:
+                addressed = addressed or entity.user.id == self.bot_id
+        if text.startswith("/"):
+            word = text[1:].split(maxsplit=1)[0] if text[1:].strip() else ""
+            target = word.partition("@")[2].lower()
+            if not target or target == username:
+                addressed = True
+        reply = message.reply_to_message
+        if reply is not None and reply.from_user is not None and reply.from_user.id == self.bot_id:
+            addressed = True
+        trigger = self.settings.trigger
+        if trigger and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text, re.I):
+            addressed = True
+        return addressed, text
+
+    # -- sending (BaseSender) ---------------------------------------------------------
+
+    @staticmethod
+    def _target(key: ChannelKey) -> tuple[int, int | None]:
+        return int(key.channel), int(key.thread) if key.thread else None
+
+    async def send(self, key: ChannelKey, text: str) -> str | None:
+        chat_id, thread = self._target(key)
+        ids = [
+            await self._send_part(chat_id, thread, part)
+            for part in split_formatted(parse_markdown(text), MESSAGE_LIMIT, measure=utf16_len)
+        ]
+        return _platform_id(ids)
+
+    async def typing(self, key: ChannelKey) -> None:
+        chat_id, thread = self._target(key)
+        await self._call(
+            lambda: self.bot.send_chat_action(chat_id, ChatAction.TYPING, message_thread_id=thread),
+            attempts=1,
+        )
+
+    async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
+        chat_id, thread = self._target(key)
+        if self._drafts and chat_id > 0:  # private chats have positive ids
+            return await self._stream_draft(key, chat_id, thread, stream)
+        return await self._stream_edits(chat_id, thread, stream)
+
+    async def _stream_draft(
+        self, key: ChannelKey, chat_id: int, thread: int | None, stream: AssistantStream
+    ) -> str | None:
+        draft_id = random.randint(1, 2**31 - 1)
+        text = ""
+        next_at = 0.0
+        async for delta in stream:
+            text += delta
+            if time.monotonic() < next_at or not text.strip():
+                continue
+            next_at = time.monotonic() + self.settings.stream_interval
+            preview = _preview(text)
+            try:
+                await self._call(
+                    partial(
+                        self.bot.send_message_draft,
+                        chat_id,
+                        draft_id,
+                        preview,
+                        message_thread_id=thread,
+                    ),
+                    attempts=1,
+                )
+            except RetryAfter as exc:
+                next_at = time.monotonic() + _retry_seconds(exc)
+            except (BadRequest, InvalidToken) as exc:
+                # An older Bot API server without drafts (404) or a chat without them.
+                _log.info("Telegram: no message drafts here (%s); editing messages instead", exc)
+                self._drafts = False
+                return await self._stream_edits(chat_id, thread, stream, text)
+        final = stream.text
+        return await self.send(key, final) if final.strip() else None
+
+    async def _stream_edits(
+        self, chat_id: int, thread: int | None, stream: AssistantStream, text: str = ""
+    ) -> str | None:
+        """Show the reply in a message edited as it grows; ``text``: what came already."""
+        message_id: int | None = None
+        shown = ""
+        next_at = time.monotonic() + self.settings.stream_interval / 2
+        async for delta in stream:
+            text += delta
+            preview = _preview(text)
+            if time.monotonic() < next_at or not preview.strip() or preview == shown:
+                continue
+            next_at = time.monotonic() + self.settings.stream_interval
+            try:
+                if message_id is None:
+                    sent = await self._call(
+                        partial(self.bot.send_message, chat_id, preview, message_thread_id=thread),
+                        attempts=1,
+                    )
+                    message_id = sent.message_id
+                else:
+                    await self._call(
+                        partial(
+                            self.bot.edit_message_text,
+                            preview,
+                            chat_id=chat_id,
+                            message_id=message_id,
+                        ),
+                        attempts=1,
+                    )
+                shown = preview
+            except RetryAfter as exc:  # skip updates until then; the final text catches up
+                next_at = time.monotonic() + _retry_seconds(exc)
+            except BadRequest as exc:
+                if not _not_modified(exc):
+                    _log.debug("Telegram: a streaming preview was refused: %s", exc)
+        final = stream.text
+        parts = split_formatted(parse_markdown(final), MESSAGE_LIMIT, measure=utf16_len)
+        if not parts:
+            return None
+        if message_id is None:
+            ids = [await self._send_part(chat_id, thread, part) for part in parts]
+        else:
+            await self._edit_part(chat_id, message_id, parts[0])
+            ids = [str(message_id)]
+            ids += [await self._send_part(chat_id, thread, part) for part in parts[1:]]
+        return _platform_id(ids)
+
+    async def _send_part(self, chat_id: int, thread: int | None, part: FormattedText) -> str:
+        entities = _entities(part)
+
+        async def send(with_entities: bool) -> Message:
+            return await self.bot.send_message(
+                chat_id,
+                part.text,
+                entities=entities if with_entities else None,
+                message_thread_id=thread,
+            )
+
+        try:
+            message = await self._call(lambda: send(bool(entities)))
+        except BadRequest as exc:
+            if not entities:
+                raise
+            _log.warning("Telegram: formatting refused (%s); sending the part as plain text", exc)
+            message = await self._call(lambda: send(False))
+        return str(message.message_id)
+
+    async def _edit_part(self, chat_id: int, message_id: int, part: FormattedText) -> None:
+        entities = _entities(part)
+
+        async def edit(with_entities: bool) -> Any:
+            return await self.bot.edit_message_text(
+                part.text,
+                chat_id=chat_id,
+                message_id=message_id,
+                entities=entities if with_entities else None,
+            )
+
+        try:
+            await self._call(lambda: edit(bool(entities)))
+        except BadRequest as exc:
+            if _not_modified(exc):
+                return
+            if not entities:
+                raise
+            _log.warning("Telegram: formatting refused (%s); editing as plain text", exc)
+            try:
+                await self._call(lambda: edit(False))
+            except BadRequest as again:
+                if not _not_modified(again):
+                    raise
+
+    async def _call(self, request: Callable[[], Awaitable[_T]], *, attempts: int = 5) -> _T:
+        """Run one Bot API request under the global rate, waiting out 429s and blips.
+
+        A 429 makes only this caller wait (other chats go on). With ``attempts=1`` the
+        first error is raised (previews and typing are not worth waiting for).
+        """
+        for attempt in range(1, attempts + 1):
+            await self._limiter.acquire()
+            try:
+                return await request()
+            except RetryAfter as exc:
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(_retry_seconds(exc))
+            except (BadRequest, Forbidden, InvalidToken, Conflict):
+                raise  # the request itself is wrong: repeating it cannot help
+            except NetworkError:
+                if attempt == attempts:
+                    raise
+                await asyncio.sleep(min(0.5 * 2**attempt, 10.0))
+        raise AssertionError("unreachable")
+
+
+def _make_webhook_handler() -> type:
+    from tornado.web import RequestHandler
+
+    class WebhookHandler(RequestHandler):
+        """Answers 200 only after the update's message is committed (else Telegram resends)."""
+
+        def initialize(self, adapter: TelegramAdapter, runtime: Runtime) -> None:
+            self.adapter = adapter
+            self.runtime = runtime
+
+        async def post(self) -> None:
+            header = self.request.headers.get("X-Telegram-Bot-Api-Secret-Token")
+            if not self.adapter.secret_matches(header):
+                _log.warning("Telegram webhook: refused a request without the right secret")
+                self.set_status(403)
+                return
+            try:
+                data = json.loads(self.request.body)
+                update = Update.de_json(data, self.adapter.bot)
+            except (ValueError, TypeError, KeyError) as exc:
+                _log.warning("Telegram webhook: malformed update (%s)", type(exc).__name__)
+                self.set_status(400)
+                return
+            message = self.adapter.to_incoming(update)
+            if message is not None:
+                await self.runtime.receive(message)
+            self.set_status(200)
+
+    return WebhookHandler
+
+
+def _guard_logs(redact: logging.Filter) -> None:
+    # httpx logs every request URL at INFO, and Bot API URLs contain the token.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+    for handler in logging.getLogger().handlers:
+        if redact not in handler.filters:
+            handler.addFilter(redact)
+
+
+def _python_span(text: str, offset: int, length: int) -> tuple[int, int]:
+    """Python indices for a UTF-16 span (Telegram's entity offsets)."""
+    units = 0
+    start = end = len(text)
+    for index, ch in enumerate(text):
+        if units == offset:
+            start = index
+        if units == offset + length:
+            end = index
+            break
+        units += 2 if ord(ch) > 0xFFFF else 1
+    return start, end
+
+
+def _entities(part: FormattedText) -> list[MessageEntity]:
+    text = part.text
+    result = []
+    for entity in part.entities:
+        offset = utf16_len(text[: entity.offset])
+        length = utf16_len(text[entity.offset : entity.offset + entity.length])
+        result.append(
+            MessageEntity(entity.kind, offset, length, url=entity.url, language=entity.language)
+        )
+    return result
+
+
+def _preview(text: str) -> str:
+    """What a streaming preview shows: the start of the reply, within one message."""
+    if utf16_len(text) <= MESSAGE_LIMIT:
+        return text
+    parts = split_formatted(FormattedText(text), MESSAGE_LIMIT - 2, measure=utf16_len)
+    return parts[0].text + " …"
+
+
+def _platform_id(ids: list[str]) -> str | None:
+    if not ids:
+        return None
+    joined = ",".join(ids)
+    return joined if len(joined) <= 128 else f"{ids[0]}..{ids[-1]}"
