@@ -191,6 +191,7 @@ def telegram_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Teleg
     """Adapter settings from flags and ``TELEGRAM_*`` variables (flags win)."""
     from adapters.telegram import TelegramSettings
 
+    mode = args.group_mode or env.get("TELEGRAM_GROUP_MODE") or "per-user"
     return TelegramSettings(
         token=env.get("TELEGRAM_BOT_TOKEN", ""),
         base_url=env.get("TELEGRAM_API_BASE_URL") or None,
@@ -200,7 +201,7 @@ def telegram_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Teleg
         port=args.port,
         secret_token=env.get("TELEGRAM_WEBHOOK_SECRET") or None,
         # checked by TelegramSettings, which names the valid modes
-        group_mode=cast(GroupMode, args.group_mode or env.get("TELEGRAM_GROUP_MODE") or "per-user"),
+        group_mode=cast("GroupMode", mode),
         trigger=env.get("TELEGRAM_TRIGGER") or None,
     )
 
