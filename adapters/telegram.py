@@ -87,6 +87,8 @@ _MEDIA = (
     "contact",
     "poll",
 )
+#: concurrent Bot API requests (and HTTP connections)
+_IN_FLIGHT = 16
 _SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 GroupMode = Literal["per-user", "shared"]
 
@@ -183,10 +185,21 @@ class _RateLimiter:
         self._tokens = float(burst)
         self._last = time.monotonic()
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a token only if one is free now (for requests that may be skipped)."""
+        self._refill()
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _refill(self) -> None:
         now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
         self._last = now
+
+    async def acquire(self) -> None:
+        self._refill()
         self._tokens -= 1  # a reservation: later callers wait behind it
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / self.rate)
@@ -217,7 +230,7 @@ class TelegramAdapter(BaseSender):
         # Our own request objects, so they can be closed even when getMe fails (PTB
         # only closes them after a successful initialize).
         self._requests = (
-            HTTPXRequest(connection_pool_size=64),
+            HTTPXRequest(connection_pool_size=_IN_FLIGHT),
             HTTPXRequest(connection_pool_size=1, read_timeout=10.0),  # getUpdates
         )
         builder: ApplicationBuilder[Any, Any, Any, Any, Any, Any] = (
@@ -234,6 +247,9 @@ class TelegramAdapter(BaseSender):
             )
         self.application: Application[Any, Any, Any, Any, Any, Any] = builder.build()
         self._limiter = _RateLimiter(settings.rate, burst=max(1, int(settings.rate)))
+        # httpcore's pool scans every queued request against every connection: keeping
+        # the queue within the pool keeps a backlog of replies from costing O(n^2).
+        self._in_flight = asyncio.Semaphore(_IN_FLIGHT)
         self._drafts = settings.drafts
         self._stopping = asyncio.Event()
         self.username: str | None = None
@@ -483,10 +499,13 @@ class TelegramAdapter(BaseSender):
 
     async def typing(self, key: ChannelKey) -> None:
         chat_id, thread = self._target(key)
-        await self._call(
-            lambda: self.bot.send_chat_action(chat_id, ChatAction.TYPING, message_thread_id=thread),
-            attempts=1,
-        )
+        # Only with spare capacity: a backlog of replies must not turn into a flood of
+        # typing indicators, nor wait behind them.
+        if self._limiter.try_acquire():
+            async with self._in_flight:
+                await self.bot.send_chat_action(
+                    chat_id, ChatAction.TYPING, message_thread_id=thread
+                )
 
     async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
         chat_id, thread = self._target(key)
@@ -629,7 +648,8 @@ class TelegramAdapter(BaseSender):
         for attempt in range(1, attempts + 1):
             await self._limiter.acquire()
             try:
-                return await request()
+                async with self._in_flight:
+                    return await request()
             except RetryAfter as exc:
                 if attempt == attempts:
                     raise

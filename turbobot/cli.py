@@ -203,7 +203,18 @@ def telegram_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Teleg
         # checked by TelegramSettings, which names the valid modes
         group_mode=cast("GroupMode", mode),
         trigger=env.get("TELEGRAM_TRIGGER") or None,
+        rate=_number(env, "TELEGRAM_RATE", 30.0),
     )
+
+
+def _number(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name) or default)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number, not {env.get(name)!r}")
+    return value
 
 
 async def _run_telegram(args: argparse.Namespace, env: Mapping[str, str]) -> None:
