@@ -395,3 +395,58 @@ async def test_a_wrong_token_is_a_configuration_error(telegram: FakeTelegram) ->
         async with TelegramAdapter(settings):
             pass
     assert "999:wrong" not in str(raised.value)
+
+
+async def test_forum_topics_are_channels_of_their_own(
+    telegram: FakeTelegram, openai_llm: OpenAILLM
+) -> None:
+    async with running(telegram, horoscope, openai_llm):
+        for topic in (11, 22):
+            telegram.message(
+                GROUP,
+                "@turbo_test_bot hi",
+                user_id=1,
+                message_thread_id=topic,
+                is_topic_message=True,
+                is_forum=True,
+            )
+        await replies(telegram, GROUP, 2)
+        telegram.message(
+            GROUP,
+            "@turbo_test_bot leo",
+            user_id=1,
+            message_thread_id=22,
+            is_topic_message=True,
+            is_forum=True,
+        )
+        texts = await replies(telegram, GROUP, 3)
+    assert texts == [WELCOME, WELCOME, "Ah, Leo. What do you want to know?"]
+    threads = [c.params.get("message_thread_id") for c in telegram.calls_of("sendMessage")]
+    assert threads == [11, 22, 22]
+
+
+async def test_typing_is_shown_while_the_model_works(
+    telegram: FakeTelegram, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    openai_server.script(Reply("done thinking", delay=1.2))
+    async with running(telegram, chat, openai_llm):
+        telegram.message(PRIVATE, "think hard")
+        assert await replies(telegram, PRIVATE, 1) == ["done thinking"]
+    actions = telegram.calls_of("sendChatAction")
+    assert actions and all(c.params["action"] == "typing" for c in actions)
+    assert actions[0].params["chat_id"] == PRIVATE
+
+
+async def test_all_chats_together_stay_under_the_global_rate(
+    telegram: FakeTelegram, openai_llm: OpenAILLM
+) -> None:
+    chats = [PRIVATE + i for i in range(30)]
+    async with running(telegram, horoscope, openai_llm, rate=20.0):
+        for chat_id in chats:
+            telegram.message(chat_id, "hi")
+        await telegram.wait_until(lambda: len(telegram.calls_of("sendMessage")) == 30, timeout=10)
+    times = sorted(c.time for c in telegram.calls_of("sendMessage"))
+    # a burst of 20 at once, then 20 a second: message 20 + k leaves k/20 s later
+    for i in range(20, 30):
+        assert times[i] - times[0] >= (i - 19) / 20 - 0.03, i
+    assert times[19] - times[0] < 0.3
