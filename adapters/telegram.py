@@ -555,8 +555,10 @@ class TelegramAdapter(BaseSender):
         next_at = time.monotonic() + self.settings.stream_interval / 2
         async for delta in stream:
             text += delta
+            if time.monotonic() < next_at:
+                continue
             preview = _preview(text)
-            if time.monotonic() < next_at or not preview.strip() or preview == shown:
+            if not preview.strip() or preview == shown:
                 continue
             next_at = time.monotonic() + self.settings.stream_interval
             try:
