@@ -26,6 +26,7 @@ import os
 import random
 import re
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
@@ -359,7 +360,7 @@ class TelegramAdapter(BaseSender):
                 await self.bot.get_updates(offset=offset, timeout=0, allowed_updates=_UPDATES)
 
     async def _receive_all(self, runtime: Runtime, updates: Sequence[Update]) -> None:
-        messages = [m for m in map(self.to_incoming, updates) if m is not None]
+        messages = [m for m in map(self._convert, updates) if m is not None]
         # Each receive queues its message for the inbox before its first await, so a
         # chat's messages keep their order; the page is committed in one transaction.
         await asyncio.gather(*(runtime.receive(m) for m in messages))
@@ -375,8 +376,16 @@ class TelegramAdapter(BaseSender):
         path = urlsplit(settings.webhook_url).path or "/"
         handler = _make_webhook_handler()
         web = WebApplication([(re.escape(path), handler, {"adapter": self, "runtime": runtime})])
+        try:
+            listening = socket.create_server((settings.listen, settings.port), backlog=128)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen for the webhook on {settings.listen}:{settings.port} "
+                f"({exc.strerror}): choose another --port or --listen address"
+            ) from exc
+        listening.setblocking(False)
         server = HTTPServer(web)
-        server.listen(settings.port, settings.listen)
+        server.add_sockets([listening])
         try:
             await self._call(
                 lambda: self.bot.set_webhook(
@@ -399,6 +408,15 @@ class TelegramAdapter(BaseSender):
         return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
     # -- incoming ---------------------------------------------------------------------
+
+    def _convert(self, update: Update) -> IncomingMessage | None:
+        """:meth:`to_incoming`, except that an update it cannot read is logged and skipped
+        (raising would stop the bot, and Telegram would send the same update again)."""
+        try:
+            return self.to_incoming(update)
+        except Exception:
+            _log.exception("Telegram: skipped update %s: it could not be read", update.update_id)
+            return None
 
     def to_incoming(self, update: Update) -> IncomingMessage | None:
         """The platform-neutral message for ``update``, or ``None`` if it is not for the bot.
@@ -688,7 +706,7 @@ def _make_webhook_handler() -> type:
                 _log.warning("Telegram webhook: malformed update (%s)", type(exc).__name__)
                 self.set_status(400)
                 return
-            message = self.adapter.to_incoming(update)
+            message = self.adapter._convert(update)
             if message is not None:
                 await self.runtime.receive(message)
             self.set_status(200)

@@ -450,3 +450,47 @@ async def test_all_chats_together_stay_under_the_global_rate(
     for i in range(20, 30):
         assert times[i] - times[0] >= (i - 19) / 20 - 0.03, i
     assert times[19] - times[0] < 0.3
+
+
+async def test_an_unreadable_update_is_logged_and_skipped(
+    telegram: FakeTelegram,
+    openai_llm: OpenAILLM,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(telegram, chat, openai_llm) as (adapter, _runtime):
+        read = adapter.to_incoming
+
+        def fragile(update: Any) -> Any:
+            if update.message is not None and update.message.text == "odd":
+                raise ValueError("an update this version cannot read")
+            return read(update)
+
+        monkeypatch.setattr(adapter, "to_incoming", fragile)
+        telegram.message(PRIVATE, "odd")
+        telegram.message(PRIVATE, "fine")
+        assert await replies(telegram, PRIVATE, 1) == ["echo: fine"]
+    assert "could not be read" in caplog.text
+
+
+async def test_a_webhook_port_in_use_is_a_configuration_error(
+    telegram: FakeTelegram, openai_llm: OpenAILLM
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = TelegramSettings(
+            token=telegram.token,
+            base_url=telegram.base_url,
+            webhook_url=f"http://127.0.0.1:{port}/hook",
+            listen="127.0.0.1",
+            port=port,
+            secret_token="s3cret",
+        )
+        async with (
+            TelegramAdapter(settings) as adapter,
+            Runtime(chat, llm=openai_llm, sender=adapter, store=InMemoryStore()) as runtime,
+        ):
+            with pytest.raises(Exception, match="cannot listen for the webhook"):
+                await adapter.run(runtime, handle_signals=False)
