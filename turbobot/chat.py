@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 __all__ = ["Attachment", "ChannelKey", "IncomingMessage", "TemplateContext"]
@@ -98,6 +99,9 @@ class IncomingMessage:
         return cls(**values)
 
 
+_NO_SETTINGS: Mapping[str, Any] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class TemplateContext:
     """What a template knows about where it runs.
@@ -111,7 +115,8 @@ class TemplateContext:
     author_id: str = ""
     author_name: str = ""
     trigger: IncomingMessage | None = None
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    # shared and read-only when empty: one dict per conversation would cost 64 bytes
+    settings: Mapping[str, Any] = field(default_factory=lambda: _NO_SETTINGS)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,5 +136,5 @@ class TemplateContext:
             author_id=data.get("author_id", ""),
             author_name=data.get("author_name", ""),
             trigger=IncomingMessage.from_dict(data["trigger"]) if data.get("trigger") else None,
-            settings=data.get("settings") or {},
+            settings=data.get("settings") or _NO_SETTINGS,
         )

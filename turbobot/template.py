@@ -168,6 +168,7 @@ class AssistantStream:
             yield delta
 
 
+_NO_KWARGS: dict[str, Any] = {}  # shared, never changed
 _INPUT = object()
 _STREAM = object()
 
@@ -217,7 +218,8 @@ class App:
     def __init__(self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.template = template
         self.args = args
-        self.kwargs = kwargs
+        # the common call, template(), would otherwise keep an empty dict per app
+        self.kwargs = kwargs or _NO_KWARGS
         self.context = TemplateContext()
         self.memory: BaseMemory = _make_memory(template.settings.get("memory"))
         self.llm: LLM | None = template.settings.get("llm")
