@@ -87,6 +87,11 @@ _MEDIA = (
     "location",
     "contact",
     "poll",
+    "dice",
+    "venue",
+    "game",
+    "story",
+    "paid_media",
 )
 #: concurrent Bot API requests (and HTTP connections)
 _IN_FLIGHT = 16
@@ -163,7 +168,10 @@ class _RedactSecrets(logging.Filter):
         self.secrets = [s for s in secrets if s]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed log call: the handler reports it, not us
+            return True
         if any(s in message for s in self.secrets):
             record.msg, record.args = self._redacted(message), None
         if record.exc_info and not record.exc_text:
@@ -243,9 +251,9 @@ class TelegramAdapter(BaseSender):
         )
         if settings.base_url:
             builder = builder.base_url(settings.base_url)
-            builder = builder.base_file_url(
-                settings.base_file_url or settings.base_url.replace("/bot", "/file/bot", 1)
-            )
+            base = settings.base_url
+            derived = base[: -len("/bot")] + "/file/bot" if base.endswith("/bot") else base
+            builder = builder.base_file_url(settings.base_file_url or derived)
         self.application: Application[Any, Any, Any, Any, Any, Any] = builder.build()
         self._limiter = _RateLimiter(settings.rate, burst=max(1, int(settings.rate)))
         # httpcore's pool scans every queued request against every connection: keeping
@@ -318,7 +326,7 @@ class TelegramAdapter(BaseSender):
             poll = asyncio.ensure_future(
                 self.bot.get_updates(
                     offset=offset,
-                    timeout=int(self.settings.poll_timeout),
+                    timeout=max(1, int(self.settings.poll_timeout)),
                     allowed_updates=_UPDATES,
                 )
             )
@@ -333,21 +341,21 @@ class TelegramAdapter(BaseSender):
             try:
                 updates = poll.result()
             except RetryAfter as exc:
-                await asyncio.sleep(_retry_seconds(exc))
+                await self._pause(_retry_seconds(exc))
                 continue
             except Conflict:
                 _log.error(
                     "Telegram: another getUpdates or a webhook is active for this bot; "
                     "retrying (stop the other instance)"
                 )
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, 30.0)
                 continue
             except InvalidToken as exc:
                 raise ConfigurationError("Telegram refused the bot token while polling") from exc
-            except NetworkError as exc:
+            except TelegramError as exc:  # network blips, a proxy's error page, a 5xx
                 _log.warning("Telegram: getUpdates failed (%s); retrying", exc)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, 30.0)
                 continue
             delay = 1.0
@@ -438,12 +446,17 @@ class TelegramAdapter(BaseSender):
             if message.is_topic_message and message.message_thread_id
             else None
         )
-        if user is not None:
-            author_id, author_name, is_bot = str(user.id), user.full_name, user.is_bot
-        elif message.sender_chat is not None:
+        attachments = tuple(Attachment(kind) for kind in _MEDIA if getattr(message, kind))
+        if not text.strip() and not attachments:
+            return None  # a service message (member joined, pinned, timer...): not for us
+        if message.sender_chat is not None:
+            # An anonymous group admin (from = GroupAnonymousBot) or a linked channel:
+            # a person speaking as the chat, not a bot.
             author_id = str(message.sender_chat.id)
             author_name = message.sender_chat.title or author_id
             is_bot = False
+        elif user is not None:
+            author_id, author_name, is_bot = str(user.id), user.full_name, user.is_bot
         else:
             return None
         if chat.type == ChatType.PRIVATE:
@@ -454,7 +467,7 @@ class TelegramAdapter(BaseSender):
                 return None
             if self.settings.group_mode == "shared":
                 key = ChannelKey("telegram", str(chat.id), thread)
-                if parse_command(text, self.username) is None:
+                if text.strip() and parse_command(text, self.username) is None:
                     text = f"{author_name}: {text}"
             else:
                 key = ChannelKey("telegram", str(chat.id), thread, author_id)
@@ -468,7 +481,7 @@ class TelegramAdapter(BaseSender):
             author_id=author_id,
             author_name=author_name,
             timestamp=message.date.timestamp(),
-            attachments=tuple(Attachment(kind) for kind in _MEDIA if getattr(message, kind)),
+            attachments=attachments,
             is_bot=is_bot,
             reply_to=str(reply.message_id) if reply is not None else None,
         )
@@ -479,22 +492,33 @@ class TelegramAdapter(BaseSender):
         """Whether a group message is for the bot, and its text without the mention."""
         username = (self.username or "").lower()
         addressed = False
-        for entity in sorted(entities, key=lambda e: e.offset, reverse=True):
+        mentions: list[tuple[int, int]] = []  # spans of "@bot" in ``text``
+        for entity in entities:
             if entity.type == MessageEntityType.MENTION:
                 start, end = _python_span(text, entity.offset, entity.length)
                 if text[start:end].lower() == f"@{username}":
-                    addressed = True
-                    text = (text[:start] + text[end:]).strip()
-                    text = re.sub(r"[ \t]{2,}", " ", text)
+                    mentions.append((start, end))
             elif entity.type == MessageEntityType.TEXT_MENTION and entity.user is not None:
                 addressed = addressed or entity.user.id == self.bot_id
+        if mentions:
+            addressed = True
+            rest = text
+            for start, end in sorted(mentions, reverse=True):
+                rest = rest[:start] + rest[end:]
+            rest = re.sub(r"[ \t]{2,}", " ", rest).strip()
+            text = rest or text  # a bare "@bot" stays as it is: it is what they said
         if text.startswith("/"):
             word = text[1:].split(maxsplit=1)[0] if text[1:].strip() else ""
             target = word.partition("@")[2].lower()
             if not target or target == username:
                 addressed = True
         reply = message.reply_to_message
-        if reply is not None and reply.from_user is not None and reply.from_user.id == self.bot_id:
+        if (
+            reply is not None
+            and reply.from_user is not None
+            and reply.from_user.id == self.bot_id
+            and reply.forum_topic_created is None  # in a topic the bot opened, everything is
+        ):
             addressed = True
         trigger = self.settings.trigger
         if trigger and re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text, re.I):
@@ -557,10 +581,14 @@ class TelegramAdapter(BaseSender):
             except RetryAfter as exc:
                 next_at = time.monotonic() + _retry_seconds(exc)
             except (BadRequest, InvalidToken) as exc:
-                # An older Bot API server without drafts (404) or a chat without them.
+                # A 404 (InvalidToken in PTB): a Bot API server without drafts, for every
+                # chat. A 400: no drafts in this chat. Either way, edits take over.
                 _log.info("Telegram: no message drafts here (%s); editing messages instead", exc)
-                self._drafts = False
+                if isinstance(exc, InvalidToken):
+                    self._drafts = False
                 return await self._stream_edits(chat_id, thread, stream, text)
+            except TelegramError as exc:  # a blip: the next draft or the final send catches up
+                _log.debug("Telegram: a streaming draft failed: %s", exc)
         final = stream.text
         return await self.send(key, final) if final.strip() else None
 
@@ -599,12 +627,17 @@ class TelegramAdapter(BaseSender):
                 shown = preview
             except RetryAfter as exc:  # skip updates until then; the final text catches up
                 next_at = time.monotonic() + _retry_seconds(exc)
-            except BadRequest as exc:
-                if not _not_modified(exc):
-                    _log.debug("Telegram: a streaming preview was refused: %s", exc)
+            except TelegramError as exc:  # previews are best effort; the final text is not
+                if not (isinstance(exc, BadRequest) and _not_modified(exc)):
+                    _log.debug("Telegram: a streaming preview failed: %s", exc)
         final = stream.text
-        parts = split_formatted(parse_markdown(final), MESSAGE_LIMIT, measure=utf16_len)
+        parts = split_formatted(
+            parse_markdown(final), MESSAGE_LIMIT, measure=utf16_len
+        ) or split_formatted(FormattedText(final), MESSAGE_LIMIT, measure=utf16_len)
         if not parts:
+            if message_id is not None:  # nothing to show after all: take the preview away
+                with contextlib.suppress(TelegramError):
+                    await self._call(partial(self.bot.delete_message, chat_id, message_id))
             return None
         if message_id is None:
             ids = [await self._send_part(chat_id, thread, part) for part in parts]
@@ -671,16 +704,20 @@ class TelegramAdapter(BaseSender):
                 async with self._in_flight:
                     return await request()
             except RetryAfter as exc:
-                if attempt == attempts:
-                    raise
-                await asyncio.sleep(_retry_seconds(exc))
+                if attempt == attempts or await self._pause(_retry_seconds(exc)):
+                    raise  # when stopping, the reply stays in the outbox for the next start
             except (BadRequest, Forbidden, InvalidToken, Conflict):
                 raise  # the request itself is wrong: repeating it cannot help
             except NetworkError:
-                if attempt == attempts:
+                if attempt == attempts or await self._pause(min(0.5 * 2**attempt, 10.0)):
                     raise
-                await asyncio.sleep(min(0.5 * 2**attempt, 10.0))
         raise AssertionError("unreachable")
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, cut short by :meth:`stop`; whether the adapter is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
 
 
 def _make_webhook_handler() -> type:
@@ -754,7 +791,7 @@ def _preview(text: str) -> str:
     if utf16_len(text) <= MESSAGE_LIMIT:
         return text
     parts = split_formatted(FormattedText(text), MESSAGE_LIMIT - 2, measure=utf16_len)
-    return parts[0].text + " …"
+    return parts[0].text + " …" if parts else ""
 
 
 def _platform_id(ids: list[str]) -> str | None:

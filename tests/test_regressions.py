@@ -213,3 +213,34 @@ async def test_failed_group_commit_fails_every_waiter(tmp_path: Any) -> None:
     )
     assert all(isinstance(r, RuntimeError) for r in results), results
     await store.aclose()
+
+
+async def test_a_streamed_reply_that_cannot_be_sent_stays_in_the_outbox(
+    make_store: StoreFactory,
+) -> None:
+    @turbo()
+    async def streamer():
+        while True:
+            text = yield GetUserInput()
+            yield User(text)
+            yield Generate(stream=True)
+
+    class GivesUpEarly(RecordingSender):
+        async def send_stream(self, key: ChannelKey, stream: Any) -> str | None:
+            async for _ in stream:
+                raise ConnectionError("network down mid-stream")
+            return None
+
+    store = await make_store()
+    llm = ScriptedLLM(["THE WHOLE ANSWER"])
+    async with Runtime(streamer, llm=llm, sender=GivesUpEarly(), store=store) as runtime:
+        await runtime.receive(IncomingMessage(KEY, "question", "m0"))
+        await runtime.join()
+        unsent = (await store.recovery()).unsent
+    assert [o.text for o in unsent] == ["THE WHOLE ANSWER"]
+    # the next start sends it, once
+    sender = RecordingSender()
+    async with Runtime(streamer, llm=llm, sender=sender, store=await make_store()) as again:
+        await again.join()
+    assert sender.texts() == ["THE WHOLE ANSWER"]
+    assert llm.calls == 1

@@ -43,11 +43,12 @@ _FENCE = re.compile(r"^```[ \t]*([\w+#.-]*)[ \t]*\n(.*?)(?:\n```[ \t]*$|\Z)", re
 _INLINE = re.compile(
     r"(?P<heading>^\#{1,6}[ \t]+(?P<heading_body>[^\n]+))"
     r"|(?P<code>`(?P<code_body>[^`\n]+)`)"
-    r"|(?P<link>\[(?P<link_body>[^\]\n]+)\]\((?P<link_url>https?://[^\s)]+)\))"
+    r"|(?P<link>\[(?P<link_body>[^\]\n]+)\]\((?P<link_url>https?://(?:[^\s()]|\([^\s()]*\))+)\))"
+    r"|(?P<url>https?://\S+)"
     r"|(?P<bold>\*\*(?P<bold_body>(?!\s)[^\n]+?(?<!\s))\*\*)"
     r"|(?P<strike>~~(?P<strike_body>(?!\s)[^\n]+?(?<!\s))~~)"
     r"|(?P<italic>(?<![\w*])\*(?P<italic_body>(?![\s*])[^\n]*?(?<![\s*]))\*(?![\w*]))"
-    r"|(?P<italic2>(?<!\w)_(?P<italic2_body>(?![\s_])[^\n]*?(?<![\s_]))_(?!\w))",
+    r"|(?P<italic2>(?<![\w/\\])_(?P<italic2_body>(?![\s_])[^\n]*?(?<![\s_]))_(?![\w/\\]))",
     re.M,
 )
 _KINDS = {
@@ -95,7 +96,10 @@ def _inline(source: str, out: list[str], entities: list[Entity], length: int) ->
         out.append(plain)
         length += len(plain)
         start = length
-        if kind == "code":
+        if kind == "url":  # a bare URL is text: nothing inside it is markup
+            out.append(match.group())
+            length += len(match.group())
+        elif kind == "code":
             body = match.group("code_body")
             out.append(body)
             length += len(body)

@@ -728,9 +728,15 @@ class Runtime:
         # reply itself is recorded (and marked sent) once complete.
         await self._commit(live, wait=True, undelivered=1)
         platform_id = await self._deliver(key, self.sender.send_stream(key, stream))
-        if stream.text and platform_id is not _FAILED:
+        if platform_id is _FAILED and not stream.closed:
+            async for _ in stream:  # the sender gave up early: let the generation finish
+                pass
+        if stream.text and stream.message is not None:
+            # Complete: recorded either way; a reply that could not be sent stays in the
+            # outbox and is sent again when the bot restarts.
             outgoing = self._record_reply(key, live, stream.text, stream.message)
-            self._buffer(live).sent.append((outgoing.id, platform_id))
+            if platform_id is not _FAILED:
+                self._buffer(live).sent.append((outgoing.id, platform_id))
 
     async def _send_standalone(
         self, key: ChannelKey, text: str, *, consumed: IncomingMessage | None = None

@@ -144,6 +144,8 @@ class AssistantStream:
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.message: Assistant | None = None
         self.parts: list[str] = []
+        #: the generation is over (``message`` is ``None`` if it failed)
+        self.closed = False
 
     async def push(self, delta: str) -> None:
         self.parts.append(delta)
@@ -151,6 +153,7 @@ class AssistantStream:
 
     def close(self, message: Assistant | None) -> None:
         self.message = message
+        self.closed = True
         self._queue.put_nowait(None)
 
     @property
