@@ -100,6 +100,8 @@ async def test_two_turn_conversation_in_a_private_chat(
         running(telegram, horoscope, openai_llm, store) as (adapter, _runtime),
     ):
         assert adapter.username == "turbo_test_bot"
+        await telegram.wait_for_call("setMyCommands")
+        assert [c["command"] for c in telegram.commands] == ["start", "reset", "help"]
         telegram.message(PRIVATE, "hi")
         assert await replies(telegram, PRIVATE, 1) == [WELCOME]
         telegram.message(PRIVATE, "I am a leo")
