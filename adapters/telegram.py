@@ -29,7 +29,7 @@ import signal
 import socket
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
-from turbobot.exceptions import ConfigurationError
+from turbobot.exceptions import ConfigurationError, UndeliverableError
 from turbobot.formatting import FormattedText, parse_markdown, split_formatted, utf16_len
 from turbobot.runtime import BaseSender, Runtime, parse_command
 from turbobot.template import AssistantStream
@@ -547,10 +547,11 @@ class TelegramAdapter(BaseSender):
 
     async def send(self, key: ChannelKey, text: str) -> str | None:
         chat_id, thread = self._target(key)
-        ids = [
-            await self._send_part(chat_id, thread, part)
-            for part in split_formatted(parse_markdown(text), MESSAGE_LIMIT, measure=utf16_len)
-        ]
+        with _undeliverable():
+            ids = [
+                await self._send_part(chat_id, thread, part)
+                for part in split_formatted(parse_markdown(text), MESSAGE_LIMIT, measure=utf16_len)
+            ]
         return _platform_id(ids)
 
     async def typing(self, key: ChannelKey) -> None:
@@ -565,9 +566,10 @@ class TelegramAdapter(BaseSender):
 
     async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
         chat_id, thread = self._target(key)
-        if self._drafts and chat_id > 0:  # private chats have positive ids
-            return await self._stream_draft(key, chat_id, thread, stream)
-        return await self._stream_edits(chat_id, thread, stream)
+        with _undeliverable():
+            if self._drafts and chat_id > 0:  # private chats have positive ids
+                return await self._stream_draft(key, chat_id, thread, stream)
+            return await self._stream_edits(chat_id, thread, stream)
 
     async def _stream_draft(
         self, key: ChannelKey, chat_id: int, thread: int | None, stream: AssistantStream
@@ -763,6 +765,19 @@ def _make_webhook_handler() -> type:
             self.set_status(200)
 
     return WebhookHandler
+
+
+@contextlib.contextmanager
+def _undeliverable() -> Iterator[None]:
+    """Turn "this can never be sent" answers into :class:`UndeliverableError`."""
+    try:
+        yield
+    except Forbidden as exc:  # blocked by the user, kicked from the group
+        raise UndeliverableError(f"Telegram refused: {exc.message}") from exc
+    except BadRequest as exc:
+        if "chat not found" in exc.message.lower():
+            raise UndeliverableError(f"Telegram refused: {exc.message}") from exc
+        raise
 
 
 def _guard_logs(redact: logging.Filter) -> None:

@@ -20,6 +20,7 @@ from turbobot import (
     LLMRequest,
     Result,
     ScriptedLLM,
+    UndeliverableError,
     User,
     turbo,
 )
@@ -140,6 +141,20 @@ async def test_failed_send_keeps_the_conversation_and_handles_each_message_once(
         "echo: first",
         "echo: second",
     ]
+
+
+async def test_an_undeliverable_reply_is_dropped_not_kept_in_the_outbox() -> None:
+    class Blocked(BaseSender):
+        async def send(self, key: ChannelKey, text: str) -> str | None:
+            raise UndeliverableError("the user blocked the bot")
+
+    runtime = Runtime(chat, llm=echo_llm(), sender=Blocked())
+    await runtime.receive(IncomingMessage(KEY, "first", "m0"))
+    await runtime.join()
+    (record,) = await runtime.store.conversations(KEY)
+    assert record.status == "waiting"  # the conversation goes on if they come back
+    assert (await runtime.store.recovery()).unsent == []
+    await runtime.aclose()
 
 
 async def test_conversation_that_ends_while_rebuilt_after_a_crash(

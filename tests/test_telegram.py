@@ -497,3 +497,28 @@ async def test_a_webhook_port_in_use_is_a_configuration_error(
         ):
             with pytest.raises(Exception, match="cannot listen for the webhook"):
                 await adapter.run(runtime, handle_signals=False)
+
+
+async def test_a_user_who_blocked_the_bot_is_not_retried_for_ever(
+    telegram: FakeTelegram,
+    openai_llm: OpenAILLM,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    telegram.fail(
+        "sendMessage",
+        status=403,
+        description="Forbidden: bot was blocked by the user",
+        when=lambda p: p["chat_id"] == PRIVATE,
+    )
+    async with (
+        SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store,
+        running(telegram, chat, openai_llm, store) as (_adapter, runtime),
+    ):
+        telegram.message(PRIVATE, "hello?")
+        await telegram.wait_for_call("sendMessage")
+        await runtime.join()
+        recovery = await store.recovery()
+    assert recovery.unsent == []  # dropped, not kept to be sent at every start
+    assert "cannot be delivered" in caplog.text
+    assert [c.status for c in telegram.calls_of("sendMessage")] == [403]  # not retried

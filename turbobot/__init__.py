@@ -19,6 +19,7 @@ from turbobot.exceptions import (
     TemplateError,
     ToolError,
     TurbobotError,
+    UndeliverableError,
 )
 from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.openai import OpenAILLM, RetryPolicy
@@ -93,6 +94,7 @@ __all__ = [
     "ToolError",
     "ToolMessage",
     "TurbobotError",
+    "UndeliverableError",
     "Usage",
     "User",
     "UserInput",

@@ -8,6 +8,7 @@ The tree::
     │   ├── InvalidYieldError     it yielded a value that is not part of the vocabulary
     │   └── ReplayDivergedError   its yields no longer match the recorded journal
     ├── ToolError                 a tool could not be described or called
+    ├── UndeliverableError        the platform will never take this reply (bot blocked)
     └── LLMError                  the language model did not give a usable answer
         ├── LLMUnavailableError   timeouts, connection errors, 5xx, after retries
         ├── LLMRateLimitedError   429 after retries (``retry_after`` when known)
@@ -31,6 +32,7 @@ __all__ = [
     "TemplateError",
     "ToolError",
     "TurbobotError",
+    "UndeliverableError",
 ]
 
 
@@ -65,6 +67,14 @@ class ReplayDivergedError(TemplateError):
 
 class ToolError(TurbobotError):
     """A tool function could not be described to the model or called."""
+
+
+class UndeliverableError(TurbobotError):
+    """An adapter's send can never succeed: the user blocked the bot, the chat is gone.
+
+    The runtime drops the reply (marked sent, with no platform id) instead of keeping
+    it in the outbox to be tried again at every start.
+    """
 
 
 class LLMError(TurbobotError):

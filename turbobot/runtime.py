@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
-from turbobot.exceptions import LLMError, ReplayDivergedError
+from turbobot.exceptions import LLMError, ReplayDivergedError, UndeliverableError
 from turbobot.llm.base import LLM
 from turbobot.messages import Assistant
 from turbobot.signals import GetUserInput, Result, UserInput
@@ -753,9 +753,16 @@ class Runtime:
             await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))
 
     async def _deliver(self, key: ChannelKey, sending: Awaitable[str | None]) -> Any:
-        """Await a send; a failure is logged and leaves the reply unsent in the outbox."""
+        """Await a send; a failure is logged and leaves the reply unsent in the outbox.
+
+        An :class:`UndeliverableError` (the user blocked the bot) is not a failure to
+        retry: the reply counts as sent, with no platform id.
+        """
         try:
             return await sending
+        except UndeliverableError as exc:
+            _log.warning("channel %s: the reply cannot be delivered, dropped: %s", key, exc)
+            return None
         except Exception:
             _log.exception(
                 "channel %s: sending a reply failed; it stays in the outbox and is sent "
