@@ -148,11 +148,12 @@ class TelegramSettings:
             )
         if self.webhook_url is not None:
             if not urlsplit(self.webhook_url).scheme.startswith("http"):
-                raise ConfigurationError(f"webhook URL {self.webhook_url!r} is not an http(s) URL")
+                # not echoed: a webhook URL often carries the token in its path
+                raise ConfigurationError("the webhook URL must start with https:// (or http://)")
             if not self.secret_token or not _SECRET.fullmatch(self.secret_token):
                 raise ConfigurationError(
                     "a webhook needs a secret token (1-256 characters A-Z, a-z, 0-9, _ "
-                    "and -): set TELEGRAM_WEBHOOK_SECRET or --webhook-secret"
+                    "and -): set TELEGRAM_WEBHOOK_SECRET"
                 )
         if self.group_mode not in ("per-user", "shared"):
             raise ConfigurationError(
@@ -664,49 +665,32 @@ class TelegramAdapter(BaseSender):
         return _platform_id(ids)
 
     async def _send_part(self, chat_id: int, thread: int | None, part: FormattedText) -> str:
-        entities = _entities(part)
-
-        async def send(with_entities: bool) -> Message:
-            return await self.bot.send_message(
-                chat_id,
-                part.text,
-                entities=entities if with_entities else None,
-                message_thread_id=thread,
-            )
-
-        try:
-            message = await self._call(lambda: send(bool(entities)))
-        except BadRequest as exc:
-            if not entities:
-                raise
-            _log.warning("Telegram: formatting refused (%s); sending the part as plain text", exc)
-            message = await self._call(lambda: send(False))
+        message: Message = await self._formatted(
+            part, partial(self.bot.send_message, chat_id, part.text, message_thread_id=thread)
+        )
         return str(message.message_id)
 
     async def _edit_part(self, chat_id: int, message_id: int, part: FormattedText) -> None:
-        entities = _entities(part)
-
-        async def edit(with_entities: bool) -> Any:
-            return await self.bot.edit_message_text(
-                part.text,
-                chat_id=chat_id,
-                message_id=message_id,
-                entities=entities if with_entities else None,
-            )
-
+        edit = partial(
+            self.bot.edit_message_text, part.text, chat_id=chat_id, message_id=message_id
+        )
         try:
-            await self._call(lambda: edit(bool(entities)))
+            await self._formatted(part, edit)
         except BadRequest as exc:
-            if _not_modified(exc):
-                return
-            if not entities:
+            if not _not_modified(exc):
                 raise
-            _log.warning("Telegram: formatting refused (%s); editing as plain text", exc)
-            try:
-                await self._call(lambda: edit(False))
-            except BadRequest as again:
-                if not _not_modified(again):
-                    raise
+
+    async def _formatted(self, part: FormattedText, request: Callable[..., Awaitable[_T]]) -> _T:
+        """``request(entities=...)`` with the part's formatting; if Telegram refuses the
+        formatting, once more as plain text (a reply is never lost to formatting)."""
+        entities = _entities(part)
+        try:
+            return await self._call(partial(request, entities=entities or None))
+        except BadRequest as exc:
+            if not entities or _not_modified(exc):
+                raise
+            _log.warning("Telegram: formatting refused (%s); sending the part as plain text", exc)
+        return await self._call(partial(request, entities=None))
 
     async def _call(self, request: Callable[[], Awaitable[_T]], *, attempts: int = 5) -> _T:
         """Run one Bot API request under the global rate, waiting out 429s and blips.

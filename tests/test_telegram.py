@@ -389,6 +389,9 @@ def test_settings_errors_are_clear() -> None:
     with pytest.raises(Exception, match="needs a secret token"):
         TelegramSettings(token="1:x", webhook_url="https://e.org/h", secret_token="bad secret!")
     assert "1:x" not in repr(TelegramSettings(token="1:x"))
+    with pytest.raises(Exception, match="must start with https://") as raised:
+        TelegramSettings(token="1:x", webhook_url="ftp://e.org/bot1:x", secret_token="s")
+    assert "1:x" not in str(raised.value)  # the URL, which may hold the token, is not echoed
 
 
 async def test_a_wrong_token_is_a_configuration_error(telegram: FakeTelegram) -> None:

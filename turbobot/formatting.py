@@ -152,8 +152,7 @@ def _fit(text: str, start: int, limit: int, measure: Callable[[str], int]) -> in
     end = min(len(text), start + limit)
     if measure is len:
         return end
-    while end > start + 1 and measure(text[start:end]) > limit:
-        over = measure(text[start:end]) - limit
+    while end > start + 1 and (over := measure(text[start:end]) - limit) > 0:
         end -= max(1, over // 2)
     return max(end, start + 1)
 

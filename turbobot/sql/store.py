@@ -47,7 +47,7 @@ ACTIVE_STATUSES = ("running", "waiting")
 
 # Encoders built once: ``json.dumps`` with options builds a new encoder on every call.
 _encode_key = json.JSONEncoder(ensure_ascii=False).encode
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 # Small on purpose: it only needs to cover the channels active in one group commit,
@@ -61,10 +61,6 @@ def channel_column(key: ChannelKey) -> str:
 def parse_channel_column(value: str) -> ChannelKey:
     platform, channel, thread, user = json.loads(value)
     return ChannelKey(platform, channel, thread, user)
-
-
-def _dumps(value: Any) -> str:
-    return _encode(value)
 
 
 @dataclass(slots=True)
