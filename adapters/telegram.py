@@ -549,10 +549,7 @@ class TelegramAdapter(BaseSender):
     async def send(self, key: ChannelKey, text: str) -> str | None:
         chat_id, thread = self._target(key)
         with _undeliverable():
-            ids = [
-                await self._send_part(chat_id, thread, part)
-                for part in split_formatted(parse_markdown(text), MESSAGE_LIMIT, measure=utf16_len)
-            ]
+            ids = [await self._send_part(chat_id, thread, part) for part in _parts(text)]
         return _platform_id(ids)
 
     async def typing(self, key: ChannelKey) -> None:
@@ -606,8 +603,7 @@ class TelegramAdapter(BaseSender):
                 return await self._stream_edits(chat_id, thread, stream, text)
             except TelegramError as exc:  # a blip: the next draft or the final send catches up
                 _log.debug("Telegram: a streaming draft failed: %s", exc)
-        final = stream.text
-        return await self.send(key, final) if final.strip() else None
+        return await self.send(key, stream.text) if stream.text.strip() else None
 
     async def _stream_edits(
         self, chat_id: int, thread: int | None, stream: AssistantStream, text: str = ""
@@ -647,10 +643,7 @@ class TelegramAdapter(BaseSender):
             except TelegramError as exc:  # previews are best effort; the final text is not
                 if not (isinstance(exc, BadRequest) and _not_modified(exc)):
                     _log.debug("Telegram: a streaming preview failed: %s", exc)
-        final = stream.text
-        parts = split_formatted(
-            parse_markdown(final), MESSAGE_LIMIT, measure=utf16_len
-        ) or split_formatted(FormattedText(final), MESSAGE_LIMIT, measure=utf16_len)
+        parts = _parts(stream.text)
         if not parts:
             if message_id is not None:  # nothing to show after all: take the preview away
                 with contextlib.suppress(TelegramError):
@@ -797,6 +790,14 @@ def _entities(part: FormattedText) -> list[MessageEntity]:
             MessageEntity(entity.kind, offset, length, url=entity.url, language=entity.language)
         )
     return result
+
+
+def _parts(text: str) -> list[FormattedText]:
+    """A reply as messages: its Markdown as entities, split at Telegram's limit. Text
+    whose markup leaves nothing visible (an empty code block) goes as written."""
+    return split_formatted(
+        parse_markdown(text), MESSAGE_LIMIT, measure=utf16_len
+    ) or split_formatted(FormattedText(text), MESSAGE_LIMIT, measure=utf16_len)
 
 
 def _preview(text: str) -> str:

@@ -525,3 +525,12 @@ async def test_a_user_who_blocked_the_bot_is_not_retried_for_ever(
     assert recovery.unsent == []  # dropped, not kept to be sent at every start
     assert "cannot be delivered" in caplog.text
     assert [c.status for c in telegram.calls_of("sendMessage")] == [403]  # not retried
+
+
+async def test_a_reply_whose_markup_leaves_nothing_visible_goes_as_written(
+    telegram: FakeTelegram, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    openai_server.script("```\n\n```")
+    async with running(telegram, chat, openai_llm):
+        telegram.message(PRIVATE, "show me an empty block")
+        assert await replies(telegram, PRIVATE, 1) == ["```\n\n```"]
