@@ -85,6 +85,14 @@ async def reach_leo(bot: Console) -> None:
     assert await bot.read() == LEO
 
 
+async def finish(bot: Console, env: dict[str, str]) -> None:
+    """The last turn; then the transcript must be the uninterrupted run's."""
+    await bot.say("love?")
+    assert await bot.read() == "echo: love?"
+    await bot.close()
+    assert await transcript(env) == BASELINE
+
+
 BASELINE = [
     ("user", "hello"),
     ("assistant", WELCOME),
@@ -134,10 +142,7 @@ async def test_kill_while_waiting(openai_server: FakeOpenAI, baseline: dict[str,
     bot = await Console(env).start()
     await bot.say("money?")
     assert await bot.read() == "echo: money?"
-    await bot.say("love?")
-    assert await bot.read() == "echo: love?"
-    await bot.close()
-    assert await transcript(env) == BASELINE
+    await finish(bot, env)
     assert len(openai_server.requests) == baseline["requests"]
 
 
@@ -156,10 +161,7 @@ async def test_kill_mid_generation(openai_server: FakeOpenAI, baseline: dict[str
 
     bot = await Console(env).start()  # recovers "money?" from the inbox by itself
     assert await bot.read() == "echo: money?"
-    await bot.say("love?")
-    assert await bot.read() == "echo: love?"
-    await bot.close()
-    assert await transcript(env) == BASELINE
+    await finish(bot, env)
     # The interrupted request is the only extra one.
     assert len(openai_server.requests) == baseline["requests"] + 1
 
@@ -176,10 +178,7 @@ async def test_kill_after_reply_recorded_before_sent(
 
     bot = await Console(env).start()  # sends the recorded reply on recovery
     assert await bot.read() == "echo: money?"
-    await bot.say("love?")
-    assert await bot.read() == "echo: love?"
-    await bot.close()
-    assert await transcript(env) == BASELINE
+    await finish(bot, env)
     assert len(openai_server.requests) == baseline["requests"]
 
 
@@ -196,9 +195,7 @@ async def test_kill_after_question_recorded_before_sent(
 
     bot = await Console(env).start()
     assert await bot.read() == LEO
-    for text in ("money?", "love?"):
-        await bot.say(text)
-        assert await bot.read() == f"echo: {text}"
-    await bot.close()
-    assert await transcript(env) == BASELINE
+    await bot.say("money?")
+    assert await bot.read() == "echo: money?"
+    await finish(bot, env)
     assert len(openai_server.requests) == baseline["requests"]
