@@ -384,9 +384,8 @@ class TelegramAdapter(BaseSender):
 
     async def _receive_all(self, runtime: Runtime, updates: Sequence[Update]) -> None:
         messages = [m for m in map(self._convert, updates) if m is not None]
-        # Each receive queues its message for the inbox before its first await, so a
-        # chat's messages keep their order; the page is committed in one transaction.
-        await asyncio.gather(*(runtime.receive(m) for m in messages))
+        # The page is committed in one transaction, a chat's messages in their order.
+        await runtime.receive_many(messages)
 
     # -- webhook ----------------------------------------------------------------------
 

@@ -4,10 +4,10 @@ usage: python bench/bench_turbobot.py CHATS [memory|sqlite|sqlite-normal|postgre
 
 Each of CHATS private channels sends "hi" (the bot asks "What's your name?") and
 then a name (the bot answers "Hello NAME" and the template ends). Messages go
-through ``Runtime.receive``, the path every adapter uses: each is committed to the
+through ``Runtime.receive_many``, the path the adapters use: each is committed to the
 inbox before it is handled, and each reply only leaves after the step that produced
 it is committed. Updates arrive in batches of 100 (what one Telegram getUpdates
-returns) that are received concurrently, as a polling adapter does; the LLM is not
+returns), each batch received at once as the polling adapter does; the LLM is not
 involved (the template only asks and answers), so this measures the framework.
 
 memory         InMemoryStore: nothing survives a restart (compare with PTB memory)
@@ -27,11 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "anchors"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import benchlib as B  # noqa: E402
+import benchlib as B
 
-from turbobot import ChannelKey, GetUserInput, IncomingMessage, Result, ScriptedLLM, turbo  # noqa: E402
-from turbobot.runtime import BaseSender, Runtime, RuntimeSettings  # noqa: E402
-from turbobot.store import BaseStore, InMemoryStore  # noqa: E402
+from turbobot import ChannelKey, GetUserInput, IncomingMessage, Result, ScriptedLLM, turbo
+from turbobot.runtime import BaseSender, Runtime, RuntimeSettings
+from turbobot.store import BaseStore, InMemoryStore
 
 BATCH = 100
 LOG = B.ReplyLog()
@@ -83,7 +83,7 @@ def make_store(variant: str) -> tuple[BaseStore, str | None]:
 
 async def feed(runtime: Runtime, messages: list[IncomingMessage]) -> None:
     for start in range(0, len(messages), BATCH):
-        await asyncio.gather(*(runtime.receive(m) for m in messages[start : start + BATCH]))
+        await runtime.receive_many(messages[start : start + BATCH])
     await runtime.join()
 
 
@@ -108,7 +108,7 @@ async def main(chats: int, variant: str) -> None:
     t.start()
     for start in range(0, chats, BATCH):
         batch = [message(i, i + 1, "hi") for i in range(start, min(chats, start + BATCH))]
-        await asyncio.gather(*(runtime.receive(m) for m in batch))
+        await runtime.receive_many(batch)
     await runtime.join()
     t.mark("phase1")
     rss_waiting = B.rss_mb()
@@ -118,7 +118,7 @@ async def main(chats: int, variant: str) -> None:
             message(i, chats + i + 1, B.name_for(i))
             for i in range(start, min(chats, start + BATCH))
         ]
-        await asyncio.gather(*(runtime.receive(m) for m in batch))
+        await runtime.receive_many(batch)
     await runtime.join()
     await store.flush()
     t.mark("end")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tests.conftest import StoreFactory
 from turbobot import (
     Generate,
     GetUserInput,
@@ -148,6 +149,25 @@ async def test_duplicate_message_ids_are_processed_once() -> None:
         assert await h.runtime.receive(message) is False
         await h.runtime.join()
         assert h.sender.texts() == ["echo: once"]
+
+
+async def test_a_page_of_messages_is_received_in_order(make_store: StoreFactory) -> None:
+    from dataclasses import replace
+
+    async with ChatHarness(survey, llm=echo_llm(), store=await make_store()) as h:
+        first = h.message("hey")
+        page = [
+            first,
+            h.message("other", channel="c2"),
+            replace(h.message("beep"), is_bot=True),
+            first,  # redelivered within the page
+            h.message("Ann"),
+        ]
+        assert await h.runtime.receive_many(page) == [True, True, False, False, True]
+        await h.runtime.join()
+        assert h.sender.texts(h.key()) == ["What is your name?", "Hi Ann. Favourite colour?"]
+        assert h.sender.texts(h.key("c2")) == ["What is your name?"]
+        assert await h.runtime.receive_many([first]) == [False]
 
 
 async def test_messages_from_bots_are_ignored() -> None:

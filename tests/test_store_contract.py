@@ -43,6 +43,28 @@ async def test_concurrent_duplicates_commit_once(make_store: StoreFactory) -> No
     assert sum(r is not None for r in results) == 1
 
 
+async def test_a_batch_of_incoming_keeps_its_order_and_skips_duplicates(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store()
+    await store.add_incoming(incoming("seen before", "0"))
+    batch = [
+        incoming("a", "1"),
+        incoming("dup of seen", "0"),
+        incoming("b", "2", OTHER),
+        incoming("dup within the batch", "1"),
+        incoming("c", "3"),
+    ]
+    seqs = await store.add_incoming_many(batch)
+    assert [s is not None for s in seqs] == [True, False, True, False, True]
+    kept = [s for s in seqs if s is not None]
+    assert kept == sorted(kept)
+    inbox = (await store.recovery()).inbox
+    assert [i.message.text for i in inbox] == ["seen before", "a", "b", "c"]
+    assert [i.seq for i in inbox[1:]] == kept
+    assert await store.add_incoming_many([]) == []
+
+
 async def test_step_roundtrip_and_consumption(make_store: StoreFactory) -> None:
     store = await make_store()
     await store.add_incoming(incoming("hello", "m1"))

@@ -31,7 +31,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,21 +261,30 @@ class Runtime:
 
     async def receive(self, message: IncomingMessage) -> bool:
         """Commit an incoming message and schedule its channel. ``False`` if ignored."""
+        return (await self.receive_many((message,)))[0]
+
+    async def receive_many(self, messages: Sequence[IncomingMessage]) -> list[bool]:
+        """Commit several messages at once (one page of updates), then schedule them.
+
+        Messages of one channel are handled in the order given. Returns, for each
+        message, ``False`` if it was ignored (from a bot, or a redelivery).
+        """
         if self._closed:
             raise RuntimeError("the runtime is closed")
         if not self._started:
             await self.start()
-        if message.is_bot:
-            return False
-        seq = await self.store.add_incoming(message)
-        if seq is None:
-            _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
-            return False
-        if self._closed:
-            return True  # committed: the next start handles it
-        self._queues.setdefault(message.key, deque()).append(InboxItem(seq, message))
-        self._wake(message.key)
-        return True
+        wanted = [m for m in messages if not m.is_bot]
+        seqs = iter(await self.store.add_incoming_many(wanted) if wanted else ())
+        accepted: list[bool] = []
+        for message in messages:
+            seq = None if message.is_bot else next(seqs)
+            accepted.append(seq is not None)
+            if seq is None and not message.is_bot:
+                _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
+            elif seq is not None and not self._closed:  # once closed, the next start has it
+                self._queues.setdefault(message.key, deque()).append(InboxItem(seq, message))
+                self._wake(message.key)
+        return accepted
 
     async def join(self) -> None:
         """Wait until every channel has handled everything it can handle now."""

@@ -6,7 +6,8 @@ RAM (tests, throwaway bots) and :class:`~turbobot.sql.SQLStore` in SQL.
 The durability contract:
 
 - :meth:`BaseStore.add_incoming` returns once the message is committed (or known to
-  be a duplicate).
+  be a duplicate); :meth:`BaseStore.add_incoming_many` does the same for a batch,
+  keeping its order.
 - :meth:`BaseStore.write` queues one :class:`StepWrite`: everything one step of one
   conversation changed. A step is committed whole or not at all, and steps are
   committed in the order they were written.
@@ -17,10 +18,12 @@ The durability contract:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -174,6 +177,11 @@ class BaseStore(ABC):
     @abstractmethod
     async def add_incoming(self, message: IncomingMessage) -> int | None:
         """Commit ``message`` to its channel's inbox: its seq, or ``None`` if seen before."""
+
+    async def add_incoming_many(self, messages: Sequence[IncomingMessage]) -> list[int | None]:
+        """Commit several messages, in order: their seqs (``None`` for those seen before)."""
+        # Each call queues its message before its first await, so the order holds.
+        return list(await asyncio.gather(*(self.add_incoming(m) for m in messages)))
 
     @abstractmethod
     async def write(self, step: StepWrite) -> None:

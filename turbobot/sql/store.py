@@ -67,7 +67,10 @@ def parse_channel_column(value: str) -> ChannelKey:
 class _Batch:
     """Rows of several operations, grouped by statement."""
 
-    incoming: list[tuple[dict[str, Any], asyncio.Future[int | None]]] = field(default_factory=list)
+    #: rows of one ``add_incoming_many`` call and the future of their seqs
+    incoming: list[tuple[list[dict[str, Any]], asyncio.Future[list[int | None]]]] = field(
+        default_factory=list
+    )
     new_conversations: list[dict[str, Any]] = field(default_factory=list)
     conversation_updates: list[dict[str, Any]] = field(default_factory=list)
     journal: list[dict[str, Any]] = field(default_factory=list)
@@ -222,16 +225,24 @@ class SQLStore(BaseStore):
             self._wake.set()
 
     async def add_incoming(self, message: IncomingMessage) -> int | None:
+        return (await self.add_incoming_many((message,)))[0]
+
+    async def add_incoming_many(self, messages: Sequence[IncomingMessage]) -> list[int | None]:
         self._check_writer()
-        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        row = {
-            "channel": channel_column(message.key),
-            "message_id": message.message_id,
-            "payload": _dumps(message.to_dict()),
-            "received_at": message.timestamp,
-            "consumed": False,
-        }
-        self._batch.incoming.append((row, future))
+        if not messages:
+            return []
+        future: asyncio.Future[list[int | None]] = asyncio.get_running_loop().create_future()
+        rows = [
+            {
+                "channel": channel_column(message.key),
+                "message_id": message.message_id,
+                "payload": _dumps(message.to_dict()),
+                "received_at": message.timestamp,
+                "consumed": False,
+            }
+            for message in messages
+        ]
+        self._batch.incoming.append((rows, future))
         self._queued()
         return await future
 
@@ -315,7 +326,7 @@ class SQLStore(BaseStore):
                     # Fail everyone: this batch and whatever queued up meanwhile.
                     pending, self._batch = self._batch, _Batch()
                     for failed in (batch, pending):
-                        for _row, future in failed.incoming:
+                        for _rows, future in failed.incoming:
                             if not future.done():
                                 future.set_exception(exc)
                         for waiter in failed.waiters:
@@ -323,9 +334,14 @@ class SQLStore(BaseStore):
                                 waiter.set_exception(exc)
                     self._busy = False
                     return
-                for row, future in batch.incoming:
+                for rows, future in batch.incoming:
                     if not future.done():
-                        future.set_result(inserted.pop((row["channel"], row["message_id"]), None))
+                        future.set_result(
+                            [
+                                inserted.pop((row["channel"], row["message_id"]), None)
+                                for row in rows
+                            ]
+                        )
                 for waiter in batch.waiters:
                     if not waiter.done():
                         waiter.set_result(None)
@@ -349,7 +365,9 @@ class SQLStore(BaseStore):
         prepared = self._prepared
         async with self._engine().begin() as conn:
             if batch.incoming:
-                inserted = await self._insert_incoming(conn, [row for row, _ in batch.incoming])
+                inserted = await self._insert_incoming(
+                    conn, [row for rows, _ in batch.incoming for row in rows]
+                )
             for name, rows in (
                 ("new_conversations", batch.new_conversations),
                 ("conversation_updates", batch.conversation_updates),
