@@ -65,6 +65,9 @@ class BaseMemory(ABC):
     :meth:`prepare_prompt` are built on them.
     """
 
+    # Every conversation has a memory: without this, each would carry a __dict__.
+    __slots__ = ()
+
     @abstractmethod
     async def append(self, message: Message) -> None:
         """Add a message at the end of the conversation."""

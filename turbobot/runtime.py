@@ -186,7 +186,9 @@ class Runtime:
         self.clock = clock
         # insertion order = least recently used first (a plain dict is half an OrderedDict)
         self._live: dict[ChannelKey, _Live] = {}
-        self._active_keys: set[ChannelKey] = set()
+        #: channels with an active conversation in the store but not in RAM (a live one
+        #: is active by definition: keeping its key here too would cost ~50 bytes)
+        self._stored_keys: set[ChannelKey] = set()
         self._queues: dict[ChannelKey, deque[InboxItem]] = {}
         self._workers: dict[ChannelKey, asyncio.Task[None]] = {}
         self._dirty: set[ChannelKey] = set()
@@ -212,7 +214,7 @@ class Runtime:
 
     async def _recover(self) -> None:
         recovery = await self.store.recovery()
-        self._active_keys = set(recovery.active)
+        self._stored_keys = set(recovery.active)
         if recovery.unsent:
             _log.info("sending %d replies left unsent by the last run", len(recovery.unsent))
         for outgoing in recovery.unsent:
@@ -309,6 +311,8 @@ class Runtime:
         # Detach before the first await: a message arriving meanwhile loads the
         # conversation from the store, where this commit is already queued.
         del self._live[key]
+        if live.record.active:
+            self._stored_keys.add(key)
         if live.record.status == "waiting" and live.record.deadline is not None:
             self._deadlines[key] = live.record.deadline
         await self._commit(live)
@@ -474,11 +478,11 @@ class Runtime:
                 return live
             del self._live[key]
             return None
-        if key not in self._active_keys:
+        if key not in self._stored_keys:
             return None
         record = await self.store.load_conversation(key)
+        self._stored_keys.discard(key)
         if record is None:
-            self._active_keys.discard(key)
             return None
         live = _Live(record, None, None, len(record.journal))
         self._deadlines.pop(key, None)
@@ -496,7 +500,6 @@ class Runtime:
         record = ConversationRecord(new_id(), key, self.template.ref, context.to_dict())
         app = self.template().bind(llm=self.llm, context=context, owned=True)
         live = _Live(record, app, context, buffer=StepWrite(record=record, new_conversation=True))
-        self._active_keys.add(key)
         self._touch(key, live)
         return live
 
@@ -571,7 +574,7 @@ class Runtime:
     def _forget(self, key: ChannelKey) -> None:
         """The channel's conversation ended: it is neither in RAM nor active any more."""
         self._live.pop(key, None)
-        self._active_keys.discard(key)
+        self._stored_keys.discard(key)
 
     def _buffer(self, live: _Live) -> StepWrite:
         if live.buffer is None:

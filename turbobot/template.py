@@ -174,6 +174,8 @@ class AssistantStream:
 _NO_KWARGS: dict[str, Any] = {}  # shared, never changed
 _INPUT = object()
 _STREAM = object()
+#: the journal of every app that has not journaled anything yet; never appended to
+_NO_ENTRIES: list[JournalEntry] = []
 
 #: what an App yields to its consumer
 Output: TypeAlias = Assistant | Result | GetUserInput | AssistantStream
@@ -195,6 +197,7 @@ class App:
 
     __slots__ = (
         "_chain",
+        "_gen",
         "_pending",
         "_replay",
         "_send",
@@ -227,7 +230,8 @@ class App:
         self.memory: BaseMemory = _make_memory(template.settings.get("memory"))
         self.llm: LLM | None = template.settings.get("llm")
         self.cache: BaseCache | None = template.settings.get("cache")
-        self.journal: list[JournalEntry] = []
+        #: shared and empty until the first entry (see ``_journal``)
+        self.journal: list[JournalEntry] = _NO_ENTRIES
         #: number of yields handled so far; outputs at or below ``replay_until`` are not re-sent
         self.yields = 0
         self.replay_until = 0
@@ -244,7 +248,10 @@ class App:
         self._task: asyncio.Future[Assistant] | None = None
         #: running hash of every yield so far (16 bytes: a hasher object costs 400)
         self._chain = b""
-        self._stack: list[_Frame] = []
+        #: the template's generator, then the delegated sub-templates' (innermost last;
+        #: a list only once something is delegated)
+        self._gen: AsyncGenerator[Any, Any] | None = None
+        self._stack: list[_Frame] | None = None
         self._untracked = False
 
     # -- set-up -------------------------------------------------------------------
@@ -318,7 +325,7 @@ class App:
         try:
             if not self._started:
                 self._started = True
-                self._open_frame(self.template, self.args, self.kwargs)
+                self._gen = self._open_frame(self.template, self.args, self.kwargs)
             elif self._pending is _INPUT:
                 self._record(
                     "timeout" if given.timed_out else "input",
@@ -350,9 +357,12 @@ class App:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._task = None
-        for frame in reversed(self._stack):
+        for frame in reversed(self._stack or ()):
             await frame.gen.aclose()
-        self._stack.clear()
+        self._stack = None
+        if self._gen is not None:
+            gen, self._gen = self._gen, None
+            await gen.aclose()
 
     async def run(self, input: str | None = None) -> Result:
         """turbo-chat's ``app.run(input)``: step to the next input request or the end."""
@@ -367,13 +377,13 @@ class App:
 
     def _settings(self) -> dict[str, Any]:
         settings = dict(self.template.settings)
-        for frame in self._stack[1:]:
+        for frame in self._stack or ():
             settings.update(frame.template.settings)
         return settings
 
     def _open_frame(
         self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> _Frame:
+    ) -> AsyncGenerator[Any, Any]:
         params = template._parameters
         injected = dict(kwargs)
         if "memory" in params and "memory" not in injected:
@@ -382,11 +392,21 @@ class App:
             injected["context"] = self.context
         if "settings" in params and "settings" not in injected:
             injected["settings"] = self._settings()
-        frame = _Frame(template, template.fn(*args, **injected))
+        gen = template.fn(*args, **injected)
         if self._untracked:
-            _skip_loop_tracking(frame.gen)
-        self._stack.append(frame)
-        return frame
+            _skip_loop_tracking(gen)
+        return gen
+
+    def _top(self) -> AsyncGenerator[Any, Any] | None:
+        return self._stack[-1].gen if self._stack else self._gen
+
+    def _drop_top(self) -> bool:
+        """Forget the innermost generator; ``True`` if it was the template's own."""
+        if self._stack:
+            self._stack.pop()
+            return False
+        self._gen = None
+        return True
 
     def _fingerprint(self, item: Any) -> None:
         describe = getattr(item, "fingerprint", None)
@@ -410,11 +430,18 @@ class App:
                 f"template asked for {'/'.join(kinds)}); its code probably changed",
                 position=len(self.journal),
             )
-        self.journal.append(entry)
+        self._journal(entry)
         return entry
 
     def _record(self, kind: str, value: Any) -> None:
-        self.journal.append(JournalEntry(kind, value, self._chain.hex()))
+        self._journal(JournalEntry(kind, value, self._chain.hex()))
+
+    def _journal(self, entry: JournalEntry) -> None:
+        # A conversation waiting at its first question has journaled nothing: it shares
+        # one empty list until then (a list of its own would cost 56 bytes).
+        if self.journal is _NO_ENTRIES:
+            self.journal = []
+        self.journal.append(entry)
 
     def _live_output(self) -> bool:
         return not self._replay and self.yields > self.replay_until
@@ -426,18 +453,16 @@ class App:
         attributes remain (what to send or throw next, whether it waits for input or
         for a stream), which keeps a waiting conversation small.
         """
-        while self._stack:
-            frame = self._stack[-1]
+        while (gen := self._top()) is not None:
             send, throw = self._send, self._throw
             self._send, self._throw = None, None
             try:
-                item = await (frame.gen.athrow(throw) if throw else frame.gen.asend(send))
+                item = await (gen.athrow(throw) if throw else gen.asend(send))
             except StopAsyncIteration:
-                self._stack.pop()
+                self._drop_top()
                 continue
             except Exception as exc:
-                self._stack.pop()
-                if not self._stack:
+                if self._drop_top():
                     if exc is throw and self.journal and self.journal[-1].kind == "error":
                         # Nobody caught the LLM failure: forget it so that a replay stops at
                         # the Generate and retries it; that Generate's output was never
@@ -491,11 +516,13 @@ class App:
                     self._send = value
             elif isinstance(item, (Delegate, App)):
                 sub = item.app if isinstance(item, Delegate) else item
-                self._open_frame(sub.template, sub.args, sub.kwargs)
+                if self._stack is None:
+                    self._stack = []
+                opened = self._open_frame(sub.template, sub.args, sub.kwargs)
+                self._stack.append(_Frame(sub.template, opened))
             elif isinstance(item, Return):
-                await frame.gen.aclose()
-                self._stack.pop()
-                if not self._stack:
+                await gen.aclose()
+                if self._drop_top():
                     self.result = item.value
                 self._send = item.value
             else:

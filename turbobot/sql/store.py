@@ -70,6 +70,8 @@ _json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _loads = json.loads
 
 
+# A step writes its channel several times in a row; 256 entries cover a few batches.
+@functools.lru_cache(maxsize=256)
 def channel_column(key: ChannelKey) -> str:
     """A channel key as stored: a JSON array, ``["platform", "channel", null, null]``.
 
