@@ -32,7 +32,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
@@ -136,13 +136,13 @@ def parse_command(text: str, bot_username: str | None = None) -> str | None:
 
 
 @dataclass(slots=True)
-class _Live:
-    """A conversation the runtime holds: its record and, when in RAM, its app."""
+class _Live(ConversationRecord):
+    """A conversation the runtime holds: its record, and its app when in RAM.
 
-    record: ConversationRecord
-    app: App | None
-    #: the context the app runs with (kept to rebuild it without reading the store)
-    context: TemplateContext | None = None
+    A record itself (a subclass, not a wrapper): one object less per conversation.
+    """
+
+    app: App | None = None
     #: journal entries already handed to the store
     saved: int = 0
     #: changes of the current step not yet handed to the store
@@ -150,6 +150,16 @@ class _Live:
     #: the message that started the conversation, until it is known whether it is input
     wake: IncomingMessage | None = None
     used_at: float = 0.0
+
+    @classmethod
+    def adopt(cls, record: ConversationRecord) -> _Live:
+        """A stored record, taken over by the runtime."""
+        live = cls(**{name: getattr(record, name) for name in _RECORD_FIELDS})
+        live.saved = len(record.journal)
+        return live
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(ConversationRecord))
 
 
 class Runtime:
@@ -198,6 +208,9 @@ class Runtime:
         #: channels whose conversation stopped mid-step and must be replayed to go on
         self._resume: set[ChannelKey] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._used_clock = 0.0
+        idle = self.settings.idle_evict_seconds
+        self._used_tick = min(1.0, idle / 10) if idle else 1.0
         self._typing = type(sender).typing is not BaseSender.typing
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -311,10 +324,10 @@ class Runtime:
         # Detach before the first await: a message arriving meanwhile loads the
         # conversation from the store, where this commit is already queued.
         del self._live[key]
-        if live.record.active:
+        if live.active:
             self._stored_keys.add(key)
-        if live.record.status == "waiting" and live.record.deadline is not None:
-            self._deadlines[key] = live.record.deadline
+        if live.status == "waiting" and live.deadline is not None:
+            self._deadlines[key] = live.deadline
         await self._commit(live)
         if live.app is not None:
             try:
@@ -374,7 +387,7 @@ class Runtime:
     def _deadline_of(self, key: ChannelKey) -> float | None:
         live = self._live.get(key)
         if live is not None:
-            return live.record.deadline if live.record.status == "waiting" else None
+            return live.deadline if live.status == "waiting" else None
         return self._deadlines.get(key)
 
     def _arm_timer(self, key: ChannelKey, deadline: float | None) -> None:
@@ -420,7 +433,7 @@ class Runtime:
             await self._end(key, "restarted", None)
             fresh = self._start(key, message)
             self._note_user(fresh, message)
-            if not await self._advance(key, fresh, None) and fresh.record.active:
+            if not await self._advance(key, fresh, None) and fresh.active:
                 await self._say(key, fresh, notices.started)
                 await self._commit(fresh)
             return True
@@ -447,9 +460,9 @@ class Runtime:
         live = loaded
         if not await self._ensure_app(key, live, message):
             return True  # the replay diverged; ``message`` started a new conversation
-        if live.record.broken:
+        if live.broken:
             return False  # the retried generation failed again; keep the message
-        if not live.record.active:
+        if not live.active:
             # The rebuild finished the conversation (it ended in a step that crashed
             # before being recorded as ended): this message starts the next one.
             await self._begin(key, message)
@@ -458,7 +471,7 @@ class Runtime:
             self._note_user(live, message)
             await self._advance(key, live, message)
             return True
-        _log.error("channel %s: conversation %s is not waiting", key, live.record.id)
+        _log.error("channel %s: conversation %s is not waiting", key, live.id)
         return False
 
     def _help(self) -> str:
@@ -466,14 +479,19 @@ class Runtime:
         return f"{doc}\n\n{self.settings.notices.help}" if doc else self.settings.notices.help
 
     def _touch(self, key: ChannelKey, live: _Live) -> None:
-        live.used_at = time.monotonic()
+        # Conversations used within the same tick share one float (24 bytes each
+        # otherwise); idle eviction needs no finer clock.
+        now = time.monotonic()
+        if now - self._used_clock >= self._used_tick:
+            self._used_clock = now
+        live.used_at = self._used_clock
         self._live.pop(key, None)
         self._live[key] = live
 
     async def _load(self, key: ChannelKey) -> _Live | None:
         live = self._live.get(key)
         if live is not None:
-            if live.record.active:
+            if live.active:
                 self._touch(key, live)
                 return live
             del self._live[key]
@@ -484,7 +502,7 @@ class Runtime:
         self._stored_keys.discard(key)
         if record is None:
             return None
-        live = _Live(record, None, None, len(record.journal))
+        live = _Live.adopt(record)
         self._deadlines.pop(key, None)
         self._touch(key, live)
         return live
@@ -497,9 +515,9 @@ class Runtime:
             author_name=trigger.author_name,
             trigger=trigger,
         )
-        record = ConversationRecord(new_id(), key, self.template.ref, context.to_dict())
-        app = self.template().bind(llm=self.llm, context=context, owned=True)
-        live = _Live(record, app, context, buffer=StepWrite(record=record, new_conversation=True))
+        live = _Live(new_id(), key, self.template.ref, context.to_dict())
+        live.app = self.template().bind(llm=self.llm, context=context, owned=True)
+        live.buffer = StepWrite(record=live, new_conversation=True)
         self._touch(key, live)
         return live
 
@@ -533,9 +551,9 @@ class Runtime:
             self._note_user(live, message)
         if live.app is not None:
             await live.app.aclose()
-        live.record.status = status
-        live.record.deadline = None
-        live.record.ended_at = self.clock()
+        live.status = status
+        live.deadline = None
+        live.ended_at = self.clock()
         await self._commit(live)
         self._forget(key)
         return True
@@ -549,11 +567,12 @@ class Runtime:
         conversation is kept as it was, the user is told, and ``message`` (if any)
         starts a new conversation.
         """
-        if live.app is not None and not live.record.broken:
+        if live.app is not None and not live.broken:
             return True
-        record = live.record
-        context = live.context or TemplateContext.from_dict(record.context)
-        live.context = context
+        record = live
+        # Rebuilt from what the store loaded: an app that failed left RAM (see _advance).
+        assert record.context is not _STORED_CONTEXT
+        context = TemplateContext.from_dict(record.context)
         live.app = self.template().bind(
             llm=self.llm,
             context=context,
@@ -578,7 +597,7 @@ class Runtime:
 
     def _buffer(self, live: _Live) -> StepWrite:
         if live.buffer is None:
-            live.buffer = StepWrite(record=live.record)
+            live.buffer = StepWrite(record=live)
         return live.buffer
 
     def _note_user(self, live: _Live, message: IncomingMessage) -> None:
@@ -589,7 +608,7 @@ class Runtime:
 
     @staticmethod
     def _user_line(live: _Live, message: IncomingMessage) -> TranscriptLine:
-        return TranscriptLine(live.record.id, "user", message.text, message.timestamp)
+        return TranscriptLine(live.id, "user", message.text, message.timestamp)
 
     def _use_wake(self, live: _Live) -> None:
         """Consume the waking message (if still pending) with the current step."""
@@ -610,13 +629,13 @@ class Runtime:
         if app is not None:
             step.journal = app.journal[live.saved :]
             live.saved = len(app.journal)
-            live.record.yields = app.yields - undelivered
-            live.record.journal = app.journal
-        step.record = live.record
+            live.yields = app.yields - undelivered
+            live.journal = app.journal
+        step.record = live
         await self.store.write(step)
         if step.new_conversation:
-            # Stored with the new row; in RAM ``live.context`` stands for it.
-            live.record.context = _STORED_CONTEXT
+            # Stored with the new row; in RAM the app's context stands for it.
+            live.context = _STORED_CONTEXT
         if wait:
             await self.store.flush()
 
@@ -629,7 +648,7 @@ class Runtime:
         """
         app = live.app
         assert app is not None
-        record = live.record
+        record = live
         sent = False
         previous_deadline = record.deadline
         record.status, record.deadline = "running", None
@@ -688,10 +707,16 @@ class Runtime:
         if app.waiting is None or record.broken:
             self._use_wake(live)  # it ended (or failed) before asking for input
         await self._commit(live)
-        if record.broken or not record.active:
-            live.app = None  # the generator is gone; replay rebuilds it if needed
         if not record.active:
+            live.app = None
             self._forget(key)
+        elif record.broken:
+            # The generator is gone. The conversation leaves RAM, so that the next message
+            # rebuilds it by replay from the store, which has its context.
+            live.app = None
+            if self._live.get(key) is live:
+                del self._live[key]
+                self._stored_keys.add(key)
         self._arm_timer(key, record.deadline if record.status == "waiting" else None)
         return sent
 
@@ -712,7 +737,7 @@ class Runtime:
         usage = message.usage if message is not None else None
         step.transcript.append(
             TranscriptLine(
-                live.record.id,
+                live.id,
                 "assistant",
                 text,
                 self.clock(),

@@ -88,8 +88,20 @@ class ConversationRecord:
         return self.status not in FINAL_STATUSES
 
     def snapshot(self) -> ConversationRecord:
-        """A copy of the state columns (the journal is written separately)."""
-        return replace(self, journal=[])
+        """A plain copy of the state columns (the journal is written separately)."""
+        return ConversationRecord(
+            self.id,
+            self.key,
+            self.template_ref,
+            self.context,
+            self.status,
+            [],
+            self.yields,
+            self.deadline,
+            self.broken,
+            self.started_at,
+            self.ended_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)

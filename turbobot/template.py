@@ -181,6 +181,13 @@ _NO_ENTRIES: list[JournalEntry] = []
 Output: TypeAlias = Assistant | Result | GetUserInput | AssistantStream
 
 
+@dataclass(frozen=True, slots=True)
+class _Throw:
+    """An error to throw into the template at its next step (instead of a value)."""
+
+    error: BaseException
+
+
 @dataclass(slots=True)
 class _Frame:
     template: Template
@@ -202,9 +209,7 @@ class App:
         "_replay",
         "_send",
         "_stack",
-        "_started",
         "_task",
-        "_throw",
         "_untracked",
         "args",
         "cache",
@@ -239,10 +244,8 @@ class App:
         self.done = False
         self.waiting: GetUserInput | None = None
         self._replay: deque[JournalEntry] | None = None
-        self._started = False
-        #: what the template gets next: a value to send or an error to throw
+        #: what the template gets next: a value to send, or a _Throw
         self._send: Any = None
-        self._throw: BaseException | None = None
         #: why the app stopped last: waiting for input, or for a stream to finish
         self._pending: object | None = None
         self._task: asyncio.Future[Assistant] | None = None
@@ -278,7 +281,7 @@ class App:
                 with the event loop for clean-up at shutdown, which saves ~110 bytes
                 per conversation.
         """
-        if self._started:
+        if self.started:
             raise RuntimeError("App.bind() must be called before the app starts")
         if llm is not None:
             self.llm = llm
@@ -296,7 +299,8 @@ class App:
 
     @property
     def started(self) -> bool:
-        return self._started
+        # its generator exists until it ends, and then it is done
+        return self._gen is not None or self.done
 
     @property
     def replaying(self) -> bool:
@@ -323,8 +327,7 @@ class App:
         if self._pending is _INPUT:
             given = _as_input(value)  # raises while still waiting: the state is kept
         try:
-            if not self._started:
-                self._started = True
+            if not self.started:
                 self._gen = self._open_frame(self.template, self.args, self.kwargs)
             elif self._pending is _INPUT:
                 self._record(
@@ -454,8 +457,8 @@ class App:
         for a stream), which keeps a waiting conversation small.
         """
         while (gen := self._top()) is not None:
-            send, throw = self._send, self._throw
-            self._send, self._throw = None, None
+            send, self._send = self._send, None
+            throw = send.error if type(send) is _Throw else None
             try:
                 item = await (gen.athrow(throw) if throw else gen.asend(send))
             except StopAsyncIteration:
@@ -470,7 +473,7 @@ class App:
                         self.journal.pop()
                         self.yields -= 1
                     raise
-                self._throw = exc
+                self._send = _Throw(exc)
                 continue
             self.yields += 1
             self._fingerprint(item)
@@ -538,10 +541,10 @@ class App:
     def _record_error(self, exc: LLMError) -> None:
         """Throw ``exc`` into the template; journal it unless it came from the journal."""
         if isinstance(exc, _ReplayedLLMError):
-            self._throw = exc.error
+            self._send = _Throw(exc.error)
             return
         self._record("error", {"type": type(exc).__name__, "message": str(exc)})
-        self._throw = exc
+        self._send = _Throw(exc)
 
     async def _generate(self, signal: Generate, stream: AssistantStream | None) -> Assistant:
         message: Assistant | None = None
