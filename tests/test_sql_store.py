@@ -50,15 +50,15 @@ async def test_a_commit_waits_for_another_writer_without_blocking_the_loop(
         assert [o.text for o in (await store.recovery()).unsent] == ["waits for the lock"]
 
 
-async def test_journal_values_orjson_refuses_are_stored_too(tmp_path: Path) -> None:
+async def test_journal_values_come_back_exactly(tmp_path: Path) -> None:
     path = tmp_path / "values.db"
     record = ConversationRecord(new_id(), KEY, "bots.x:bot", {"platform": "test"})
     record.status = "waiting"
-    values = [2**70 + 1, {1: "int key"}, {"text": "ü", "n": [1.5, None, True]}]
+    values = [2**70 + 1, {1: "int key"}, {"text": "ü", "n": [1.5, None, True]}, float("inf")]
     entries = [JournalEntry("step", value, f"c{n}") for n, value in enumerate(values)]
     async with SQLStore(f"sqlite+aiosqlite:///{path}") as store:
         await store.write(StepWrite(record=record, new_conversation=True, journal=entries))
     async with SQLStore(f"sqlite+aiosqlite:///{path}") as store:
         loaded = await store.load_conversation(KEY)
     assert loaded is not None
-    assert [e.value for e in loaded.journal] == [2**70 + 1, {"1": "int key"}, values[2]]
+    assert [e.value for e in loaded.journal] == [2**70 + 1, {"1": "int key"}, values[2], values[3]]
