@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.conftest import StoreFactory
 from turbobot import (
     Generate,
     GetUserInput,
+    IncomingMessage,
     LLMRequest,
     LLMUnavailableError,
     Result,
@@ -273,3 +276,22 @@ async def test_start_raises_the_gc_threshold_but_never_lowers_it() -> None:
         assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*original)
+
+
+async def test_a_page_that_fails_half_way_still_schedules_what_was_committed() -> None:
+    from turbobot.store import InMemoryStore
+
+    class Flaky(InMemoryStore):
+        async def add_incoming(self, message: IncomingMessage) -> int | None:
+            await asyncio.sleep(0)
+            if message.text == "bad":
+                raise ConnectionError("the database hiccuped")
+            return await super().add_incoming(message)
+
+    async with ChatHarness(chat, llm=echo_llm(), store=Flaky()) as h:
+        page = [h.message("good", channel="a"), h.message("bad", channel="b")]
+        with pytest.raises(ConnectionError, match="hiccuped"):
+            await h.runtime.receive_many(page)
+        await h.runtime.join()
+        assert h.sender.texts(h.key("a")) == ["echo: good"]
+        assert h.sender.texts(h.key("b")) == []

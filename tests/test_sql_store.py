@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -62,3 +63,38 @@ async def test_journal_values_come_back_exactly(tmp_path: Path) -> None:
         loaded = await store.load_conversation(KEY)
     assert loaded is not None
     assert [e.value for e in loaded.journal] == [2**70 + 1, {"1": "int key"}, values[2], values[3]]
+
+
+async def test_a_writer_cancelled_during_commit_waits_for_it_and_commits_once(
+    tmp_path: Path,
+) -> None:
+    store = SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'cancelled.db'}")
+    await store.open()
+    assert store._sqlite is not None
+    in_commit = threading.Event()
+
+    def slow_fsync() -> int:  # SQLite calls this while it works; only slow the COMMIT
+        thread = threading.current_thread().name
+        if thread.startswith("turbobot-sqlite-commit") and not in_commit.is_set():
+            in_commit.set()
+            time.sleep(0.3)
+        return 0
+
+    store._sqlite.set_progress_handler(slow_fsync, 1)
+    outgoing = OutgoingRecord(new_id(), KEY, "committed once")
+    await store.write(StepWrite(outgoing=[outgoing]))
+    flushed = asyncio.ensure_future(store.flush())
+    assert await asyncio.to_thread(in_commit.wait, 5)
+    writer = store._writer
+    assert writer is not None
+    writer.cancel()  # as asyncio.run() does to tasks left at shutdown
+    await asyncio.wait([writer], timeout=5)
+    assert writer.cancelled()
+    assert store._failure is None
+    assert store._sqlite is not None and not store._sqlite.in_transaction
+    flushed.cancel()
+    store._sqlite.set_progress_handler(None, 1)
+    store._writer = None
+    await store.aclose()
+    async with SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'cancelled.db'}") as reopened:
+        assert [o.text for o in (await reopened.recovery()).unsent] == ["committed once"]

@@ -442,6 +442,22 @@ async def test_aclose_runs_finally_blocks() -> None:
     assert closed == [True]
 
 
+async def test_started_means_a_step_was_taken() -> None:
+    @turbo()
+    async def t():
+        yield GetUserInput("wait")
+
+    unstarted = t()
+    await unstarted.aclose()  # closing an app that never ran does not start it
+    assert not unstarted.started
+    unstarted.bind(llm=ScriptedLLM())
+    app = t().bind(llm=ScriptedLLM())
+    await app.asend(None)
+    assert app.started
+    with pytest.raises(RuntimeError, match="before the app starts"):
+        app.bind(llm=ScriptedLLM())
+
+
 async def test_waiting_app_needs_input() -> None:
     app = horoscope("leo").bind(llm=ScriptedLLM())
     await app.asend(None)

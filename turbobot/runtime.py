@@ -46,6 +46,7 @@ from turbobot.store import (
     ConversationRecord,
     ConversationStatus,
     InboxItem,
+    IncomingBatchError,
     InMemoryStore,
     OutgoingRecord,
     StepWrite,
@@ -301,7 +302,13 @@ class Runtime:
         if not self._started:
             await self.start()
         wanted = [m for m in messages if not m.is_bot]
-        seqs = iter(await self.store.add_incoming_many(wanted) if wanted else ())
+        failure: IncomingBatchError | None = None
+        try:
+            committed = await self.store.add_incoming_many(wanted) if wanted else []
+        except IncomingBatchError as exc:
+            # Schedule what was committed (it would otherwise wait for a restart), then raise.
+            committed, failure = exc.seqs, exc
+        seqs = iter(committed)
         accepted: list[bool] = []
         for message in messages:
             seq = None if message.is_bot else next(seqs)
@@ -311,6 +318,8 @@ class Runtime:
             elif seq is not None and not self._closed:  # once closed, the next start has it
                 self._queues.setdefault(message.key, deque()).append(InboxItem(seq, message))
                 self._wake(message.key)
+        if failure is not None:
+            raise failure.__cause__ or failure
         return accepted
 
     async def join(self) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "ConversationStatus",
     "InMemoryStore",
     "InboxItem",
+    "IncomingBatchError",
     "OutgoingRecord",
     "Recovery",
     "StepWrite",
@@ -170,6 +171,18 @@ class Recovery:
     running: list[ChannelKey] = field(default_factory=list)
 
 
+class IncomingBatchError(Exception):
+    """Committing a batch of incoming messages failed part of the way.
+
+    ``seqs`` says, per message, what was committed anyway (``None``: not committed or
+    seen before); the cause is the exception's ``__cause__``.
+    """
+
+    def __init__(self, seqs: list[int | None]) -> None:
+        super().__init__("some incoming messages could not be committed")
+        self.seqs = seqs
+
+
 class BaseStore(ABC):
     """The runtime's persistence interface (see the module docstring for the contract)."""
 
@@ -191,9 +204,19 @@ class BaseStore(ABC):
         """Commit ``message`` to its channel's inbox: its seq, or ``None`` if seen before."""
 
     async def add_incoming_many(self, messages: Sequence[IncomingMessage]) -> list[int | None]:
-        """Commit several messages, in order: their seqs (``None`` for those seen before)."""
+        """Commit several messages, in order: their seqs (``None`` for those seen before).
+
+        Raises :class:`IncomingBatchError` if some were committed and another failed.
+        """
         # Each call queues its message before its first await, so the order holds.
-        return list(await asyncio.gather(*(self.add_incoming(m) for m in messages)))
+        results = await asyncio.gather(
+            *(self.add_incoming(m) for m in messages), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            seqs = [None if isinstance(r, BaseException) else r for r in results]
+            raise IncomingBatchError(seqs) from errors[0]
+        return results  # type: ignore[return-value]  # no exceptions among them
 
     @abstractmethod
     async def write(self, step: StepWrite) -> None:

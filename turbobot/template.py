@@ -174,6 +174,8 @@ class AssistantStream:
 _NO_KWARGS: dict[str, Any] = {}  # shared, never changed
 _INPUT = object()
 _STREAM = object()
+#: ``App._pending`` before the first step
+_FRESH = object()
 #: the journal of every app that has not journaled anything yet; never appended to
 _NO_ENTRIES: list[JournalEntry] = []
 
@@ -246,8 +248,8 @@ class App:
         self._replay: deque[JournalEntry] | None = None
         #: what the template gets next: a value to send, or a _Throw
         self._send: Any = None
-        #: why the app stopped last: waiting for input, or for a stream to finish
-        self._pending: object | None = None
+        #: why the app stopped last: not started yet, waiting for input, or for a stream
+        self._pending: object | None = _FRESH
         self._task: asyncio.Future[Assistant] | None = None
         #: running hash of every yield so far (16 bytes: a hasher object costs 400)
         self._chain = b""
@@ -299,8 +301,7 @@ class App:
 
     @property
     def started(self) -> bool:
-        # its generator exists until it ends, and then it is done
-        return self._gen is not None or self.done
+        return self._pending is not _FRESH
 
     @property
     def replaying(self) -> bool:
@@ -327,7 +328,8 @@ class App:
         if self._pending is _INPUT:
             given = _as_input(value)  # raises while still waiting: the state is kept
         try:
-            if not self.started:
+            if self._pending is _FRESH:
+                self._pending = None
                 self._gen = self._open_frame(self.template, self.args, self.kwargs)
             elif self._pending is _INPUT:
                 self._record(

@@ -20,6 +20,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string
@@ -443,9 +444,8 @@ class SQLStore(BaseStore):
         """
         prepared = self._prepared
         await self._begin_immediate(raw)
-        committing: asyncio.Future[None] | None = None
-        try:
-            inserted: dict[tuple[str, str], int] = {}
+        inserted: dict[tuple[str, str], int] = {}
+        try:  # no await in here: nothing can interrupt these statements half way
             if incoming:
                 # The write lock is held since BEGIN IMMEDIATE: rows after ``last`` are ours.
                 (last,) = raw.execute(prepared.last_inbox_seq.sql).fetchone()
@@ -454,10 +454,22 @@ class SQLStore(BaseStore):
                     inserted[(channel, message_id)] = seq
             for statement, rows in self._statements(batch):
                 raw.executemany(statement.sql, rows)
-            committing = asyncio.get_running_loop().run_in_executor(self._executor, raw.commit)
-            await committing
         except BaseException:
-            if committing is None or committing.done():
+            raw.rollback()
+            raise
+        assert self._executor is not None
+        committing = self._executor.submit(_commit_waiting, raw)
+        try:
+            await asyncio.shield(asyncio.wrap_future(committing))
+        except asyncio.CancelledError:
+            # The commit goes on in its thread and the connection is not free until it
+            # ends (rolling back now would race it): wait for it, then give up.
+            futures.wait([committing])
+            if committing.exception() is not None and raw.in_transaction:
+                raw.rollback()
+            raise
+        except BaseException:
+            if raw.in_transaction:
                 raw.rollback()
             raise
         return inserted
@@ -471,8 +483,7 @@ class SQLStore(BaseStore):
                 raw.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                locked = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-                if not locked or time.monotonic() > deadline:
+                if not _busy(exc) or time.monotonic() > deadline:
                     raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.1)
@@ -644,6 +655,27 @@ class _Statements:
             dialect,
             _CONSUMED_ROW,
         )
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds a lock (extended codes like SQLITE_BUSY_SNAPSHOT too)."""
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _commit_waiting(raw: sqlite3.Connection) -> None:
+    """COMMIT, in the commit thread; a lock held by a reader (without WAL) is waited for."""
+    deadline = time.monotonic() + _SQLITE_LOCK_WAIT
+    pause = 0.002
+    while True:
+        try:
+            raw.commit()
+            return
+        except sqlite3.OperationalError as exc:
+            # A busy COMMIT leaves the transaction open, to be committed again.
+            if not _busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def _connect_sqlite(path: str, synchronous: str) -> sqlite3.Connection:
