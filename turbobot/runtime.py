@@ -637,11 +637,14 @@ class Runtime:
             self._buffer(live).consumed.append((live.wake.key, live.wake.message_id))
             live.wake = None
 
-    async def _commit(self, live: _Live, *, wait: bool = False, undelivered: int = 0) -> None:
+    async def _commit(
+        self, live: _Live, *, wait: bool = False, undelivered: int = 0, state: bool = True
+    ) -> None:
         """Hand the step's changes to the store; with ``wait``, until committed.
 
         ``undelivered``: how many of the app's last yields produced output not yet
-        delivered (a replay must deliver them).
+        delivered (a replay must deliver them). ``state=False``: the caller knows the
+        conversation's state is as last written (its row is then not updated again).
         """
         step = self._buffer(live)
         live.buffer = None
@@ -652,7 +655,10 @@ class Runtime:
             live.saved = len(app.journal)
             live.yields = app.yields - undelivered
             live.journal = app.journal
-        step.record = live
+        if state or step.journal or step.transcript or step.new_conversation:
+            step.record = live
+        else:
+            step.record = None  # only replies sent or messages used: the row is unchanged
         await self.store.write(step)
         if step.new_conversation:
             # Stored with the new row; in RAM the app's context stands for it.
@@ -673,6 +679,7 @@ class Runtime:
         sent = False
         previous_deadline = record.deadline
         record.status, record.deadline = "running", None
+        asked = False  # a question was sent, and with it the final state committed
         self._arm_timer(key, None)
         typing = asyncio.create_task(self._keep_typing(key)) if self._typing else None
         try:
@@ -688,7 +695,7 @@ class Runtime:
                     if output.message:
                         self._use_wake(live)
                         await self._say(key, live, output.message)
-                        sent = True
+                        sent = asked = True
                     break
                 if isinstance(output, AssistantStream):
                     if typing is not None:
@@ -727,7 +734,7 @@ class Runtime:
             record.deadline = None
         if app.waiting is None or record.broken:
             self._use_wake(live)  # it ended (or failed) before asking for input
-        await self._commit(live)
+        await self._commit(live, state=not asked)
         if not record.active:
             live.app = None
             self._forget(key)
