@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -193,10 +193,8 @@ class SQLStore(BaseStore):
             @event.listens_for(engine.sync_engine, "connect")
             def _pragmas(dbapi_connection: Any, _record: Any) -> None:
                 cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute(f"PRAGMA synchronous={synchronous}")
-                cursor.execute("PRAGMA foreign_keys=ON")
-                cursor.execute("PRAGMA busy_timeout=10000")
+                for pragma in _sqlite_pragmas(synchronous, busy_timeout_ms=10_000):
+                    cursor.execute(pragma)
                 cursor.close()
 
         from turbobot.sql.migrate import check_schema, upgrade_schema
@@ -476,17 +474,11 @@ class SQLStore(BaseStore):
 
     async def _begin_immediate(self, raw: sqlite3.Connection) -> None:
         # Polled rather than waited for with busy_timeout, which would block the loop.
-        deadline = time.monotonic() + _SQLITE_LOCK_WAIT
-        pause = 0.002
-        while True:
-            try:
-                raw.execute("BEGIN IMMEDIATE")
+        for pause in _lock_pauses():
+            if _unless_busy(raw.execute, "BEGIN IMMEDIATE"):
                 return
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc) or time.monotonic() > deadline:
-                    raise
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.1)
+        raw.execute("BEGIN IMMEDIATE")  # a last try, which raises if still locked
 
     @functools.cached_property
     def _prepared(self) -> _Statements:
@@ -657,33 +649,53 @@ class _Statements:
         )
 
 
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    """Another connection holds a lock (extended codes like SQLITE_BUSY_SNAPSHOT too)."""
-    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+def _lock_pauses() -> Iterator[float]:
+    """Pauses between tries for a lock another connection holds, for _SQLITE_LOCK_WAIT s."""
+    deadline = time.monotonic() + _SQLITE_LOCK_WAIT
+    pause = 0.002
+    while time.monotonic() < deadline:
+        yield pause
+        pause = min(pause * 2, 0.1)
+
+
+def _unless_busy(call: Callable[..., object], *args: Any) -> bool:
+    """``call(*args)``; ``False`` if another connection holds a lock (any other error raises)."""
+    try:
+        call(*args)
+    except sqlite3.OperationalError as exc:
+        # extended codes (SQLITE_BUSY_SNAPSHOT, ...) carry the primary one in the low byte
+        if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise
+        return False
+    return True
 
 
 def _commit_waiting(raw: sqlite3.Connection) -> None:
-    """COMMIT, in the commit thread; a lock held by a reader (without WAL) is waited for."""
-    deadline = time.monotonic() + _SQLITE_LOCK_WAIT
-    pause = 0.002
-    while True:
-        try:
-            raw.commit()
+    """COMMIT, in the commit thread; a lock held by a reader (without WAL) is waited for.
+
+    A busy COMMIT leaves the transaction open, to be committed again.
+    """
+    for pause in _lock_pauses():
+        if _unless_busy(raw.commit):
             return
-        except sqlite3.OperationalError as exc:
-            # A busy COMMIT leaves the transaction open, to be committed again.
-            if not _busy(exc) or time.monotonic() > deadline:
-                raise
         time.sleep(pause)
-        pause = min(pause * 2, 0.1)
+    raw.commit()  # a last try, which raises if still locked
+
+
+def _sqlite_pragmas(synchronous: str, *, busy_timeout_ms: int) -> tuple[str, ...]:
+    return (
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA synchronous={synchronous}",
+        "PRAGMA foreign_keys=ON",
+        f"PRAGMA busy_timeout={busy_timeout_ms}",
+    )
 
 
 def _connect_sqlite(path: str, synchronous: str) -> sqlite3.Connection:
     # Transactions are begun by hand (BEGIN IMMEDIATE); a lock is waited for by polling.
     raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    for pragma in ("journal_mode=WAL", f"synchronous={synchronous}", "foreign_keys=ON"):
-        raw.execute(f"PRAGMA {pragma}")
-    raw.execute("PRAGMA busy_timeout=0")
+    for pragma in _sqlite_pragmas(synchronous, busy_timeout_ms=0):
+        raw.execute(pragma)
     return raw
 
 
