@@ -597,30 +597,11 @@ class FakeTelegram:
         return chat
 
     def message(
-        self,
-        chat_id: int,
-        text: str | None = None,
-        *,
-        user_id: int | None = None,
-        chat_type: str | None = None,
-        username: str | None = "alice",
-        first_name: str = "Alice",
-        last_name: str | None = None,
-        chat_title: str | None = None,
-        message_id: int | None = None,
-        message_thread_id: int | None = None,
-        is_topic_message: bool | None = None,
-        is_forum: bool | None = None,
-        entities: list[dict[str, Any]] | None = None,
-        reply_to_message: dict[str, Any] | SentMessage | None = None,
-        caption: str | None = None,
-        media: str | dict[str, Any] | None = None,
-        from_bot: bool = False,
-        date: int | None = None,
-        extra: dict[str, Any] | None = None,
-        push: bool = True,
+        self, chat_id: int, text: str | None = None, *, push: bool = True, **fields: Any
     ) -> dict[str, Any]:
         """A ``message`` update from a user, with an ``update_id``; pushed unless ``push=False``.
+
+        ``fields`` are the keywords of :meth:`_build_message` (an unknown one raises).
 
         ``user_id`` defaults to ``chat_id`` in private chats and 1001 elsewhere; the chat
         type to "private" for positive ids and "supergroup" for negative ones. Commands
@@ -629,27 +610,7 @@ class FakeTelegram:
         "animation" or "video_note" (a minimal valid object, its file served by getFile),
         or a dict merged into the message.
         """
-        msg = self._build_message(
-            chat_id,
-            text,
-            user_id=user_id,
-            chat_type=chat_type,
-            username=username,
-            first_name=first_name,
-            last_name=last_name,
-            chat_title=chat_title,
-            message_id=message_id,
-            message_thread_id=message_thread_id,
-            is_topic_message=is_topic_message,
-            is_forum=is_forum,
-            entities=entities,
-            reply_to_message=reply_to_message,
-            caption=caption,
-            media=media,
-            from_bot=from_bot,
-            date=date,
-            extra=extra,
-        )
+        msg = self._build_message(chat_id, text, **fields)
         update = {"message": msg}
         self._assign_update_id(update)
         return self.push(update) if push else update
