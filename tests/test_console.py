@@ -26,19 +26,28 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def run_console(stdin: str, env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
+async def spawn_turbobot(
+    env: dict[str, str],
+    *args: str,
+    stdin: int = asyncio.subprocess.PIPE,
+    stdout: int = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """``python -m turbobot ARGS`` from the repository root; its stderr is piped."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "turbobot",
-        "run",
         *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+        stdin=stdin,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         cwd=ROOT,
         env=env,
     )
+
+
+async def run_console(stdin: str, env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await spawn_turbobot(env, "run", *args)
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from typing import Any
 
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.test_console import ROOT, clean_env
+from tests.test_console import clean_env, spawn_turbobot
 from turbobot import ChannelKey
 from turbobot.sql import SQLStore
 
@@ -33,18 +32,7 @@ class Console:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Console:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "turbobot",
-            "run",
-            "bots.horoscope",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-            env=self.env,
-        )
+        self.proc = await spawn_turbobot(self.env, "run", "bots.horoscope")
         return self
 
     async def say(self, text: str) -> None:

@@ -10,14 +10,13 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.telegram_server import FakeTelegram
-from tests.test_console import ROOT, clean_env
+from tests.test_console import clean_env, spawn_turbobot
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +34,8 @@ class TelegramBot:
         self.stderr = b""
 
     async def start(self) -> TelegramBot:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "turbobot",
+        self.proc = await spawn_turbobot(
+            self.env,
             "--log-level",
             "DEBUG",
             "run",
@@ -47,9 +44,6 @@ class TelegramBot:
             "telegram",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-            env=self.env,
         )
         return self
 
@@ -136,20 +130,14 @@ async def test_kill_9_mid_generation_and_while_waiting_then_resume(
 
 async def test_cli_configuration_errors(telegram: FakeTelegram) -> None:
     async def run(env: dict[str, str], *args: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "turbobot",
+        proc = await spawn_turbobot(
+            env,
             "run",
             "bots.horoscope",
             "--platform",
             "telegram",
             *args,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=ROOT,
-            env=env,
         )
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode is not None
