@@ -22,6 +22,7 @@ import asyncio
 import gc
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "anchors"))
@@ -81,9 +82,10 @@ def make_store(variant: str) -> tuple[BaseStore, str | None]:
     sys.exit(f"unknown variant {variant}")
 
 
-async def feed(runtime: Runtime, messages: list[IncomingMessage]) -> None:
-    for start in range(0, len(messages), BATCH):
-        await runtime.receive_many(messages[start : start + BATCH])
+async def feed(runtime: Runtime, ids: range, make: Callable[[int], IncomingMessage]) -> None:
+    """One message per id, received a batch at a time (each batch built when it is sent)."""
+    for start in range(0, len(ids), BATCH):
+        await runtime.receive_many([make(i) for i in ids[start : start + BATCH]])
     await runtime.join()
 
 
@@ -96,9 +98,8 @@ async def main(chats: int, variant: str) -> None:
     )
     await runtime.start()
 
-    warm = [message(i, 10**9 + i, "hi") for i in B.WARMUP_IDS]
-    await feed(runtime, warm)
-    await feed(runtime, [message(i, 2 * 10**9 + i, B.name_for(i)) for i in B.WARMUP_IDS])
+    await feed(runtime, B.WARMUP_IDS, lambda i: message(i, 10**9 + i, "hi"))
+    await feed(runtime, B.WARMUP_IDS, lambda i: message(i, 2 * 10**9 + i, B.name_for(i)))
     assert len(LOG.sent) == 2 * B.WARMUP, len(LOG.sent)
     LOG.reset()
     gc.collect()
@@ -106,20 +107,11 @@ async def main(chats: int, variant: str) -> None:
     rss_base = B.rss_mb()
     t = B.Timer()
     t.start()
-    for start in range(0, chats, BATCH):
-        batch = [message(i, i + 1, "hi") for i in range(start, min(chats, start + BATCH))]
-        await runtime.receive_many(batch)
-    await runtime.join()
+    await feed(runtime, range(chats), lambda i: message(i, i + 1, "hi"))
     t.mark("phase1")
     rss_waiting = B.rss_mb()
     waiting = runtime.live_count
-    for start in range(0, chats, BATCH):
-        batch = [
-            message(i, chats + i + 1, B.name_for(i))
-            for i in range(start, min(chats, start + BATCH))
-        ]
-        await runtime.receive_many(batch)
-    await runtime.join()
+    await feed(runtime, range(chats), lambda i: message(i, chats + i + 1, B.name_for(i)))
     await store.flush()
     t.mark("end")
     await runtime.aclose()
