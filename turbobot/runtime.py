@@ -33,7 +33,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
@@ -148,6 +148,7 @@ class _Live(ConversationRecord):
     """A conversation the runtime holds: its record, and its app when in RAM.
 
     A record itself (a subclass, not a wrapper): one object less per conversation.
+    One loaded from the store is made with ``_Live.copy_of(record, saved=...)``.
     """
 
     app: App | None = None
@@ -158,16 +159,6 @@ class _Live(ConversationRecord):
     #: the message that started the conversation, until it is known whether it is input
     wake: IncomingMessage | None = None
     used_at: float = 0.0
-
-    @classmethod
-    def adopt(cls, record: ConversationRecord) -> _Live:
-        """A stored record, taken over by the runtime."""
-        live = cls(**{name: getattr(record, name) for name in _RECORD_FIELDS})
-        live.saved = len(record.journal)
-        return live
-
-
-_RECORD_FIELDS = tuple(f.name for f in fields(ConversationRecord))
 
 
 class Runtime:
@@ -523,7 +514,7 @@ class Runtime:
         self._stored_keys.discard(key)
         if record is None:
             return None
-        live = _Live.adopt(record)
+        live = _Live.copy_of(record, saved=len(record.journal))
         self._deadlines.pop(key, None)
         self._touch(key, live)
         return live

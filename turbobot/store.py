@@ -24,8 +24,8 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Self
 
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.template import JournalEntry
@@ -90,19 +90,17 @@ class ConversationRecord:
 
     def snapshot(self) -> ConversationRecord:
         """A plain copy of the state columns (the journal is written separately)."""
-        return ConversationRecord(
-            self.id,
-            self.key,
-            self.template_ref,
-            self.context,
-            self.status,
-            [],
-            self.yields,
-            self.deadline,
-            self.broken,
-            self.started_at,
-            self.ended_at,
-        )
+        return ConversationRecord.copy_of(self, journal=[])
+
+    @classmethod
+    def copy_of(cls, record: ConversationRecord, **changes: Any) -> Self:
+        """A ``cls`` (this class or a subclass) with ``record``'s fields, then ``changes``."""
+        values = {name: getattr(record, name) for name in _RECORD_FIELDS}
+        values.update(changes)
+        return cls(**values)
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(ConversationRecord))
 
 
 @dataclass(frozen=True, slots=True)
