@@ -207,9 +207,11 @@ async def test_early_timer_is_rearmed() -> None:
     await runtime.aclose()
 
 
-async def test_failed_group_commit_fails_every_waiter(tmp_path: Any) -> None:
+async def test_failed_group_commit_leaves_no_waiter_hanging(tmp_path: Any) -> None:
+    # Since issue 10 a refused write is dropped alone and the store goes on (see
+    # test_hardening): flushes return, the refused message's sender gets the error.
     from turbobot.sql import SQLStore
-    from turbobot.store import OutgoingRecord, StepWrite, new_id
+    from turbobot.store import IncomingBatchError, OutgoingRecord, StepWrite, new_id
 
     store = SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'broken.db'}")
     await store.open()
@@ -226,7 +228,10 @@ async def test_failed_group_commit_fails_every_waiter(tmp_path: Any) -> None:
     results = await asyncio.wait_for(
         asyncio.gather(first, *later, return_exceptions=True), timeout=5
     )
-    assert all(isinstance(r, RuntimeError) for r in results), results
+    flushed, refused, flushed_later = results
+    assert flushed is None and flushed_later is None, results
+    assert isinstance(refused, IncomingBatchError)
+    assert isinstance(refused.__cause__, RuntimeError)
     await store.aclose()
 
 

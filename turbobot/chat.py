@@ -75,9 +75,12 @@ class IncomingMessage:
     attachments: tuple[Attachment, ...] = ()
     is_bot: bool = False
     reply_to: str | None = None
+    #: the text as the user sent it, when ``text`` had to differ: cut to the input cap,
+    #: or with characters no store or model takes replaced (see ``Runtime.receive``)
+    raw_text: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "key": self.key.to_dict(),
             "text": self.text,
             "message_id": self.message_id,
@@ -90,6 +93,9 @@ class IncomingMessage:
             "is_bot": self.is_bot,
             "reply_to": self.reply_to,
         }
+        if self.raw_text is not None:
+            data["raw_text"] = self.raw_text
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IncomingMessage:

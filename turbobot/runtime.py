@@ -29,14 +29,16 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
+from turbobot.codec import count, unwritable, writable_text
 from turbobot.exceptions import LLMError, ReplayDivergedError, UndeliverableError
 from turbobot.llm.base import LLM
 from turbobot.messages import Assistant
@@ -103,6 +105,16 @@ class Notices:
         "Commands: /start (or /new) starts a new conversation, /reset ends this one "
         "and forgets it, /help shows this."
     )
+    #: sent before the answer to a message cut to ``RuntimeSettings.max_input_chars``
+    too_long: str = (
+        "Your message was too long: I read only its first {limit:,} characters. "
+        "Send the rest in another message if it matters."
+    )
+    #: sent before the answer to a message holding characters no store or model takes
+    unreadable: str = (
+        "Part of your message could not be read (invalid or control characters); "
+        "I replaced it with \ufffd."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +126,10 @@ class RuntimeSettings:
         idle_evict_seconds: a conversation idle this long leaves RAM (``None``: never).
         max_live: at most this many conversations stay in RAM; the least recently
             used idle ones are evicted first (``None``: no cap).
+        max_input_chars: the longest text a template gets from one message; a longer
+            message is cut (the user is told, the whole text is stored). A model's
+            prompt always keeps the newest turn whole, so without a cap one huge message
+            would make every later request too large.
         gc_threshold: on start, raise the garbage collector's first threshold to this
             (``None``: leave the process's setting alone). With Python's default, 700,
             the short-lived objects of steps waiting for a commit reach the oldest
@@ -126,6 +142,7 @@ class RuntimeSettings:
     typing_interval: float = 4.0
     idle_evict_seconds: float | None = 600.0
     max_live: int | None = None
+    max_input_chars: int = 16_000
     gc_threshold: int | None = 10_000
 
 
@@ -292,7 +309,7 @@ class Runtime:
             raise RuntimeError("the runtime is closed")
         if not self._started:
             await self.start()
-        wanted = [m for m in messages if not m.is_bot]
+        wanted = [self._admit(m) for m in messages if not m.is_bot]
         failure: IncomingBatchError | None = None
         try:
             committed = await self.store.add_incoming_many(wanted) if wanted else []
@@ -300,18 +317,53 @@ class Runtime:
             # Schedule what was committed (it would otherwise wait for a restart), then raise.
             committed, failure = exc.seqs, exc
         seqs = iter(committed)
+        admitted_messages = iter(wanted)
         accepted: list[bool] = []
         for message in messages:
-            seq = None if message.is_bot else next(seqs)
+            seq = admitted = None
+            if not message.is_bot:
+                seq, admitted = next(seqs), next(admitted_messages)
             accepted.append(seq is not None)
             if seq is None and not message.is_bot:
                 _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
-            elif seq is not None and not self._closed:  # once closed, the next start has it
-                self._queues.setdefault(message.key, deque()).append(InboxItem(seq, message))
+            elif seq is not None and admitted is not None and not self._closed:
+                # (once closed, the next start has it)
+                self._queues.setdefault(message.key, deque()).append(InboxItem(seq, admitted))
                 self._wake(message.key)
         if failure is not None:
             raise failure.__cause__ or failure
         return accepted
+
+    def _admit(self, message: IncomingMessage) -> IncomingMessage:
+        """The message as the template will see it: writable text, within the input cap.
+
+        What had to change is kept whole in ``raw_text`` (stored losslessly, see
+        turbobot.codec); the user is told when the message is handled.
+        """
+        timestamp = message.timestamp
+        if type(timestamp) is not float or not math.isfinite(timestamp):
+            try:
+                timestamp = float(timestamp)
+            except (TypeError, ValueError, OverflowError):
+                timestamp = math.nan
+            if not math.isfinite(timestamp):
+                timestamp = self.clock()
+            message = replace(message, timestamp=timestamp)
+        text = message.text
+        limit = self.settings.max_input_chars
+        if len(text) <= limit and not unwritable(text):
+            return message
+        return replace(message, text=writable_text(text[:limit]), raw_text=text)
+
+    def _admission_notice(self, message: IncomingMessage) -> str | None:
+        raw = message.raw_text
+        if raw is None:
+            return None
+        notices = self.settings.notices
+        limit = self.settings.max_input_chars
+        if len(raw) > limit:
+            return notices.too_long.format(limit=limit)
+        return notices.unreadable
 
     async def join(self) -> None:
         """Wait until every channel has handled everything it can handle now."""
@@ -441,6 +493,9 @@ class Runtime:
         """Handle one inbox message; ``False`` leaves it in the inbox."""
         command = parse_command(message.text, self.settings.bot_username)
         notices = self.settings.notices
+        admission = self._admission_notice(message)
+        if admission is not None and command is None:
+            await self._send_standalone(key, admission)
         if command in ("start", "new"):
             await self._end(key, "restarted", None)
             fresh = self._start(key, message)
@@ -760,8 +815,8 @@ class Runtime:
                 "assistant",
                 text,
                 self.clock(),
-                usage.prompt_tokens if usage else None,
-                usage.completion_tokens if usage else None,
+                count(usage.prompt_tokens) if usage else None,
+                count(usage.completion_tokens) if usage else None,
             )
         )
         outgoing = OutgoingRecord(new_id(), key, text)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Self
 
 from turbobot.chat import ChannelKey, IncomingMessage
+from turbobot.codec import from_json, to_json
 from turbobot.template import JournalEntry
 
 __all__ = [
@@ -242,7 +243,11 @@ class BaseStore(ABC):
 
 
 class InMemoryStore(BaseStore):
-    """A store in RAM: nothing survives the process. Steps apply at once."""
+    """A store in RAM: nothing survives the process. Steps apply at once.
+
+    Journal values go through the same JSON encoding as in SQL (turbobot.codec), so a
+    test on this store sees what a replay from SQL would give back.
+    """
 
     def __init__(self) -> None:
         self._seen: set[tuple[ChannelKey, str]] = set()
@@ -274,7 +279,11 @@ class InMemoryStore(BaseStore):
             journal = self._journals.setdefault(record.id, [])
             if step.journal:
                 del journal[step.journal_start :]
-                journal.extend(step.journal)
+                # Through the SQL stores' encoding: what would not come back from SQL
+                # unchanged does not come back unchanged from here either.
+                journal.extend(
+                    JournalEntry(e.kind, from_json(to_json(e.value)), e.chain) for e in step.journal
+                )
             if state.active:
                 self._active[record.key] = record.id
             elif self._active.get(record.key) == record.id:

@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 
 from turbobot.cache import BaseCache
 from turbobot.chat import IncomingMessage, TemplateContext
+from turbobot.codec import json_problem
 from turbobot.exceptions import (
     ConfigurationError,
     InvalidYieldError,
@@ -510,15 +511,13 @@ class App:
                 if self._live_output():
                     return item
             elif isinstance(item, Step):
-                entry = self._take(("step",))
-                if entry is not None:
+                entry = self._take(("step", "error"))
+                if entry is None:
+                    await self._step(item)
+                elif entry.kind == "step":
                     self._send = entry.value
-                else:
-                    value = item.fn(*item.args, **item.kwargs)
-                    if inspect.isawaitable(value):
-                        value = await value
-                    self._record("step", value)
-                    self._send = value
+                else:  # a refused result, refused again
+                    self._send = _Throw(TemplateError(entry.value.get("message", "")))
             elif isinstance(item, (Delegate, App)):
                 sub = item.app if isinstance(item, Delegate) else item
                 if self._stack is None:
@@ -539,6 +538,25 @@ class App:
                     value=item,
                 )
         raise StopAsyncIteration
+
+    async def _step(self, item: Step) -> None:
+        value = item.fn(*item.args, **item.kwargs)
+        if inspect.isawaitable(value):
+            value = await value
+        problem = json_problem(value)
+        if problem is None:
+            self._record("step", value)
+            self._send = value
+            return
+        # Refused here, where the template can see why, not later in the store; the
+        # refusal is journaled, so that a replay refuses it again at the same point.
+        error = TemplateError(
+            f"template {self._name()}: Step {getattr(item.fn, '__qualname__', item.fn)!s} "
+            f"returned {_short_repr(value)}, which cannot be journaled: {problem}. A Step "
+            "must return JSON values (str, int, float, bool, None, lists, dicts with str keys)"
+        )
+        self._record("error", {"type": "TemplateError", "message": str(error)})
+        self._send = _Throw(error)
 
     def _record_error(self, exc: LLMError) -> None:
         """Throw ``exc`` into the template; journal it unless it came from the journal."""
@@ -626,6 +644,11 @@ class App:
         if self.cache is not None and key is not None:
             await self.cache.set(key, response)
         return response
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _make_memory(setting: Any) -> BaseMemory:

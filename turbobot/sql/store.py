@@ -31,10 +31,11 @@ from sqlalchemy import bindparam, event, func, insert, literal_column, select, t
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from turbobot.chat import ChannelKey, IncomingMessage
+from turbobot.codec import count, to_json, unwritable, writable_text
 from turbobot.exceptions import ConfigurationError
 from turbobot.sql.schema import conversations, inbox, journal, messages, outbox
 from turbobot.store import (
@@ -42,6 +43,7 @@ from turbobot.store import (
     BaseStore,
     ConversationRecord,
     InboxItem,
+    IncomingBatchError,
     OutgoingRecord,
     Recovery,
     StepWrite,
@@ -62,13 +64,10 @@ def _dumps(value: Any) -> str:
     """Compact JSON of the runtime's own dicts (messages, contexts): orjson, ten times faster."""
     try:
         return orjson.dumps(value).decode()
-    except TypeError:  # what orjson refuses and json takes (ints beyond 64 bits, int keys)
-        return _json_dumps(value)
+    except TypeError:  # what orjson refuses: lone surrogates, ints beyond 64 bits, int keys
+        return to_json(value)
 
 
-#: for journal values, which templates choose: orjson would write NaN as null, and a
-#: replay must give back exactly what was recorded
-_json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 #: the standard library's: orjson reads integers beyond 64 bits as floats
 _loads = json.loads
 
@@ -81,7 +80,9 @@ def channel_column(key: ChannelKey) -> str:
     Built by hand because it runs several times per message; the text is exactly what
     ``json.dumps(list(key), ensure_ascii=False)`` gives (rows are looked up by it).
     """
-    return "[" + ", ".join("null" if p is None else _json_string(p) for p in key) + "]"
+    text = "[" + ", ".join("null" if p is None else _json_string(p) for p in key) + "]"
+    # Escaped only when it must be (a lone surrogate or NUL in a name): still unique.
+    return text if not unwritable(text) else json.dumps(list(key))
 
 
 def parse_channel_column(value: str) -> ChannelKey:
@@ -89,36 +90,101 @@ def parse_channel_column(value: str) -> ChannelKey:
     return ChannelKey(platform, channel, thread, user)
 
 
-#: what one ``add_incoming_many`` queued: its inbox rows, and the future of their seqs
-_Incoming = tuple[list[tuple[Any, ...]], asyncio.Future[list[int | None]]]
+_Rows = list[tuple[Any, ...]]
+_NONE: _Rows = []  # shared, never appended to
+
+
+@dataclass(slots=True)
+class _Op:
+    """The rows of one operation (one page of incoming messages, or one step).
+
+    Operations are committed together, grouped by statement; one that cannot be
+    written (a value the database refuses) is found by committing them one by one,
+    and only it is dropped (see ``SQLStore._commit_isolating``).
+    """
+
+    #: the channel, for the log when this operation cannot be written
+    channel: str
+    incoming: _Rows = field(default_factory=lambda: _NONE)
+    #: resolved with the incoming rows' seqs (``None``: seen before)
+    future: asyncio.Future[list[int | None]] | None = None
+    new_conversation: tuple[Any, ...] | None = None
+    #: the conversation's state columns, its id last
+    state: tuple[Any, ...] | None = None
+    journal: _Rows = field(default_factory=lambda: _NONE)
+    messages: _Rows = field(default_factory=lambda: _NONE)
+    outgoing: _Rows = field(default_factory=lambda: _NONE)
+    sent: _Rows = field(default_factory=lambda: _NONE)
+    consumed: _Rows = field(default_factory=lambda: _NONE)
+    #: why the database refused this operation (it was dropped)
+    failure: BaseException | None = None
+
+
+def _split_incoming(op: _Op) -> list[_Op]:
+    """A page of incoming messages as one operation per message (same future)."""
+    return [_Op(op.channel, incoming=[row], future=op.future) for row in op.incoming]
 
 
 @dataclass(slots=True)
 class _Batch:
-    """Rows of several operations, grouped by statement, as tuples in column order."""
+    """Operations waiting for the next commit, and who waits for it."""
 
-    incoming: list[_Incoming] = field(default_factory=list)
-    new_conversations: list[tuple[Any, ...]] = field(default_factory=list)
-    #: the last state written per conversation (within a transaction, only it matters)
-    conversation_states: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    journal: list[tuple[Any, ...]] = field(default_factory=list)
-    messages: list[tuple[Any, ...]] = field(default_factory=list)
-    outgoing: list[tuple[Any, ...]] = field(default_factory=list)
-    sent: list[tuple[Any, ...]] = field(default_factory=list)
-    consumed: list[tuple[Any, ...]] = field(default_factory=list)
+    ops: list[_Op] = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def size(self) -> int:
-        return (
-            len(self.incoming)
-            + len(self.new_conversations)
-            + len(self.conversation_states)
-            + len(self.journal)
-            + len(self.messages)
-            + len(self.outgoing)
-            + len(self.sent)
-            + len(self.consumed)
-        )
+        return len(self.ops)
+
+
+@dataclass(slots=True)
+class _Merged:
+    """The rows of several operations grouped by statement, in operation order."""
+
+    incoming: _Rows
+    new_conversations: _Rows
+    #: the last state written per conversation (within a transaction, only it matters)
+    conversation_states: _Rows
+    journal: _Rows
+    messages: _Rows
+    outgoing: _Rows
+    sent: _Rows
+    consumed: _Rows
+
+    @classmethod
+    def of(cls, ops: Sequence[_Op]) -> _Merged:
+        if len(ops) == 1:
+            op = ops[0]
+            return cls(
+                op.incoming,
+                [op.new_conversation] if op.new_conversation else _NONE,
+                [op.state] if op.state else _NONE,
+                op.journal,
+                op.messages,
+                op.outgoing,
+                op.sent,
+                op.consumed,
+            )
+        merged = cls([], [], [], [], [], [], [], [])
+        states: dict[str, tuple[Any, ...]] = {}
+        for op in ops:
+            if op.incoming:
+                merged.incoming += op.incoming
+            if op.new_conversation:
+                merged.new_conversations.append(op.new_conversation)
+            if op.state:
+                states[op.state[-1]] = op.state
+            if op.journal:
+                merged.journal += op.journal
+            if op.messages:
+                merged.messages += op.messages
+            if op.outgoing:
+                merged.outgoing += op.outgoing
+            if op.sent:
+                merged.sent += op.sent
+            if op.consumed:
+                merged.consumed += op.consumed
+        merged.conversation_states = list(states.values())
+        return merged
 
 
 # Column orders of the rows above; each statement is checked against its order once.
@@ -146,6 +212,8 @@ class SQLStore(BaseStore):
             survives power loss, ``NORMAL`` only a crash of the process.
         upgrade: bring the schema to the newest migration on open (default: only
             for SQLite; PostgreSQL schemas are upgraded with ``turbobot db upgrade``).
+        max_retry_delay: the longest pause between tries of a commit the database
+            refuses for a while (full disk, read-only file, lost connection).
     """
 
     def __init__(
@@ -156,10 +224,12 @@ class SQLStore(BaseStore):
         max_batch: int = 5000,
         sqlite_synchronous: str = "FULL",
         upgrade: bool | None = None,
+        max_retry_delay: float = 5.0,
     ) -> None:
         self.url = url
         self.batch_window = batch_window
         self.max_batch = max_batch
+        self.max_retry_delay = max_retry_delay
         self.sqlite_synchronous = sqlite_synchronous.upper()
         self.is_sqlite = url.startswith("sqlite")
         self.upgrade = self.is_sqlite if upgrade is None else upgrade
@@ -259,42 +329,42 @@ class SQLStore(BaseStore):
         rows = [
             (
                 channel_column(message.key),
-                message.message_id,
+                writable_text(message.message_id),
                 _dumps(message.to_dict()),
                 message.timestamp,
                 False,
             )
             for message in messages
         ]
-        self._batch.incoming.append((rows, future))
+        self._batch.ops.append(_Op(rows[0][0], incoming=rows, future=future))
         self._queued()
         return await future
 
     async def write(self, step: StepWrite) -> None:
-        # Everything is copied now: the caller goes on changing its objects.
+        # Everything is copied now: the caller goes on changing its objects. Encoding
+        # happens here too, so a value that cannot be encoded raises in the caller and
+        # nothing of its step is queued.
         self._check_writer()
-        batch = self._batch
         record = step.record
         channel = ""
+        op = _Op(channel)
         if record is not None:
-            channel = channel_column(record.key)
+            channel = op.channel = channel_column(record.key)
             if step.new_conversation:
-                batch.new_conversations.append(
-                    (
-                        record.id,
-                        channel,
-                        record.template_ref,
-                        _dumps(record.context),
-                        record.status,
-                        record.yields,
-                        record.deadline,
-                        record.broken,
-                        record.started_at,
-                        record.ended_at,
-                    )
+                op.new_conversation = (
+                    record.id,
+                    channel,
+                    record.template_ref,
+                    _dumps(record.context),
+                    record.status,
+                    record.yields,
+                    record.deadline,
+                    record.broken,
+                    record.started_at,
+                    record.ended_at,
                 )
             else:
-                batch.conversation_states[record.id] = (
+                op.state = (
                     record.status,
                     record.yields,
                     record.deadline,
@@ -302,40 +372,53 @@ class SQLStore(BaseStore):
                     record.ended_at,
                     record.id,
                 )
-            start = step.journal_start
-            batch.journal.extend(
-                (record.id, start + offset, entry.kind, _json_dumps(entry.value), entry.chain)
-                for offset, entry in enumerate(step.journal)
-            )
-            batch.messages.extend(
-                (
-                    line.conversation_id,
-                    channel,
-                    line.role,
-                    line.text,
-                    line.at,
-                    line.prompt_tokens,
-                    line.completion_tokens,
-                )
-                for line in step.transcript
-            )
-        for outgoing in step.outgoing:
-            column = channel if record is not None and outgoing.key == record.key else None
-            batch.outgoing.append(
+            if step.journal:
+                start = step.journal_start
+                op.journal = [
+                    (record.id, start + offset, entry.kind, to_json(entry.value), entry.chain)
+                    for offset, entry in enumerate(step.journal)
+                ]
+            if step.transcript:
+                op.messages = [
+                    (
+                        line.conversation_id,
+                        channel,
+                        line.role,
+                        writable_text(line.text),
+                        line.at,
+                        count(line.prompt_tokens),
+                        count(line.completion_tokens),
+                    )
+                    for line in step.transcript
+                ]
+        if step.outgoing:
+            op.outgoing = [
                 (
                     outgoing.id,
-                    column or channel_column(outgoing.key),
-                    outgoing.text,
+                    channel
+                    if record is not None and outgoing.key == record.key
+                    else channel_column(outgoing.key),
+                    writable_text(outgoing.text),
                     outgoing.created_at,
                     False,
                 )
-            )
+                for outgoing in step.outgoing
+            ]
+            if not op.channel:
+                op.channel = op.outgoing[0][1]
         if step.sent:
             now = time.time()
-            batch.sent.extend((platform_id, now, sent_id) for sent_id, platform_id in step.sent)
-        batch.consumed.extend(
-            (channel_column(key), message_id) for key, message_id in step.consumed
-        )
+            op.sent = [
+                (None if p is None else writable_text(p), now, sent_id) for sent_id, p in step.sent
+            ]
+        if step.consumed:
+            op.consumed = [
+                (channel_column(key), writable_text(message_id))
+                for key, message_id in step.consumed
+            ]
+            if not op.channel:
+                op.channel = op.consumed[0][0]
+        self._batch.ops.append(op)
         self._queued()
 
     async def flush(self) -> None:
@@ -355,27 +438,38 @@ class SQLStore(BaseStore):
             self._wake.clear()
             batch, self._batch = self._batch, _Batch()
             self._busy = True
-            if batch.size() or batch.waiters:
+            if batch.ops or batch.waiters:
                 try:
-                    inserted = await self._commit_with_retries(batch) if batch.size() else {}
+                    inserted = await self._commit_riding_out(batch.ops) if batch.ops else {}
                 except Exception as exc:
-                    _log.exception("SQL store: a group commit failed; the store stops")
+                    # Only when closing (the fault did not clear in time) or on a bug.
+                    _log.exception(
+                        "SQL store: %d writes could not be committed and are lost; messages "
+                        "not committed are not answered, their senders must send them again",
+                        len(batch.ops) + len(self._batch.ops),
+                    )
                     self._failure = exc
-                    # Fail everyone: this batch and whatever queued up meanwhile.
                     pending, self._batch = self._batch, _Batch()
                     for failed in (batch, pending):
-                        for _rows, future in failed.incoming:
-                            if not future.done():
-                                future.set_exception(exc)
+                        for op in failed.ops:
+                            if op.future is not None and not op.future.done():
+                                op.future.set_exception(exc)
                         for waiter in failed.waiters:
                             if not waiter.done():
                                 waiter.set_exception(exc)
                     self._busy = False
                     return
-                for rows, future in batch.incoming:
-                    if not future.done():
-                        # a row starts with its channel and message id
-                        future.set_result([inserted.pop(row[:2], None) for row in rows])
+                for op in batch.ops:
+                    future = op.future
+                    if future is not None and not future.done():
+                        if op.failure is not None:
+                            seqs = [inserted.pop(row[:2], None) for row in op.incoming]
+                            error = IncomingBatchError(seqs)
+                            error.__cause__ = op.failure
+                            future.set_exception(error)
+                        else:
+                            # a row starts with its channel and message id
+                            future.set_result([inserted.pop(row[:2], None) for row in op.incoming])
                 for waiter in batch.waiters:
                     if not waiter.done():
                         waiter.set_result(None)
@@ -383,25 +477,80 @@ class SQLStore(BaseStore):
             if self._closing and not self._batch.size() and not self._batch.waiters:
                 return
 
-    async def _commit_with_retries(self, batch: _Batch) -> dict[tuple[str, str], int]:
-        # A failed transaction rolled back whole, so trying it again is safe; transient
-        # errors (a locked SQLite file, a dropped PostgreSQL connection) pass.
-        for delay in (0.05, 0.25, 1.0):
-            try:
-                return await self._commit(batch)
-            except (OperationalError, InterfaceError, sqlite3.OperationalError) as exc:
-                _log.warning("SQL store: group commit failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(delay)
-        return await self._commit(batch)
+    async def _commit_riding_out(self, ops: list[_Op]) -> dict[tuple[str, str], int]:
+        """Commit ``ops``, waiting out faults of the database itself.
 
-    def _statements(self, batch: _Batch) -> list[tuple[_Prepared, list[tuple[Any, ...]]]]:
+        A failed transaction rolled back whole, so trying it again is safe. A locked
+        SQLite file, a full disk, a read-only file, a dropped PostgreSQL connection:
+        the same batch is tried again with a growing pause (up to ``max_retry_delay``)
+        until it goes through; writes made meanwhile wait in the next batch, in RAM.
+        Only when the store is closing does it give up after a few tries.
+        """
+        failures = 0
+        while True:
+            try:
+                inserted = await self._commit_isolating(ops)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                failures += 1
+                if self._closing and failures > 3:
+                    raise
+                delay = min(self.max_retry_delay, 0.05 * 2 ** min(failures, 16))
+                log = _log.warning if failures == 1 or failures % 20 == 0 else _log.debug
+                log(
+                    "SQL store: cannot commit (%s: %s); %d writes wait in memory, trying "
+                    "again in %.2fs (check disk space and that the database is writable)",
+                    type(exc).__name__,
+                    _first_line(exc),
+                    len(ops) + len(self._batch.ops),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                _log.warning("SQL store: commits go through again after %d failed tries", failures)
+            return inserted
+
+    async def _commit_isolating(self, ops: list[_Op]) -> dict[tuple[str, str], int]:
+        """Commit ``ops`` together; if the database refuses a value, commit the others.
+
+        Committed one by one, the operation that cannot be written is found, logged
+        with its channel and dropped (``op.failure``); every other one commits.
+        """
+        try:
+            return await self._commit(_Merged.of(ops))
+        except Exception as exc:
+            if _transient(exc):
+                raise
+            if len(ops) == 1:
+                if len(ops[0].incoming) > 1:
+                    parts = _split_incoming(ops[0])
+                    seqs = await self._commit_isolating(parts)
+                    ops[0].failure = next((p.failure for p in parts if p.failure), None)
+                    return seqs
+                ops[0].failure = exc
+                _log.error(
+                    "SQL store: a write for channel %s cannot be stored and is dropped "
+                    "(%s: %s); every other write goes on",
+                    ops[0].channel,
+                    type(exc).__name__,
+                    _first_line(exc),
+                )
+                return {}
+        inserted: dict[tuple[str, str], int] = {}
+        for op in ops:
+            inserted.update(await self._commit_isolating([op]))
+        return inserted
+
+    def _statements(self, batch: _Merged) -> list[tuple[_Prepared, list[tuple[Any, ...]]]]:
         """The batch's statements with their rows, in an order the foreign keys accept."""
         prepared = self._prepared
         return [
             (statement, rows)
             for statement, rows in (
                 (prepared.new_conversation, batch.new_conversations),
-                (prepared.conversation_state, list(batch.conversation_states.values())),
+                (prepared.conversation_state, batch.conversation_states),
                 (prepared.journal, batch.journal),
                 (prepared.message, batch.messages),
                 (prepared.outgoing, batch.outgoing),
@@ -411,8 +560,8 @@ class SQLStore(BaseStore):
             if rows
         ]
 
-    async def _commit(self, batch: _Batch) -> dict[tuple[str, str], int]:
-        incoming = [row for rows, _ in batch.incoming for row in rows]
+    async def _commit(self, batch: _Merged) -> dict[tuple[str, str], int]:
+        incoming = batch.incoming
         if self._sqlite is not None:
             return await self._commit_sqlite(self._sqlite, batch, incoming)
         inserted: dict[tuple[str, str], int] = {}
@@ -430,7 +579,7 @@ class SQLStore(BaseStore):
         return inserted
 
     async def _commit_sqlite(
-        self, raw: sqlite3.Connection, batch: _Batch, incoming: list[tuple[Any, ...]]
+        self, raw: sqlite3.Connection, batch: _Merged, incoming: list[tuple[Any, ...]]
     ) -> dict[tuple[str, str], int]:
         """Commit on the store's own SQLite connection: statements here, the fsync off the loop.
 
@@ -647,6 +796,21 @@ class _Statements:
             dialect,
             _CONSUMED_ROW,
         )
+
+
+def _transient(exc: BaseException) -> bool:
+    """An error of the database rather than of the rows: the same commit may go through later.
+
+    A locked, full or read-only SQLite file, an I/O error, a lost PostgreSQL
+    connection. Refused values (encoding, range, constraints) are not transient.
+    """
+    if isinstance(exc, (OperationalError, InterfaceError, sqlite3.OperationalError, OSError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def _lock_pauses() -> Iterator[float]:
