@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -31,12 +32,16 @@ async def spawn_turbobot(
     *args: str,
     stdin: int = asyncio.subprocess.PIPE,
     stdout: int = asyncio.subprocess.PIPE,
+    module: str = "turbobot",
 ) -> asyncio.subprocess.Process:
-    """``python -m turbobot ARGS`` from the repository root; its stderr is piped."""
+    """``python -m turbobot ARGS`` from the repository root; its stderr is piped.
+
+    ``module="tests.fakes.faulty_cli"`` runs the same command with faults injected.
+    """
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "turbobot",
+        module,
         *args,
         stdin=stdin,
         stdout=stdout,
@@ -97,3 +102,43 @@ async def test_unknown_bot_module_is_a_clear_error() -> None:
     code, _, err = await run_console("", clean_env(OPENAI_API_KEY="k"), "bots.nope")
     assert code == 2
     assert "cannot import bot module 'bots.nope'" in err
+
+
+async def test_a_hostile_console_session_loses_nothing(
+    openai_server: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Issue 10, defects 11 and 13: bytes no decoder likes, a 2 MB line, then a normal one."""
+    env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
+    database = f"sqlite+aiosqlite:///{tmp_path / 'hostile.db'}"
+    lines = [
+        b"",
+        b"   \t",
+        b"x" * 2_000_000,
+        b"nul\x00byte",
+        b"surrogate \xed\xa0\x80 bytes",
+        b"invalid \xff\xfe utf-8",
+        "rtl \u202eevil\u202c \u05e9\u05dc\u05d5\u05dd".encode(),
+        b"/nonsense",
+        b"the normal line",
+    ]
+    proc = await spawn_turbobot(env, "run", "bots.assistant", "--database", database)
+    out, err = await asyncio.wait_for(proc.communicate(b"\n".join(lines) + b"\n"), timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    text = out.decode()
+    assert text.rstrip("\n").endswith("echo: the normal line")
+    assert "Your message was too long" in text
+    assert text.count("Part of your message could not be read") == 3
+    assert "echo: invalid \ufffd\ufffd utf-8" in text
+    assert "echo: rtl \u202eevil\u202c \u05e9\u05dc\u05d5\u05dd" in text
+    # Every non-empty line was stored and used; the original bytes are kept.
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "hostile.db")
+    payloads = [json.loads(p) for (p,) in db.execute("SELECT payload FROM inbox ORDER BY seq")]
+    assert len(payloads) == 7
+    assert db.execute("SELECT count(*) FROM inbox WHERE consumed = 0").fetchone() == (0,)
+    raw = payloads[3]["raw_text"]
+    assert raw.encode("utf-8", "surrogateescape") == b"invalid \xff\xfe utf-8"
+    assert len(openai_server.requests) == 6  # every text line but the command reached the model
+    longest = max(len(r["messages"][-1]["content"]) for r in openai_server.requests)
+    assert longest <= 16_000

@@ -296,3 +296,29 @@ async def test_a_database_fault_costs_no_input_and_needs_no_restart(
         ]
     finally:
         await store.aclose()
+
+
+# -- 16: only a command word right after the slash is a command -----------------------
+
+
+def test_slash_space_word_is_text_not_a_command() -> None:
+    from turbobot.runtime import parse_command
+
+    assert parse_command("/ start") is None
+    assert parse_command("/start") == "start"
+    assert parse_command("/start now") == "start"
+    assert parse_command("/path/to/file") is None
+    assert parse_command("/start.") is None
+    assert parse_command("/" + "a" * 33) is None
+
+
+async def test_slash_space_start_is_an_answer_and_unknown_commands_are_explained() -> None:
+    async with ChatHarness(chat, llm=echo_llm()) as h:
+        assert await h.say("hello") == ["echo: hello"]
+        assert await h.say("/ start") == ["echo: / start"]
+        (reply,) = await h.say("/frobnicate now")
+        assert "/frobnicate" in reply and "/help" in reply
+        # Neither ended the conversation.
+        assert await h.say("still here") == ["echo: still here"]
+        records = await h.runtime.store.conversations(h.key())
+        assert [r.status for r in records] == ["waiting"]

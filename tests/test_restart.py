@@ -32,7 +32,9 @@ class Console:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Console:
-        self.proc = await spawn_turbobot(self.env, "run", "bots.horoscope")
+        faulty = "TEST_KILL_BEFORE_SEND" in self.env
+        module = "tests.fakes.faulty_cli" if faulty else "turbobot"
+        self.proc = await spawn_turbobot(self.env, "run", "bots.horoscope", module=module)
         return self
 
     async def say(self, text: str) -> None:
@@ -158,7 +160,7 @@ async def test_kill_after_reply_recorded_before_sent(
     openai_server: FakeOpenAI, baseline: dict[str, Any]
 ) -> None:
     env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
-    bot = await Console({**env, "TURBOBOT_FAULT_KILL_BEFORE_SEND": "echo: money?"}).start()
+    bot = await Console({**env, "TEST_KILL_BEFORE_SEND": "echo: money?"}).start()
     await reach_leo(bot)
     await bot.say("money?")
     assert bot.proc is not None
@@ -174,7 +176,7 @@ async def test_kill_after_question_recorded_before_sent(
     openai_server: FakeOpenAI, baseline: dict[str, Any]
 ) -> None:
     env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
-    bot = await Console({**env, "TURBOBOT_FAULT_KILL_BEFORE_SEND": LEO}).start()
+    bot = await Console({**env, "TEST_KILL_BEFORE_SEND": LEO}).start()
     await bot.say("hello")
     assert await bot.read() == WELCOME
     await bot.say("I am a Leo")

@@ -176,9 +176,7 @@ async def _bot_parts(
 async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     from adapters.console import ConsoleAdapter
 
-    adapter = ConsoleAdapter(
-        channel=args.channel, kill_before_send=env.get("TURBOBOT_FAULT_KILL_BEFORE_SEND")
-    )
+    adapter = ConsoleAdapter(channel=args.channel)
     async with _bot_parts(args, env) as (template, store, llm):
         settings = runtime_settings(env)
         async with Runtime(

@@ -30,6 +30,7 @@ import contextlib
 import gc
 import logging
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -105,6 +106,7 @@ class Notices:
         "Commands: /start (or /new) starts a new conversation, /reset ends this one "
         "and forgets it, /help shows this."
     )
+    unknown_command: str = "I do not know the command /{command}. /help lists the ones I know."
     #: sent before the answer to a message cut to ``RuntimeSettings.max_input_chars``
     too_long: str = (
         "Your message was too long: I read only its first {limit:,} characters. "
@@ -146,18 +148,26 @@ class RuntimeSettings:
     gc_threshold: int | None = 10_000
 
 
+#: a command as Telegram defines one (and Discord's text commands follow): a slash, then
+#: 1-32 letters, digits or underscores, optionally @bot, then the end or a space
+_COMMAND = re.compile(r"/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
+
+
 def parse_command(text: str, bot_username: str | None = None) -> str | None:
     """The command in ``text`` (``"start"`` for ``/start@bot args``), else ``None``.
 
-    A command addressed to another bot (``/start@otherbot``) is not ours: ``None``.
+    Only a command word right after the slash counts: ``/ start`` and ``/path/x`` are
+    text. A command addressed to another bot (``/start@otherbot``) is not ours.
     """
-    if not text.startswith("/") or len(text) < 2:
+    if not text.startswith("/"):
         return None
-    word = text[1:].split(maxsplit=1)[0] if text[1:].strip() else ""
-    name, _, target = word.partition("@")
+    match = _COMMAND.match(text)
+    if match is None:
+        return None
+    name, target = match.groups()
     if target and bot_username and target.lower() != bot_username.lower().lstrip("@"):
         return None
-    return name.lower() or None
+    return name.lower()
 
 
 @dataclass(slots=True)
@@ -370,6 +380,11 @@ class Runtime:
         while self._workers:
             await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
 
+    def has_conversation(self, key: ChannelKey) -> bool:
+        """Whether the channel has an active conversation (in RAM or in the store)."""
+        live = self._live.get(key)
+        return live.active if live is not None else key in self._stored_keys
+
     def waiting(self, key: ChannelKey) -> GetUserInput | None:
         """What the channel's conversation waits for, if it is in RAM and waits."""
         live = self._live.get(key)
@@ -515,6 +530,11 @@ class Runtime:
                 await self._send_standalone(key, self._help(), consumed=message)
             return True
 
+        if command is not None:
+            await self._send_standalone(
+                key, notices.unknown_command.format(command=command), consumed=message
+            )
+            return True
         if not message.text.strip():
             # Media without a caption: nothing for a template to read. The message
             # stays stored (in the inbox, with its attachments); it is answered, not used.
