@@ -18,7 +18,7 @@ from typing import BinaryIO, TextIO
 
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.runtime import BaseSender, Runtime
-from turbobot.template import AssistantStream
+from turbobot.template import INTERRUPTED, AssistantStream
 
 __all__ = ["ConsoleAdapter"]
 
@@ -69,7 +69,8 @@ class ConsoleAdapter(BaseSender):
             self._write(delta)
         if not stream.text:
             return None
-        self._write("\n")
+        # A part printed before the generation broke off stays on screen, marked.
+        self._write(INTERRUPTED + "\n" if stream.interrupted else "\n")
         return str(next(self._ids))
 
     def _write(self, text: str) -> None:

@@ -40,7 +40,7 @@ from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.exceptions import ConfigurationError, UndeliverableError
 from turbobot.formatting import FormattedText, parse_markdown, split_formatted, utf16_len
 from turbobot.runtime import BaseSender, Runtime, parse_command
-from turbobot.template import AssistantStream
+from turbobot.template import INTERRUPTED, AssistantStream
 
 # Opt in to PTB's future behaviour (time periods as timedelta) now: otherwise PTB warns
 # on every 429 it parses. The code below reads both forms.
@@ -602,6 +602,8 @@ class TelegramAdapter(BaseSender):
                 return await self._stream_edits(chat_id, thread, stream, text)
             except TelegramError as exc:  # a blip: the next draft or the final send catches up
                 _log.debug("Telegram: a streaming draft failed: %s", exc)
+        if stream.interrupted:
+            return None  # a draft vanishes by itself: nothing of the broken-off part stays
         return await self.send(key, stream.text) if stream.text.strip() else None
 
     async def _stream_edits(
@@ -642,6 +644,18 @@ class TelegramAdapter(BaseSender):
             except TelegramError as exc:  # previews are best effort; the final text is not
                 if not (isinstance(exc, BadRequest) and _not_modified(exc)):
                     _log.debug("Telegram: a streaming preview failed: %s", exc)
+        if stream.interrupted:
+            # The generation broke off: what is on screen stays, marked as interrupted.
+            if message_id is None:
+                return None
+            marked = _preview(text)[: MESSAGE_LIMIT - 2 * len(INTERRUPTED)] + INTERRUPTED
+            with contextlib.suppress(TelegramError):
+                await self._call(
+                    partial(
+                        self.bot.edit_message_text, marked, chat_id=chat_id, message_id=message_id
+                    )
+                )
+            return str(message_id)
         parts = _parts(stream.text)
         if not parts:
             if message_id is not None:  # nothing to show after all: take the preview away

@@ -173,6 +173,7 @@ async def test_changed_template_restarts_with_notice(make_store: StoreFactory) -
         name = yield GetUserInput("What is your name?")
         yield GetUserInput(f"Hello {name}. Colour?")
 
+    v2.ref = v1.ref  # the same bot (module and name), redeployed with new code
     await run_session(make_store, echo_llm(), ["hi", "Ann"], template=v1)
     replies = await run_session(make_store, echo_llm(), ["blue"], template=v2)
     assert replies == [
@@ -191,7 +192,8 @@ async def test_unsent_replies_are_sent_on_recovery(make_store: StoreFactory) -> 
     await store.write(StepWrite(outgoing=[outgoing]))
     await store.flush()
     async with harness as h:
-        await h.runtime.start()
+        await h.runtime.start()  # sent by the channel's worker: start never waits on it
+        await h.runtime.join()
         assert h.sender.texts() == ["recorded before the crash"]
     assert (await (await make_store()).recovery()).unsent == []
 

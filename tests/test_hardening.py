@@ -322,3 +322,332 @@ async def test_slash_space_start_is_an_answer_and_unknown_commands_are_explained
         assert await h.say("still here") == ["echo: still here"]
         records = await h.runtime.store.conversations(h.key())
         assert [r.status for r in records] == ["waiting"]
+
+
+# -- 6, 13: failed and refused generations ---------------------------------------------
+
+
+async def test_a_failed_generation_waits_for_the_next_message_across_restarts(
+    make_store: StoreFactory,
+) -> None:
+    from turbobot import LLMUnavailableError
+
+    store = await make_store()
+    down = ScriptedLLM([LLMUnavailableError("down")] * 3)
+    async with ChatHarness(chat, llm=down, store=store) as h:
+        assert await h.say("hi") == [h.runtime.settings.notices.apology]
+    # Two restarts while the LLM is still down: no call, no apology nobody asked for.
+    for _ in range(2):
+        store = await make_store()
+        async with ChatHarness(chat, llm=down, store=store) as h:
+            await h.runtime.start()
+            await h.runtime.join()
+            assert h.sender.sent == []
+    assert down.calls == 1
+    store = await make_store()
+    async with ChatHarness(chat, llm=echo_llm(), store=store) as h:
+        # The next message retries the generation, then is answered in its turn.
+        assert await h.say("again") == ["echo: hi", "echo: again"]
+
+
+async def test_a_permanently_refused_request_is_not_retried_for_ever(
+    make_store: StoreFactory,
+) -> None:
+    from turbobot import LLMRequestError
+
+    refused = LLMRequestError("the prompt is too large (HTTP 413)", status_code=413)
+    llm = ScriptedLLM([refused, "fresh answer"])
+    store = await make_store()
+    async with ChatHarness(chat, llm=llm, store=store) as h:
+        (notice,) = await h.say("x" * 100)
+        assert "refused" in notice and "413" in notice
+        # The conversation ended; the next message starts a new one and is answered.
+        assert await h.say("hello") == ["fresh answer"]
+        records = await store.conversations(h.key())
+        assert [r.status for r in records] == ["failed", "waiting"]
+
+
+async def test_commands_are_handled_while_a_generation_keeps_failing() -> None:
+    from turbobot import LLMUnavailableError
+
+    llm = ScriptedLLM(respond=lambda request: LLMUnavailableError("down"))
+    async with ChatHarness(chat, llm=llm) as h:
+        notices = h.runtime.settings.notices
+        assert await h.say("hi") == [notices.apology]
+        assert await h.say("still there?") == [notices.apology]
+        (help_text,) = await h.say("/help")
+        assert "/start" in help_text
+        # /reset ends the conversation with the messages that waited for it unanswered
+        # (kept in its transcript), instead of starting a new one with them.
+        assert await h.say("/reset") == [notices.reset]
+        assert await h.say("/help") == [help_text]
+        lines = await h.runtime.store.transcript(h.key())
+        assert [line.text for line in lines if line.role == "user"] == [
+            "hi",
+            "still there?",
+            "/reset",
+        ]
+        assert llm.calls == 2
+
+
+# -- 15: the typing indicator also runs while a reply streams --------------------------
+
+
+async def test_typing_is_shown_while_a_reply_streams() -> None:
+    import asyncio
+
+    from turbobot.runtime import BaseSender
+    from turbobot.template import AssistantStream
+
+    typed = asyncio.Event()
+
+    class Sender(BaseSender):
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        async def send(self, key: Any, text: str) -> str | None:
+            self.sent.append(text)
+            return "1"
+
+        async def send_stream(self, key: Any, stream: AssistantStream) -> str | None:
+            async for _ in stream:
+                pass
+            self.sent.append(stream.text)
+            return "2"
+
+        async def typing(self, key: Any) -> None:
+            typed.set()
+
+    class SlowLLM:
+        async def complete(self, request: LLMRequest, *, on_delta: Any = None) -> Any:
+            from turbobot.llm.base import LLMResponse
+
+            await on_delta("first ")
+            await typed.wait()  # finishes only once the indicator was shown mid-stream
+            await on_delta("second")
+            return LLMResponse("first second", (), None, "stop")
+
+        async def aclose(self) -> None:
+            return None
+
+    @turbo()
+    async def streamer():
+        text = yield GetUserInput()
+        yield User(text)
+        yield Generate(stream=True)
+
+    from turbobot.runtime import Runtime
+
+    sender = Sender()
+    settings = RuntimeSettings(typing_delay=0.0)
+    async with Runtime(streamer, llm=SlowLLM(), sender=sender, settings=settings) as runtime:
+        await runtime.receive(IncomingMessage(ChannelKey("t", "c"), "hi", "1"))
+        await asyncio.wait_for(runtime.join(), 5)
+    assert sender.sent == ["first second"]
+
+
+# -- 3, 10: delivery and storage faults are retried, never fatal -----------------------
+
+
+class FlakySender:
+    """Fails the first ``failures`` sends (the platform is down), then works."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        from turbobot.testing import RecordingSender
+
+        self.inner = RecordingSender()
+        self.failures = failures
+        self.error = error
+
+    async def send(self, key: Any, text: str) -> str | None:
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+        return await self.inner.send(key, text)
+
+
+async def test_start_never_fails_on_unsent_replies(make_store: StoreFactory) -> None:
+    import asyncio
+
+    from turbobot import UndeliverableError
+    from turbobot.runtime import Runtime
+    from turbobot.store import OutgoingRecord, StepWrite, new_id
+    from turbobot.testing import RecordingSender
+
+    store = await make_store()
+    blocked, down = ChannelKey("t", "blocked"), ChannelKey("t", "down")
+    await store.write(
+        StepWrite(
+            outgoing=[
+                OutgoingRecord(new_id(), blocked, "to a user who blocked the bot"),
+                OutgoingRecord(new_id(), down, "while the network is down"),
+            ]
+        )
+    )
+    await store.flush()
+
+    class Sender(RecordingSender):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = 2
+
+        async def send(self, key: ChannelKey, text: str) -> str | None:
+            if key == blocked:
+                raise UndeliverableError("Forbidden: bot was blocked by the user")
+            if self.down:
+                self.down -= 1
+                raise ConnectionError("network is unreachable")
+            return await super().send(key, text)
+
+    sender = Sender()
+    settings = RuntimeSettings(retry_delays=(0.0,))
+    runtime = Runtime(chat, llm=echo_llm(), sender=sender, store=store, settings=settings)
+    await asyncio.wait_for(runtime.start(), 5)  # does not wait on the platform
+    for _ in range(100):
+        if sender.sent:
+            break
+        await asyncio.sleep(0)  # let the retries run (no time passes: delays are 0)
+        await runtime.join()
+    await runtime.aclose()
+    assert sender.texts() == ["while the network is down"]
+    assert (await store.recovery()).unsent == []
+
+
+async def test_a_store_fault_mid_step_is_retried_not_a_template_failure(
+    make_store: StoreFactory,
+) -> None:
+    from turbobot.store import StepWrite
+
+    store = await make_store()
+    real_write = store.write
+    faults = [OSError("No space left on device")]
+
+    async def write(step: StepWrite) -> None:
+        if step.outgoing and faults:
+            raise faults.pop()
+        await real_write(step)
+
+    store.write = write  # type: ignore[method-assign]
+    settings = RuntimeSettings(retry_delays=(0.0,))
+    async with ChatHarness(chat, llm=echo_llm(), store=store, settings=settings) as h:
+        await h.send("hi")
+        for _ in range(100):
+            await h.runtime.join()
+            if h.sender.sent:
+                break
+            import asyncio
+
+            await asyncio.sleep(0)
+        assert h.sender.texts() == ["echo: hi"]
+        assert await h.say("more") == ["echo: more"]
+        records = await store.conversations(h.key())
+        assert [r.status for r in records] == ["waiting"]
+
+
+# -- 5: what the user saw of a broken-off stream and the transcript agree ---------------
+
+
+class BreaksOffLLM:
+    """Streams a fragment, then the connection breaks (after the OpenAI layer's retries)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def complete(self, request: LLMRequest, *, on_delta: Any = None) -> Any:
+        from turbobot import LLMUnavailableError
+        from turbobot.llm.base import LLMResponse
+
+        self.calls += 1
+        if self.calls == 1:
+            await on_delta("The answer is ")
+            raise LLMUnavailableError("the stream broke off after 14 characters")
+        text = "The answer is 42." if self.calls == 2 else "Anything else?"
+        await on_delta(text)
+        return LLMResponse(text, (), None, "stop")
+
+    async def aclose(self) -> None:
+        return None
+
+
+@turbo()
+async def streaming_chat():
+    while True:
+        text = yield GetUserInput()
+        yield User(text)
+        yield Generate(stream=True)
+
+
+async def test_a_broken_off_stream_is_marked_on_the_console_and_in_the_transcript() -> None:
+    import io
+
+    from adapters.console import ConsoleAdapter
+    from turbobot.runtime import Runtime
+    from turbobot.template import INTERRUPTED
+
+    out = io.StringIO()
+    adapter = ConsoleAdapter(stdin=io.StringIO("question\nagain\n"), stdout=out)
+    async with Runtime(streaming_chat, llm=BreaksOffLLM(), sender=adapter) as runtime:
+        await adapter.run(runtime)
+        lines = await runtime.store.transcript(adapter.key)
+    apology = runtime.settings.notices.apology
+    assert out.getvalue().splitlines() == [
+        f"The answer is {INTERRUPTED}",
+        apology,
+        "The answer is 42.",
+        "Anything else?",
+    ]
+    assert [(line.role, line.text) for line in lines] == [
+        ("user", "question"),
+        ("assistant", f"The answer is {INTERRUPTED}"),
+        ("assistant", apology),
+        # "again" made the bot retry first; it is used (and answered) after that
+        ("assistant", "The answer is 42."),
+        ("user", "again"),
+        ("assistant", "Anything else?"),
+    ]
+
+
+async def test_a_broken_off_stream_is_not_sent_as_a_finished_reply() -> None:
+    async with ChatHarness(streaming_chat, llm=BreaksOffLLM()) as h:
+        apology = h.runtime.settings.notices.apology
+        assert await h.say("question") == [apology]
+        assert await h.say("again") == ["The answer is 42.", "Anything else?"]
+        lines = await h.runtime.store.transcript(h.key())
+        assert "The answer is " not in [line.text for line in lines]
+
+
+# -- 18: a conversation belongs to its template -----------------------------------------
+
+
+@turbo()
+async def asker():
+    """Asks a name, then greets."""
+    name = yield GetUserInput("What is your name?")
+    yield User(f"Greet {name}")
+    yield Generate()
+    yield GetUserInput()
+
+
+async def test_two_bots_on_one_channel_keep_their_own_conversations(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store()
+    async with ChatHarness(asker, llm=echo_llm(), store=store) as a:
+        assert await a.say("hi") == ["What is your name?"]
+    store = await make_store()
+    async with ChatHarness(chat, llm=echo_llm(), store=store) as b:
+        replies = await b.say("Bob")
+        # B starts its own conversation and says why; it does not answer A's question.
+        assert len(replies) == 2 and "another bot" in replies[0]
+        assert replies[1] == "echo: Bob"
+        assert await b.say("more") == ["echo: more"]
+    store = await make_store()
+    async with ChatHarness(asker, llm=echo_llm(), store=store) as a:
+        # A's conversation was neither replayed by B nor marked diverged: it goes on.
+        replies = await a.say("Alice")
+        assert replies[-1] == "echo: Greet Alice"
+    records = await store.conversations(a.key())
+    assert sorted((r.template_ref.rsplit(":", 1)[1], r.status) for r in records) == [
+        ("asker", "waiting"),
+        ("chat", "waiting"),
+    ]

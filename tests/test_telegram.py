@@ -534,3 +534,37 @@ async def test_a_reply_whose_markup_leaves_nothing_visible_goes_as_written(
     async with running(telegram, chat, openai_llm):
         telegram.message(PRIVATE, "show me an empty block")
         assert await replies(telegram, PRIVATE, 1) == ["```\n\n```"]
+
+
+async def test_a_broken_off_stream_stays_on_screen_marked_interrupted(
+    telegram: FakeTelegram,
+) -> None:
+    """Issue 10, defect 5: the fragment is not left looking like a finished answer."""
+    from turbobot import LLMUnavailableError
+    from turbobot.llm.base import LLMResponse
+    from turbobot.template import INTERRUPTED
+
+    class BreaksOff:
+        calls = 0
+
+        async def complete(self, request: Any, *, on_delta: Any = None) -> LLMResponse:
+            self.calls += 1
+            if self.calls > 1:
+                return LLMResponse("Complete answer.", (), None, "stop")
+            await on_delta("The answer is ")
+            # the preview reaches the chat before the connection breaks
+            await telegram.wait_until(lambda: len(telegram.sent(GROUP)) >= 2, timeout=10)
+            raise LLMUnavailableError("the stream broke off after 14 characters")
+
+        async def aclose(self) -> None:
+            return None
+
+    async with running(telegram, streamer, BreaksOff(), stream_interval=0.01) as (_, runtime):  # type: ignore[arg-type]
+        telegram.message(GROUP, "/start", user_id=1)
+        await replies(telegram, GROUP, 1)
+        telegram.message(GROUP, "@turbo_test_bot stream it", user_id=1)
+        texts = await replies(telegram, GROUP, 3)
+        assert texts[1] == f"The answer is {INTERRUPTED}"
+        assert texts[2] == runtime.settings.notices.apology
+        lines = await runtime.store.transcript(ChannelKey("telegram", str(GROUP), None, "1"))
+        assert f"The answer is {INTERRUPTED}" in [line.text for line in lines]

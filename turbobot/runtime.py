@@ -34,13 +34,14 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.codec import count, unwritable, writable_text
-from turbobot.exceptions import LLMError, ReplayDivergedError, UndeliverableError
+from turbobot.delivery import FAILED, Outbox
+from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.llm.base import LLM
 from turbobot.messages import Assistant
 from turbobot.signals import GetUserInput, Result, UserInput
@@ -56,14 +57,37 @@ from turbobot.store import (
     TranscriptLine,
     new_id,
 )
-from turbobot.template import App, AssistantStream, Template
+from turbobot.template import INTERRUPTED, App, AssistantStream, Template
 
 __all__ = ["BaseSender", "Notices", "Runtime", "RuntimeSettings", "parse_command"]
 
 _log = logging.getLogger(__name__)
 
-#: what _deliver returns when the platform refused a reply
-_FAILED: Any = object()
+
+class _InfrastructureError(Exception):
+    """The store failed under a step (raised from the cause): not the template's fault.
+
+    The channel's conversation leaves RAM as it was last stored, its inbox is kept,
+    and the channel is tried again later (see ``Runtime._work``).
+    """
+
+
+def _refusal(exc: LLMError) -> str | None:
+    """Why the model refused ``exc``'s request for good (``None``: worth retrying).
+
+    A 4xx other than 408 (timeout), 409 and 429 (rate limit) will fail the same way
+    every time: a bad request, a prompt too large, a key without access.
+    """
+    if not isinstance(exc, LLMRequestError):
+        return None
+    status = exc.status_code
+    if status is not None and (status < 400 or status >= 500 or status in (408, 409, 429)):
+        return None
+    reason = f"HTTP {status}" if status is not None else "request rejected"
+    hint = getattr(exc, "hint", None)
+    return f"{reason}: {hint}" if hint else reason
+
+
 #: stands for a context already stored with its conversation (one shared empty dict,
 #: never changed: a new one per conversation would cost 64 bytes each)
 _STORED_CONTEXT: dict[str, Any] = {}
@@ -77,10 +101,19 @@ class BaseSender(ABC):
         """Send ``text`` to the channel; return the platform's message id if any."""
 
     async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
-        """Show a reply while it is generated. The default waits and sends it whole."""
+        """Show a reply while it is generated. The default waits and sends it whole.
+
+        If the generation breaks off (``stream.interrupted``), a sender that showed
+        part of it marks that part as interrupted (ending it with
+        :data:`~turbobot.template.INTERRUPTED`) and returns its id, or takes it away
+        and returns ``None``; the runtime records in the transcript what it says was
+        shown. The default shows nothing of it.
+        """
         async for _ in stream:
             pass
-        return await self.send(key, stream.text) if stream.text else None
+        if stream.message is None or not stream.text:
+            return None
+        return await self.send(key, stream.text)
 
     async def typing(self, key: ChannelKey) -> None:  # noqa: B027 - optional hook
         """Show that the bot is working (called every few seconds while it is)."""
@@ -91,6 +124,11 @@ class Notices:
     """Texts the runtime itself sends."""
 
     apology: str = "Sorry, I could not answer just now. Send another message and I will try again."
+    #: the model refused the request for good (``reason``: its status and hint)
+    refused: str = (
+        "Sorry, the language model refused to answer ({reason}), so this conversation "
+        "had to end. Send a message to start a new one."
+    )
     failure: str = (
         "Sorry, something went wrong and this conversation had to end. "
         "Send a message to start again."
@@ -105,6 +143,11 @@ class Notices:
     help: str = (
         "Commands: /start (or /new) starts a new conversation, /reset ends this one "
         "and forgets it, /help shows this."
+    )
+    #: when a bot begins a conversation in a channel where another bot has one going
+    other_bot: str = (
+        "Note: another bot's conversation is open in this chat; it is kept as it is, and "
+        "this bot starts its own."
     )
     unknown_command: str = "I do not know the command /{command}. /help lists the ones I know."
     #: sent before the answer to a message cut to ``RuntimeSettings.max_input_chars``
@@ -142,6 +185,11 @@ class RuntimeSettings:
     bot_username: str | None = None
     notices: Notices = field(default_factory=Notices)
     typing_interval: float = 4.0
+    #: seconds before the first typing indicator (quick answers need none)
+    typing_delay: float = 0.5
+    #: seconds between tries of a channel whose reply could not be sent or whose step
+    #: could not be stored; the last one repeats
+    retry_delays: tuple[float, ...] = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
     idle_evict_seconds: float | None = 600.0
     max_live: int | None = None
     max_input_chars: int = 16_000
@@ -234,6 +282,15 @@ class Runtime:
         #: channels whose conversation stopped mid-step and must be replayed to go on
         self._resume: set[ChannelKey] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._others: set[ChannelKey] = set()
+        self._outbox = Outbox(
+            sender, self.store, retry_delays=self.settings.retry_delays, wake=self._on_timer
+        )
+        #: channels whose conversation's last generation failed, to be retried by the next
+        #: message: the highest inbox seq already tried (commands do not trigger a retry)
+        self._stalled: dict[ChannelKey, int] = {}
+        #: channels to try again after an infrastructure error, and how often they failed
+        self._retries: dict[ChannelKey, int] = {}
         self._used_clock = 0.0
         idle = self.settings.idle_evict_seconds
         self._used_tick = min(1.0, idle / 10) if idle else 1.0
@@ -257,13 +314,15 @@ class Runtime:
             first, *older = gc.get_threshold()
             if first < threshold:
                 gc.set_threshold(threshold, *older)
-        recovery = await self.store.recovery()
+        recovery = await self.store.recovery(self.template.ref)
         self._stored_keys = set(recovery.active)
+        #: channels where another template has a conversation going (told once, on begin)
+        self._others = recovery.others
         if recovery.unsent:
             _log.info("sending %d replies left unsent by the last run", len(recovery.unsent))
         for outgoing in recovery.unsent:
-            platform_id = await self.sender.send(outgoing.key, outgoing.text)
-            await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))
+            # Sent by the channel's worker, not here: start-up never waits on the platform.
+            self._outbox.keep(outgoing)
         for item in recovery.inbox:
             self._queues.setdefault(item.message.key, deque()).append(item)
         for key, deadline in recovery.deadlines:
@@ -284,6 +343,7 @@ class Runtime:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._outbox.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -428,9 +488,13 @@ class Runtime:
                 self._dirty.discard(key)
                 try:
                     await self._drain(key)
+                except _InfrastructureError as exc:
+                    await self._retry_later(key, exc.__cause__ or exc)
+                    return
                 except Exception:
                     _log.exception("channel %s: unexpected error; its inbox is kept", key)
                     return
+                self._retries.pop(key, None)
                 # Still registered as a worker, so join() and aclose() wait for this.
                 await self._enforce_cap()
         finally:
@@ -438,7 +502,36 @@ class Runtime:
             # meanwhile either set dirty before the check or starts a new worker after.
             del self._workers[key]
 
+    async def _retry_later(self, key: ChannelKey, cause: BaseException) -> None:
+        """The store failed under a step: rebuild the channel from the store later."""
+        failures = self._retries.get(key, 0)
+        self._retries[key] = failures + 1
+        delays = self.settings.retry_delays
+        delay = delays[min(failures, len(delays) - 1)]
+        _log.warning(
+            "channel %s: the store failed during a step (%s: %s); the conversation is "
+            "rebuilt from what is stored and tried again in %.1fs",
+            key,
+            type(cause).__name__,
+            cause,
+            delay,
+        )
+        live = self._live.pop(key, None)
+        if live is not None:
+            self._stored_keys.add(key)
+            if live.app is not None:
+                app, live.app = live.app, None
+                try:
+                    await app.aclose()  # runs the template's finally blocks
+                except Exception:
+                    _log.exception("channel %s: template failed while being closed", key)
+        if not self._closed:
+            loop = asyncio.get_running_loop()
+            self._timers[key] = loop.call_later(delay, self._on_timer, key)
+
     async def _drain(self, key: ChannelKey) -> None:
+        if self._outbox.has_kept(key):
+            await self._outbox.resend(key)
         if key in self._resume:
             self._resume.discard(key)
             live = await self._load(key)
@@ -446,8 +539,17 @@ class Runtime:
                 await self._ensure_app(key, live, None)
         queue = self._queues.get(key)
         while queue:
+            stalled = self._stalled.get(key)
+            if stalled is not None:
+                await self._commands_first(key, queue)
+                if key in self._stalled and not any(i.seq > stalled for i in queue):
+                    return  # nothing new to retry the failed generation with
+            if not queue:
+                break
             if not await self._handle(key, queue[0].message):
-                return  # a failed retry: keep this message and the rest for next time
+                # The retried generation failed again: keep this message and the rest.
+                self._stalled[key] = queue[-1].seq
+                return
             queue.popleft()
         self._queues.pop(key, None)
         deadline = self._deadline_of(key)
@@ -462,6 +564,35 @@ class Runtime:
                 and live.app.waiting is not None
             ):
                 await self._advance(key, live, UserInput.timeout())
+
+    async def _commands_first(self, key: ChannelKey, queue: deque[InboxItem]) -> None:
+        """While a failed generation waits, handle the commands queued behind it.
+
+        ``/start`` and ``/reset`` end the conversation: the messages that waited in
+        front of them are noted in it (its transcript keeps them) and not answered.
+        """
+        index = 0
+        while index < len(queue):
+            message = queue[index].message
+            command = parse_command(message.text, self.settings.bot_username)
+            if command is None:
+                index += 1
+                continue
+            if command in ("start", "new", "reset"):
+                live = await self._load(key)
+                for _ in range(index):
+                    waiting = queue.popleft().message
+                    if live is not None:
+                        self._note_user(live, waiting)
+                    else:
+                        await self._store_write(
+                            StepWrite(consumed=[(waiting.key, waiting.message_id)])
+                        )
+                index = 0
+            del queue[index]
+            await self._handle(key, message)
+            if key not in self._stalled:
+                return
 
     def _deadline_of(self, key: ChannelKey) -> float | None:
         live = self._live.get(key)
@@ -585,7 +716,10 @@ class Runtime:
             return None
         if key not in self._stored_keys:
             return None
-        record = await self.store.load_conversation(key)
+        try:
+            record = await self.store.load_conversation(key, self.template.ref)
+        except Exception as exc:
+            raise _InfrastructureError(f"loading the conversation of {key} failed") from exc
         self._stored_keys.discard(key)
         if record is None:
             return None
@@ -615,6 +749,9 @@ class Runtime:
         its consumption is recorded with the step that uses it: the question's
         commit, the input's journal entry, or the end of the conversation.
         """
+        if key in self._others:
+            self._others.discard(key)
+            await self._send_standalone(key, self.settings.notices.other_bot)
         live = self._start(key, message)
         self._buffer(live).transcript.append(self._user_line(live, message))
         live.wake = message
@@ -681,6 +818,7 @@ class Runtime:
         """The channel's conversation ended: it is neither in RAM nor active any more."""
         self._live.pop(key, None)
         self._stored_keys.discard(key)
+        self._stalled.pop(key, None)
 
     def _buffer(self, live: _Live) -> StepWrite:
         if live.buffer is None:
@@ -725,12 +863,24 @@ class Runtime:
             step.record = live
         else:
             step.record = None  # only replies sent or messages used: the row is unchanged
-        await self.store.write(step)
+        await self._store_write(step)
         if step.new_conversation:
             # Stored with the new row; in RAM the app's context stands for it.
             live.context = _STORED_CONTEXT
         if wait:
+            await self._store_flush()
+
+    async def _store_write(self, step: StepWrite) -> None:
+        try:
+            await self.store.write(step)
+        except Exception as exc:
+            raise _InfrastructureError("writing a step failed") from exc
+
+    async def _store_flush(self) -> None:
+        try:
             await self.store.flush()
+        except Exception as exc:
+            raise _InfrastructureError("committing a step failed") from exc
 
     async def _advance(
         self, key: ChannelKey, live: _Live, value: IncomingMessage | UserInput | None
@@ -764,8 +914,6 @@ class Runtime:
                         sent = asked = True
                     break
                 if isinstance(output, AssistantStream):
-                    if typing is not None:
-                        typing.cancel()
                     await self._say_stream(key, live, output)
                     sent = True
                 elif isinstance(output, Result):
@@ -778,13 +926,33 @@ class Runtime:
         except StopAsyncIteration:
             record.status = "finished"
         except LLMError as exc:
-            _log.warning("channel %s: generation failed (%s); will retry", key, type(exc).__name__)
-            record.broken = True
-            await self._say(key, live, self.settings.notices.apology)
+            refusal = _refusal(exc)
+            if refusal is None:
+                _log.warning(
+                    "channel %s: generation failed (%s: %s); it is retried with the "
+                    "channel's next message",
+                    key,
+                    type(exc).__name__,
+                    exc,
+                )
+                record.broken = True
+                await self._say(key, live, self.settings.notices.apology)
+            else:
+                # It would fail the same way every time: not retried, the conversation ends.
+                _log.warning(
+                    "channel %s: the model refused the request for good (%s); the "
+                    "conversation ends",
+                    key,
+                    exc,
+                )
+                record.status = "failed"
+                await self._say(key, live, self.settings.notices.refused.format(reason=refusal))
             sent = True
         except ReplayDivergedError as exc:
             _log.warning("channel %s: %s", key, exc)
             record.status = "diverged"
+        except _InfrastructureError:
+            raise
         except Exception:
             _log.exception("channel %s: template %s failed", key, self.template.ref)
             record.status = "failed"
@@ -816,7 +984,7 @@ class Runtime:
 
     async def _keep_typing(self, key: ChannelKey) -> None:
         interval = self.settings.typing_interval
-        await asyncio.sleep(0.5)  # quick answers need no indicator
+        await asyncio.sleep(self.settings.typing_delay)  # quick answers need no indicator
         while True:
             try:
                 await self.sender.typing(key)
@@ -849,8 +1017,8 @@ class Runtime:
         """Record a reply, commit everything that led to it, then send it."""
         outgoing = self._record_reply(key, live, text, message)
         await self._commit(live, wait=True)
-        platform_id = await self._deliver(key, self.sender.send(key, text))
-        if platform_id is not _FAILED:
+        platform_id = await self._outbox.deliver(outgoing)
+        if platform_id is not FAILED:
             self._buffer(live).sent.append((outgoing.id, platform_id))
 
     async def _say_stream(self, key: ChannelKey, live: _Live, stream: AssistantStream) -> None:
@@ -858,15 +1026,22 @@ class Runtime:
         # the Generate as delivered: a crash mid-stream replays and delivers it. The
         # reply itself is recorded (and marked sent) once complete.
         await self._commit(live, wait=True, undelivered=1)
-        platform_id = await self._deliver(key, self.sender.send_stream(key, stream))
-        if platform_id is _FAILED and not stream.closed:
+        platform_id = await self._outbox.attempt(key, self.sender.send_stream(key, stream))
+        if platform_id is FAILED and not stream.closed:
             async for _ in stream:  # the sender gave up early: let the generation finish
                 pass
-        if stream.text and stream.message is not None:
-            # Complete: recorded either way; a reply that could not be sent stays in the
-            # outbox and is sent again when the bot restarts.
+        if stream.interrupted and platform_id not in (None, FAILED):
+            # The sender left the broken-off part on screen, marked: the transcript says so.
+            self._buffer(live).transcript.append(
+                TranscriptLine(live.id, "assistant", stream.text + INTERRUPTED, self.clock())
+            )
+        elif stream.text and stream.message is not None:
+            # Complete: recorded either way; a reply that could not be sent is kept and
+            # sent again (as plain text) later.
             outgoing = self._record_reply(key, live, stream.text, stream.message)
-            if platform_id is not _FAILED:
+            if platform_id is FAILED:
+                self._outbox.keep(outgoing)
+            else:
                 self._buffer(live).sent.append((outgoing.id, platform_id))
 
     async def _send_standalone(
@@ -877,27 +1052,8 @@ class Runtime:
         step = StepWrite(outgoing=[outgoing])
         if consumed is not None:
             step.consumed.append((consumed.key, consumed.message_id))
-        await self.store.write(step)
-        await self.store.flush()
-        platform_id = await self._deliver(key, self.sender.send(key, text))
-        if platform_id is not _FAILED:
-            await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))
-
-    async def _deliver(self, key: ChannelKey, sending: Awaitable[str | None]) -> Any:
-        """Await a send; a failure is logged and leaves the reply unsent in the outbox.
-
-        An :class:`UndeliverableError` (the user blocked the bot) is not a failure to
-        retry: the reply counts as sent, with no platform id.
-        """
-        try:
-            return await sending
-        except UndeliverableError as exc:
-            _log.warning("channel %s: the reply cannot be delivered, dropped: %s", key, exc)
-            return None
-        except Exception:
-            _log.exception(
-                "channel %s: sending a reply failed; it stays in the outbox and is sent "
-                "again when the bot restarts",
-                key,
-            )
-            return _FAILED
+        await self._store_write(step)
+        await self._store_flush()
+        platform_id = await self._outbox.deliver(outgoing)
+        if platform_id is not FAILED:
+            await self._store_write(StepWrite(sent=[(outgoing.id, platform_id)]))

@@ -166,8 +166,11 @@ class Recovery:
     deadlines: list[tuple[ChannelKey, float]]
     #: replies recorded but not marked sent, oldest first
     unsent: list[OutgoingRecord]
-    #: active conversations stopped in the middle of a step (not waiting for input)
+    #: active conversations stopped in the middle of a step (not waiting for input), except
+    #: those whose generation failed: they wait for the channel's next message
     running: list[ChannelKey] = field(default_factory=list)
+    #: channels with an active conversation of another template
+    others: set[ChannelKey] = field(default_factory=set)
 
 
 class IncomingBatchError(Exception):
@@ -226,12 +229,18 @@ class BaseStore(ABC):
         """Return once every step written so far is committed."""
 
     @abstractmethod
-    async def load_conversation(self, key: ChannelKey) -> ConversationRecord | None:
-        """The channel's active conversation with its whole journal, if any."""
+    async def load_conversation(
+        self, key: ChannelKey, template_ref: str | None = None
+    ) -> ConversationRecord | None:
+        """The channel's active conversation (of that template) with its journal, if any.
+
+        A conversation belongs to its template: several bots may hold one each on the
+        same channel (see docs/architecture.md, "Conversations").
+        """
 
     @abstractmethod
-    async def recovery(self) -> Recovery:
-        """The state a starting runtime resumes from."""
+    async def recovery(self, template_ref: str | None = None) -> Recovery:
+        """The state a starting runtime of that template resumes from."""
 
     @abstractmethod
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
@@ -255,7 +264,8 @@ class InMemoryStore(BaseStore):
         self._inbox: dict[tuple[ChannelKey, str], InboxItem] = {}
         self._conversations: dict[str, ConversationRecord] = {}
         self._journals: dict[str, list[JournalEntry]] = {}
-        self._active: dict[ChannelKey, str] = {}
+        #: (channel, template) → the active conversation's id
+        self._active: dict[tuple[ChannelKey, str], str] = {}
         self._transcript: dict[ChannelKey, list[TranscriptLine]] = {}
         self._outbox: dict[str, OutgoingRecord] = {}
 
@@ -284,10 +294,11 @@ class InMemoryStore(BaseStore):
                 journal.extend(
                     JournalEntry(e.kind, from_json(to_json(e.value)), e.chain) for e in step.journal
                 )
+            owner = (record.key, state.template_ref)
             if state.active:
-                self._active[record.key] = record.id
-            elif self._active.get(record.key) == record.id:
-                del self._active[record.key]
+                self._active[owner] = record.id
+            elif self._active.get(owner) == record.id:
+                del self._active[owner]
         for consumed in step.consumed:
             self._inbox.pop(consumed, None)
         if record is not None and step.transcript:
@@ -300,28 +311,40 @@ class InMemoryStore(BaseStore):
     async def flush(self) -> None:
         return None
 
-    async def load_conversation(self, key: ChannelKey) -> ConversationRecord | None:
-        conversation_id = self._active.get(key)
-        if conversation_id is None:
+    async def load_conversation(
+        self, key: ChannelKey, template_ref: str | None = None
+    ) -> ConversationRecord | None:
+        found = [
+            cid
+            for (channel, ref), cid in self._active.items()
+            if channel == key and template_ref in (None, ref)
+        ]
+        if not found:
             return None
+        conversation_id = max(found)  # ids are time-ordered: the newest
         record = replace(self._conversations[conversation_id])
         record.journal = list(self._journals.get(conversation_id, ()))
         return record
 
-    async def recovery(self) -> Recovery:
+    async def recovery(self, template_ref: str | None = None) -> Recovery:
         inbox = sorted(self._inbox.values(), key=lambda item: item.seq)
-        active = set(self._active)
+        mine: dict[ChannelKey, ConversationRecord] = {}
+        others: set[ChannelKey] = set()
+        for (key, ref), cid in self._active.items():
+            if template_ref in (None, ref):
+                mine[key] = self._conversations[cid]
+            else:
+                others.add(key)
         deadlines = [
-            (key, self._conversations[cid].deadline)
-            for key, cid in self._active.items()
-            if self._conversations[cid].status == "waiting"
-            and self._conversations[cid].deadline is not None
+            (key, record.deadline)
+            for key, record in mine.items()
+            if record.status == "waiting" and record.deadline is not None
         ]
         unsent = sorted(self._outbox.values(), key=lambda o: o.id)
         running = [
-            key for key, cid in self._active.items() if self._conversations[cid].status == "running"
+            key for key, record in mine.items() if record.status == "running" and not record.broken
         ]
-        return Recovery(inbox, active, deadlines, unsent, running)  # type: ignore[arg-type]
+        return Recovery(inbox, set(mine), deadlines, unsent, running, others)
 
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
         records = [replace(r) for r in self._conversations.values() if key is None or r.key == key]

@@ -45,7 +45,20 @@ from turbobot.messages import Assistant, Message, ToolMessage, message_from_dict
 from turbobot.signals import Delegate, Generate, GetUserInput, Result, Return, Step, UserInput
 from turbobot.tokens import context_window_for, token_counter_for
 
-__all__ = ["App", "AssistantStream", "JournalEntry", "Output", "Template", "run", "turbo"]
+__all__ = [
+    "INTERRUPTED",
+    "App",
+    "AssistantStream",
+    "JournalEntry",
+    "Output",
+    "Template",
+    "run",
+    "turbo",
+]
+
+#: what ends the part of a reply shown before its generation broke off (adapters show
+#: it, the transcript records it: what the user saw and the transcript agree)
+INTERRUPTED = "\u2026 [interrupted]"
 
 _log = logging.getLogger(__name__)
 
@@ -160,6 +173,11 @@ class AssistantStream:
     @property
     def text(self) -> str:
         return self.message.content if self.message is not None else "".join(self.parts)
+
+    @property
+    def interrupted(self) -> bool:
+        """The generation broke off after some text was produced (it is not an answer)."""
+        return self.closed and self.message is None and bool(self.parts)
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._iterate()

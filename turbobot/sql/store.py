@@ -635,18 +635,20 @@ class SQLStore(BaseStore):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def load_conversation(self, key: ChannelKey) -> ConversationRecord | None:
+    async def load_conversation(
+        self, key: ChannelKey, template_ref: str | None = None
+    ) -> ConversationRecord | None:
         await self.flush()  # read what this process wrote
+        query = (
+            select(conversations)
+            .where(conversations.c.channel == channel_column(key))
+            .where(conversations.c.status.in_(ACTIVE_STATUSES))
+        )
+        if template_ref is not None:
+            query = query.where(conversations.c.template_ref == template_ref)
+        query = query.order_by(conversations.c.started_at.desc(), conversations.c.id.desc())
         async with self._engine().connect() as conn:
-            row = (
-                await conn.execute(
-                    select(conversations)
-                    .where(conversations.c.channel == channel_column(key))
-                    .where(conversations.c.status.in_(ACTIVE_STATUSES))
-                    .order_by(conversations.c.started_at.desc(), conversations.c.id.desc())
-                    .limit(1)
-                )
-            ).first()
+            row = (await conn.execute(query.limit(1))).first()
             if row is None:
                 return None
             record = _record(row._mapping)
@@ -658,7 +660,7 @@ class SQLStore(BaseStore):
             record.journal = [JournalEntry(e.kind, _loads(e.value), e.chain) for e in entries]
         return record
 
-    async def recovery(self) -> Recovery:
+    async def recovery(self, template_ref: str | None = None) -> Recovery:
         await self.flush()
         async with self._engine().connect() as conn:
             pending = await conn.execute(
@@ -671,18 +673,26 @@ class SQLStore(BaseStore):
             ]
             active_rows = await conn.execute(
                 select(
-                    conversations.c.channel, conversations.c.status, conversations.c.deadline
+                    conversations.c.channel,
+                    conversations.c.status,
+                    conversations.c.deadline,
+                    conversations.c.broken,
+                    conversations.c.template_ref,
                 ).where(conversations.c.status.in_(ACTIVE_STATUSES))
             )
             active: set[ChannelKey] = set()
             deadlines: list[tuple[ChannelKey, float]] = []
             running: list[ChannelKey] = []
+            others: set[ChannelKey] = set()
             for r in active_rows:
                 key = parse_channel_column(r.channel)
+                if template_ref is not None and r.template_ref != template_ref:
+                    others.add(key)
+                    continue
                 active.add(key)
                 if r.status == "waiting" and r.deadline is not None:
                     deadlines.append((key, float(r.deadline)))
-                elif r.status == "running":
+                elif r.status == "running" and not r.broken:
                     running.append(key)
             unsent_rows = await conn.execute(
                 select(outbox).where(outbox.c.sent.is_(False)).order_by(outbox.c.id)
@@ -691,7 +701,7 @@ class SQLStore(BaseStore):
                 OutgoingRecord(r.id, parse_channel_column(r.channel), r.text, r.created_at)
                 for r in unsent_rows
             ]
-        return Recovery(items, active, deadlines, unsent, running)
+        return Recovery(items, active, deadlines, unsent, running, others)
 
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
         await self.flush()
