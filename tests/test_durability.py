@@ -163,15 +163,19 @@ async def test_deadline_after_eviction(make_store: StoreFactory) -> None:
 
 
 async def test_changed_template_restarts_with_notice(make_store: StoreFactory) -> None:
+    # A structural change: v2 asks a question where v1 ran a step (issue 10: a change of
+    # text alone no longer counts, see test_redeploy.py).
     @turbo()
     async def v1():
         name = yield GetUserInput("Name?")
+        yield Step(lambda: "noted")
         yield GetUserInput(f"Hi {name}. Colour?")
 
     @turbo()
     async def v2():
         name = yield GetUserInput("What is your name?")
-        yield GetUserInput(f"Hello {name}. Colour?")
+        yield GetUserInput(f"Hello {name}. Age?")
+        yield GetUserInput("Colour?")
 
     v2.ref = v1.ref  # the same bot (module and name), redeployed with new code
     await run_session(make_store, echo_llm(), ["hi", "Ann"], template=v1)

@@ -379,9 +379,10 @@ async def test_replay_detects_changed_template() -> None:
         yield GetUserInput()
 
     @turbo()
-    async def v2():
+    async def v2():  # a new greeting alone would not count: a new step does
         text = yield GetUserInput("Hi, new greeting?")
         yield User(text)
+        yield Step(lambda: "looked up")
         yield Generate()
         yield GetUserInput()
 

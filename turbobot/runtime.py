@@ -802,6 +802,7 @@ class Runtime:
             context=context,
             replay=list(record.journal),
             replay_until=record.yields,
+            stopped_waiting=record.status == "waiting",
             owned=True,
         )
         live.saved = len(record.journal)

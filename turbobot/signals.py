@@ -39,6 +39,7 @@ __all__ = [
     "Generate",
     "GetInput",
     "GetUserInput",
+    "Patched",
     "Result",
     "Return",
     "Step",
@@ -77,6 +78,10 @@ class Generate:
         names = ",".join(getattr(t, "__name__", "?") for t in self.tools)
         return f"Generate|{sorted(self.settings.items())!r}|{self.forward}|{names}"
 
+    def structure(self) -> str:
+        names = ",".join(getattr(t, "__name__", "?") for t in self.tools)
+        return f"Generate|{names}"
+
     def __repr__(self) -> str:
         return f"Generate(settings={self.settings!r}, forward={self.forward}, stream={self.stream})"
 
@@ -89,9 +94,12 @@ class GetUserInput:
         record: also record ``message`` in memory as assistant text.
         timeout: seconds to wait; when they pass the template receives a
             :class:`UserInput` with ``timed_out=True``.
+        name: names this input in the template's structure: a replay after a
+            redeploy checks it (unnamed inputs are told apart only by their order;
+            see docs/architecture.md, "Replay and its rules").
     """
 
-    __slots__ = ("message", "record", "timeout")
+    __slots__ = ("message", "name", "record", "timeout")
 
     def __init__(
         self,
@@ -100,6 +108,7 @@ class GetUserInput:
         record: bool = True,
         timeout: float | None = None,
         content: str | None = None,
+        name: str | None = None,
     ) -> None:
         if message is not None and content is not None:
             raise TypeError("GetUserInput() takes message or content, not both")
@@ -108,6 +117,7 @@ class GetUserInput:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"GetUserInput(timeout=...) must be positive, got {timeout!r}")
         self.timeout = timeout
+        self.name = name
 
     @property
     def content(self) -> str | None:
@@ -116,6 +126,9 @@ class GetUserInput:
 
     def fingerprint(self) -> str:
         return f"GetUserInput|{self.message!r}|{self.record}|{self.timeout!r}"
+
+    def structure(self) -> str:
+        return "GetUserInput" if self.name is None else f"GetUserInput|{self.name}"
 
     def __repr__(self) -> str:
         return f"GetUserInput(message={self.message!r}, timeout={self.timeout!r})"
@@ -187,6 +200,9 @@ class Step:
     def fingerprint(self) -> str:
         return f"Step|{getattr(self.fn, '__qualname__', repr(self.fn))}"
 
+    def structure(self) -> str:
+        return self.fingerprint()
+
 
 @dataclass(slots=True)
 class Delegate:
@@ -200,6 +216,35 @@ class Delegate:
 
     def fingerprint(self) -> str:
         return f"Delegate|{self.app.template.ref}"
+
+    def structure(self) -> str:
+        return self.fingerprint()
+
+
+@dataclass(frozen=True, slots=True)
+class Patched:
+    """Change a template's structure without breaking the conversations in flight.
+
+    ``new = yield Patched("ask-age")`` is ``True`` in conversations that reach this
+    point under the new code, and ``False`` in those that had already passed it (or
+    were waiting beyond it) when the new code was deployed, which must keep taking
+    the old path. Once every conversation started before the change has ended, the
+    old path and the ``Patched`` can go (keep the ``if``'s body). In the spirit of
+    Temporal's ``workflow.patched()``; see docs/architecture.md, "Replay and its
+    rules"::
+
+        name = yield GetUserInput("Your name?")
+        if (yield Patched("ask-age")):
+            age = yield GetUserInput("Your age?")
+    """
+
+    change: str
+
+    def structure(self) -> str:
+        return f"Patched|{self.change}"
+
+    def fingerprint(self) -> str:
+        return self.structure()
 
 
 @dataclass(slots=True)

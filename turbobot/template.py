@@ -42,7 +42,16 @@ from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.tools import call_tool, tool_schema
 from turbobot.memory import BaseMemory, LocalMemory
 from turbobot.messages import Assistant, Message, ToolMessage, message_from_dict
-from turbobot.signals import Delegate, Generate, GetUserInput, Result, Return, Step, UserInput
+from turbobot.signals import (
+    Delegate,
+    Generate,
+    GetUserInput,
+    Patched,
+    Result,
+    Return,
+    Step,
+    UserInput,
+)
 from turbobot.tokens import context_window_for, token_counter_for
 
 __all__ = [
@@ -195,6 +204,8 @@ _INPUT = object()
 _STREAM = object()
 #: ``App._pending`` before the first step
 _FRESH = object()
+#: ``App.replay_until`` of a replay that stopped waiting for input
+_UNTIL_WAITING = sys.maxsize
 #: the journal of every app that has not journaled anything yet; never appended to
 _NO_ENTRIES: list[JournalEntry] = []
 
@@ -226,6 +237,7 @@ class App:
     __slots__ = (
         "_chain",
         "_gen",
+        "_legacy",
         "_pending",
         "_replay",
         "_send",
@@ -272,6 +284,9 @@ class App:
         self._task: asyncio.Future[Assistant] | None = None
         #: running hash of every yield so far (16 bytes: a hasher object costs 400)
         self._chain = b""
+        #: the chain by the rule before issue 10 (message texts included), while a journal
+        #: that may have been written by it is replayed
+        self._legacy: bytes | None = None
         #: the template's generator, then the delegated sub-templates' (innermost last;
         #: a list only once something is delegated)
         self._gen: AsyncGenerator[Any, Any] | None = None
@@ -289,6 +304,7 @@ class App:
         cache: BaseCache | None = None,
         replay: list[JournalEntry] | None = None,
         replay_until: int = 0,
+        stopped_waiting: bool = False,
         owned: bool = False,
     ) -> App:
         """Choose collaborators before the first step. Returns ``self``.
@@ -297,6 +313,11 @@ class App:
             replay: journal entries to feed back instead of doing their effects.
             replay_until: the ``yields`` count at which the replayed run stopped;
                 outputs up to it were already delivered and are not yielded again.
+            stopped_waiting: the replayed run stopped waiting for input: every output
+                up to the first ``GetUserInput`` after the journal was delivered
+                (``replay_until`` is then ignored: a redeployed template may yield
+                more or fewer messages than the one that ran; see
+                docs/architecture.md, "Replay and its rules").
             owned: the caller promises to ``aclose()`` the app when it drops it
                 unfinished (the runtime does). Its generators are then not registered
                 with the event loop for clean-up at shutdown, which saves ~110 bytes
@@ -314,7 +335,8 @@ class App:
             self.cache = cache
         if replay:
             self._replay = deque(replay)
-        self.replay_until = replay_until
+            self._legacy = b""
+        self.replay_until = _UNTIL_WAITING if stopped_waiting else replay_until
         self._untracked = owned
         return self
 
@@ -388,6 +410,10 @@ class App:
             gen, self._gen = self._gen, None
             await gen.aclose()
 
+    def structure(self) -> str:
+        """Yielded by a template, an app is a sub-template: part of the structure."""
+        return f"Delegate|{self.template.ref}"
+
     async def run(self, input: str | None = None) -> Result:
         """turbo-chat's ``app.run(input)``: step to the next input request or the end."""
         output, done = await run(self, input)
@@ -433,11 +459,24 @@ class App:
         return True
 
     def _fingerprint(self, item: Any) -> None:
-        describe = getattr(item, "fingerprint", None)
-        text = describe() if describe is not None else type(item).__name__
-        self._chain = hashlib.blake2b(
-            self._chain + text.encode("utf-8", "surrogatepass"), digest_size=16
-        ).digest()
+        """Add ``item`` to the chain if it is part of the template's structure.
+
+        Only yields that receive a value (input, generate, tool, step), the names of
+        steps, tools and sub-templates count: a message's text may change between
+        deploys. While a journal written before this rule is replayed, the old chain
+        (every yield, with its text) is kept beside it (``_legacy``).
+        """
+        structure = getattr(item, "structure", None)
+        if structure is not None:
+            self._chain = hashlib.blake2b(
+                self._chain + structure().encode("utf-8", "surrogatepass"), digest_size=16
+            ).digest()
+        if self._legacy is not None:
+            describe = getattr(item, "fingerprint", None)
+            text = describe() if describe is not None else type(item).__name__
+            self._legacy = hashlib.blake2b(
+                self._legacy + text.encode("utf-8", "surrogatepass"), digest_size=16
+            ).digest()
 
     def _take(self, kinds: tuple[str, ...]) -> JournalEntry | None:
         """The next recorded value if replaying, checked against the current chain."""
@@ -447,7 +486,15 @@ class App:
         if not self._replay:
             self._replay = None
         chain = self._chain.hex()
-        if entry.kind not in kinds or entry.chain != chain:
+        matches = entry.chain == chain
+        if self._legacy is not None:
+            if not matches:
+                matches = entry.chain == self._legacy.hex()
+            elif not self.journal:
+                self._legacy = None  # a journal of the structural rule from its start
+        if not self._replay:
+            self._legacy = None
+        if entry.kind not in kinds or not matches:
             raise ReplayDivergedError(
                 f"template {self._name()} no longer matches its recorded conversation at "
                 f"journal entry {len(self.journal)} (expected a {entry.kind!r} value, the "
@@ -469,6 +516,20 @@ class App:
 
     def _live_output(self) -> bool:
         return not self._replay and self.yields > self.replay_until
+
+    def _patched(self, change: str) -> bool:
+        """See :class:`~turbobot.signals.Patched`."""
+        replay = self._replay
+        if replay:
+            entry = replay[0]
+            if entry.kind == "patch" and entry.value == change:
+                self._take(("patch",))
+                return True
+            return False  # recorded before this change: the old path
+        if self.replay_until == _UNTIL_WAITING:
+            return False  # still where the old code had brought the conversation
+        self._record("patch", change)
+        return True
 
     async def _run(self) -> Output:
         """Drive the template until it produces an output; raise StopAsyncIteration at its end.
@@ -523,11 +584,16 @@ class App:
                 if entry is None:
                     self.waiting = item
                     self._pending = _INPUT
-                    return item if self._live_output() else GetUserInput(timeout=item.timeout)
+                    live = self._live_output()
+                    if self.replay_until == _UNTIL_WAITING:
+                        self.replay_until = self.yields  # where it waited: later output is new
+                    return item if live else GetUserInput(timeout=item.timeout)
                 self._send = _input_from_json(entry)
             elif isinstance(item, Result):
                 if self._live_output():
                     return item
+            elif isinstance(item, Patched):
+                self._send = self._patched(item.change)
             elif isinstance(item, Step):
                 entry = self._take(("step", "error"))
                 if entry is None:
