@@ -93,7 +93,7 @@ _MEDIA = (
     "story",
     "paid_media",
 )
-#: the command menu: what the runtime understands (DESIGN §3)
+#: the command menu: what the runtime understands (docs/architecture.md, "Conversations")
 _COMMANDS = [
     ("start", "Start a new conversation"),
     ("reset", "End this conversation and forget it"),

@@ -651,3 +651,46 @@ async def test_two_bots_on_one_channel_keep_their_own_conversations(
         ("asker", "waiting"),
         ("chat", "waiting"),
     ]
+
+
+# -- 8: the message that woke a bot is not taken for an answer after a crash -------------
+
+
+async def test_a_crash_between_greeting_and_question_keeps_the_wake_message_apart(
+    make_store: StoreFactory,
+) -> None:
+    import asyncio
+
+    from tests.test_regressions import crash
+    from turbobot import Assistant
+    from turbobot.runtime import Runtime
+    from turbobot.testing import RecordingSender
+
+    @turbo()
+    async def greeter():
+        yield Assistant("Welcome!")
+        sign = yield GetUserInput("Your sign?")
+        yield GetUserInput(f"Noted: {sign}.")
+
+    class HangsOnWelcome(RecordingSender):
+        async def send(self, key: ChannelKey, text: str) -> str | None:
+            if text == "Welcome!":
+                await asyncio.Event().wait()  # the process dies while sending this
+            return await super().send(key, text)
+
+    key = ChannelKey("test", "chat")
+    store = await make_store()
+    first = Runtime(greeter, llm=echo_llm(), sender=HangsOnWelcome(), store=store)
+    await first.receive(IncomingMessage(key, "hi", "m1"))
+    await crash(first)
+
+    store = await make_store()
+    sender = RecordingSender()
+    async with Runtime(greeter, llm=echo_llm(), sender=sender, store=store) as runtime:
+        await runtime.join()
+        # The greeting is delivered and the question asked; "hi" is not the answer.
+        assert sender.texts() == ["Welcome!", "Your sign?"]
+        await runtime.receive(IncomingMessage(key, "Leo", "m2"))
+        await runtime.join()
+        assert sender.texts()[-1] == "Noted: Leo."
+        assert (await store.recovery()).inbox == []

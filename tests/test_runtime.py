@@ -1,4 +1,4 @@
-"""DESIGN §3 conversation rules, through the runtime with a scripted LLM."""
+"""The conversation rules (docs/architecture.md, "Conversations") with a scripted LLM."""
 
 from __future__ import annotations
 

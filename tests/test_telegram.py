@@ -559,7 +559,9 @@ async def test_a_broken_off_stream_stays_on_screen_marked_interrupted(
         async def aclose(self) -> None:
             return None
 
-    async with running(telegram, streamer, BreaksOff(), stream_interval=0.01) as (_, runtime):  # type: ignore[arg-type]
+    llm: Any = BreaksOff()
+    # stream_interval=0: the first fragment is shown at once
+    async with running(telegram, streamer, llm, stream_interval=0.0) as (_, runtime):
         telegram.message(GROUP, "/start", user_id=1)
         await replies(telegram, GROUP, 1)
         telegram.message(GROUP, "@turbo_test_bot stream it", user_id=1)

@@ -7,17 +7,18 @@ channel's conversation → each reply is recorded in the outbox, committed toget
 with the input and the generation that produced it, and only then sent.
 Channels run concurrently; within one channel, one step at a time.
 
-Rules (DESIGN §3): a message in a channel with no conversation starts the template;
-that first message is the first input only if the first ``GetUserInput`` asks no
-question. ``/start`` (``/new``) always starts afresh and is never input; ``/reset``
-ends the conversation and clears its memory; ``/help`` describes the bot. A message
-that arrives while the bot is busy waits its turn and answers the next
-``GetUserInput``. When a template ends, the next message starts a new conversation.
-If a generation fails after the LLM layer's retries and the template does not catch
-the error, the user gets an apology and the generation is retried when the channel's
-next message arrives; that message then waits its turn.
+Rules (docs/architecture.md, "Conversations"): a message in a channel with no
+conversation starts the template; that first message is the first input only if the
+first ``GetUserInput`` asks no question. ``/start`` (``/new``) always starts afresh
+and is never input; ``/reset`` ends the conversation and clears its memory; ``/help``
+describes the bot. A message that arrives while the bot is busy waits its turn and
+answers the next ``GetUserInput``. When a template ends, the next message starts a
+new conversation. If a generation fails after the LLM layer's retries and the
+template does not catch the error, the user gets an apology and the generation is
+retried when the channel's next message arrives; that message then waits its turn.
 
-Durability (DESIGN §4): a conversation is rebuilt by replaying its journal whenever
+Durability (docs/architecture.md, "The step and commit protocol", "Replay and its
+rules"): a conversation is rebuilt by replaying its journal whenever
 it is not in RAM: after a restart, after eviction, after a failed generation. Idle
 conversations are evicted (their generators closed, so ``finally`` blocks run) and
 come back by replay on their next message or deadline.
@@ -534,9 +535,7 @@ class Runtime:
             await self._outbox.resend(key)
         if key in self._resume:
             self._resume.discard(key)
-            live = await self._load(key)
-            if live is not None:
-                await self._ensure_app(key, live, None)
+            await self._resume_step(key)
         queue = self._queues.get(key)
         while queue:
             stalled = self._stalled.get(key)
@@ -564,6 +563,28 @@ class Runtime:
                 and live.app.waiting is not None
             ):
                 await self._advance(key, live, UserInput.timeout())
+
+    async def _resume_step(self, key: ChannelKey) -> None:
+        """Finish the step a conversation stopped in (the process died during it).
+
+        If the message that started the conversation is still unused in the inbox,
+        whether it is input was not decided yet (see ``_begin``): it is the waking
+        message again, never the answer to a question asked after it.
+        """
+        live = await self._load(key)
+        if live is None:
+            return
+        queue = self._queues.get(key)
+        trigger = live.context.get("trigger") or {}
+        wake = None
+        if queue and queue[0].message.message_id == trigger.get("message_id"):
+            wake = live.wake = queue.popleft().message
+        if not await self._ensure_app(key, live, wake) or wake is None:
+            return
+        app = live.app
+        if live.wake is wake and app is not None and app.waiting is not None:
+            self._use_wake(live)  # it asked nothing: the waking message is its first input
+            await self._advance(key, live, wake)
 
     async def _commands_first(self, key: ChannelKey, queue: deque[InboxItem]) -> None:
         """While a failed generation waits, handle the commands queued behind it.
