@@ -92,7 +92,7 @@ async def feed(runtime: Runtime, ids: range, make: Callable[[int], IncomingMessa
 async def main(chats: int, variant: str) -> None:
     store, path = make_store(variant)
     await store.open()
-    settings = RuntimeSettings(idle_evict_seconds=None)
+    settings = RuntimeSettings(idle_evict_seconds=None, gc_threshold=10_000)
     runtime = Runtime(
         twostep, llm=ScriptedLLM(), sender=StubSender(), store=store, settings=settings
     )

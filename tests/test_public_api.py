@@ -36,5 +36,33 @@ def test_core_never_imports_platform_libraries() -> None:
     assert out.stdout.strip() == ""
 
 
+def test_stores_do_not_import_the_template_engine() -> None:
+    """Layering (docs/architecture.md, "Module map"): stores keep journals, they do
+    not import the engine that writes them, nor the runtime (type hints aside)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(turbobot.__file__).parent
+    for path in [
+        package / "store.py",
+        package / "journal.py",
+        package / "codec.py",
+        package / "delivery.py",
+        *sorted((package / "sql").glob("*.py")),
+    ]:
+        tree = ast.parse(path.read_text())
+        guarded = {
+            id(node)
+            for stmt in ast.walk(tree)
+            if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test)
+            for node in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in guarded:
+                assert node.module not in ("turbobot.template", "turbobot.runtime"), (
+                    f"{path.name} imports {node.module}"
+                )
+
+
 def test_get_input_is_get_user_input() -> None:
     assert turbobot.GetInput is turbobot.GetUserInput

@@ -256,24 +256,23 @@ def test_parse_command_forms() -> None:
     assert parse_command("/") is None
 
 
-async def test_start_raises_the_gc_threshold_but_never_lowers_it() -> None:
+async def test_the_gc_threshold_is_opt_in_and_never_lowered() -> None:
     import gc
 
     original = gc.get_threshold()
+    raised = RuntimeSettings(gc_threshold=10_000)
     try:
         gc.set_threshold(700, 10, 10)
-        async with ChatHarness(chat, llm=echo_llm()) as h:
+        async with ChatHarness(chat, llm=echo_llm()) as h:  # a library leaves it alone
+            await h.say("hi")
+        assert gc.get_threshold() == (700, 10, 10)
+        async with ChatHarness(chat, llm=echo_llm(), settings=raised) as h:
             await h.say("hi")
         assert gc.get_threshold() == (10_000, 10, 10)
         gc.set_threshold(50_000, 5, 5)
-        async with ChatHarness(chat, llm=echo_llm()) as h:
+        async with ChatHarness(chat, llm=echo_llm(), settings=raised) as h:
             await h.say("hi")
         assert gc.get_threshold() == (50_000, 5, 5)
-        gc.set_threshold(700, 10, 10)
-        settings = RuntimeSettings(gc_threshold=None)
-        async with ChatHarness(chat, llm=echo_llm(), settings=settings) as h:
-            await h.say("hi")
-        assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*original)
 

@@ -21,6 +21,7 @@ from turbobot.exceptions import (
     TurbobotError,
     UndeliverableError,
 )
+from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.openai import OpenAILLM, RetryPolicy
 from turbobot.llm.scripted import ScriptedLLM
@@ -47,7 +48,7 @@ from turbobot.signals import (
     Step,
     UserInput,
 )
-from turbobot.template import App, AssistantStream, JournalEntry, Template, run, turbo
+from turbobot.template import App, AssistantStream, Template, run, turbo
 
 __version__ = "0.1.0"
 

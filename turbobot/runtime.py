@@ -176,11 +176,13 @@ class RuntimeSettings:
             message is cut (the user is told, the whole text is stored). A model's
             prompt always keeps the newest turn whole, so without a cap one huge message
             would make every later request too large.
-        gc_threshold: on start, raise the garbage collector's first threshold to this
-            (``None``: leave the process's setting alone). With Python's default, 700,
-            the short-lived objects of steps waiting for a commit reach the oldest
-            generation, and its collections walk every waiting conversation: ~20% of
-            the time per message with 10,000 waiting. A lower setting is never raised.
+        gc_threshold: opt-in: on start, raise the garbage collector's first threshold
+            to this (default ``None``: a library leaves the process's setting alone;
+            the ``turbobot`` command, which owns its process, sets 10,000). With
+            Python's default, 700, the short-lived objects of steps waiting for a
+            commit reach the oldest generation, and its collections walk every waiting
+            conversation: ~20% of the time per message with 10,000 waiting. A higher
+            setting is never lowered.
     """
 
     bot_username: str | None = None
@@ -194,7 +196,7 @@ class RuntimeSettings:
     idle_evict_seconds: float | None = 600.0
     max_live: int | None = None
     max_input_chars: int = 16_000
-    gc_threshold: int | None = 10_000
+    gc_threshold: int | None = None
 
 
 #: a command as Telegram defines one (and Discord's text commands follow): a slash, then

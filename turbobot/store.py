@@ -29,7 +29,7 @@ from typing import Any, Literal, Self
 
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.codec import from_json, to_json
-from turbobot.template import JournalEntry
+from turbobot.journal import JournalEntry
 
 __all__ = [
     "FINAL_STATUSES",

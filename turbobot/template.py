@@ -38,6 +38,7 @@ from turbobot.exceptions import (
     ReplayDivergedError,
     TemplateError,
 )
+from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.tools import call_tool, tool_schema
 from turbobot.memory import BaseMemory, LocalMemory
@@ -78,19 +79,6 @@ ENGINE_SETTINGS = frozenset(
 DEFAULT_MAX_TOOL_ROUNDS = 8
 
 TemplateFn: TypeAlias = Callable[..., AsyncGenerator[Any, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """One value sent into a template, with the chain hash of the yields before it.
-
-    ``kind`` is ``input``, ``timeout``, ``generate``, ``tool``, ``step`` or ``error``.
-    ``value`` is JSON-serialisable.
-    """
-
-    kind: str
-    value: Any
-    chain: str
 
 
 class Template:

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.codec import count, to_json, unwritable, writable_text
 from turbobot.exceptions import ConfigurationError
+from turbobot.journal import JournalEntry
 from turbobot.sql.schema import conversations, inbox, journal, messages, outbox
 from turbobot.store import (
     FINAL_STATUSES,
@@ -49,7 +50,6 @@ from turbobot.store import (
     StepWrite,
     TranscriptLine,
 )
-from turbobot.template import JournalEntry
 
 __all__ = ["SQLStore", "channel_column", "parse_channel_column"]
 
