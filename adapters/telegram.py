@@ -93,12 +93,6 @@ _MEDIA = (
     "story",
     "paid_media",
 )
-#: the command menu: what the runtime understands (docs/architecture.md, "Conversations")
-_COMMANDS = [
-    ("start", "Start a new conversation"),
-    ("reset", "End this conversation and forget it"),
-    ("help", "What this bot does"),
-]
 #: concurrent Bot API requests (and HTTP connections)
 _IN_FLIGHT = 16
 _SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -315,7 +309,7 @@ class TelegramAdapter(BaseSender):
         for signum in signals:
             loop.add_signal_handler(signum, self.stop)
         try:
-            await self._announce_commands()
+            await self._announce_commands(runtime)
             if self.settings.webhook_url:
                 await self._run_webhook(runtime)
             else:
@@ -324,10 +318,11 @@ class TelegramAdapter(BaseSender):
             for signum in signals:
                 loop.remove_signal_handler(signum)
 
-    async def _announce_commands(self) -> None:
+    async def _announce_commands(self, runtime: Runtime) -> None:
         """List the runtime's commands in Telegram's command menu (best effort)."""
         try:
-            await self._call(partial(self.bot.set_my_commands, _COMMANDS), attempts=2)
+            menu = runtime.commands.menu()
+            await self._call(partial(self.bot.set_my_commands, menu), attempts=2)
         except TelegramError as exc:
             _log.warning("Telegram: could not set the command menu (%s)", exc)
 

@@ -101,7 +101,13 @@ async def test_two_turn_conversation_in_a_private_chat(
     ):
         assert adapter.username == "turbo_test_bot"
         await telegram.wait_for_call("setMyCommands")
-        assert [c["command"] for c in telegram.commands] == ["start", "reset", "help"]
+        assert [c["command"] for c in telegram.commands] == [
+            "start",
+            "reset",
+            "retry",
+            "cancel",
+            "help",
+        ]
         telegram.message(PRIVATE, "hi")
         assert await replies(telegram, PRIVATE, 1) == [WELCOME]
         telegram.message(PRIVATE, "I am a leo")

@@ -13,7 +13,9 @@ from typing import Any
 __all__ = ["JOURNAL_KINDS", "JournalEntry"]
 
 #: what a journal entry records, by the yield that received the value
-JOURNAL_KINDS = frozenset({"input", "timeout", "generate", "tool", "step", "error", "patch"})
+JOURNAL_KINDS = frozenset(
+    {"input", "timeout", "generate", "tool", "step", "error", "patch", "cancelled"}
+)
 
 
 @dataclass(frozen=True, slots=True)

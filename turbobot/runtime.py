@@ -31,7 +31,6 @@ import contextlib
 import gc
 import logging
 import math
-import re
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -41,6 +40,7 @@ from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.codec import count, unwritable, writable_text
+from turbobot.commands import CommandCall, CommandRegistry, parse_command
 from turbobot.delivery import FAILED, Outbox
 from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.llm.base import LLM
@@ -141,10 +141,11 @@ class Notices:
     )
     #: the answer to a message with media but no text (the message is kept in the inbox)
     text_only: str = "I can only read text messages, sorry: please type your message."
-    help: str = (
-        "Commands: /start (or /new) starts a new conversation, /reset ends this one "
-        "and forgets it, /help shows this."
-    )
+    #: heads the list of commands in the answer to /help
+    help: str = "Commands:"
+    retry_nothing: str = "There is no answer to retry yet."
+    cancelled: str = "Cancelled."
+    cancel_nothing: str = "There is no answer being written to cancel."
     #: when a bot begins a conversation in a channel where another bot has one going
     other_bot: str = (
         "Note: another bot's conversation is open in this chat; it is kept as it is, and "
@@ -199,28 +200,6 @@ class RuntimeSettings:
     gc_threshold: int | None = None
 
 
-#: a command as Telegram defines one (and Discord's text commands follow): a slash, then
-#: 1-32 letters, digits or underscores, optionally @bot, then the end or a space
-_COMMAND = re.compile(r"/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
-
-
-def parse_command(text: str, bot_username: str | None = None) -> str | None:
-    """The command in ``text`` (``"start"`` for ``/start@bot args``), else ``None``.
-
-    Only a command word right after the slash counts: ``/ start`` and ``/path/x`` are
-    text. A command addressed to another bot (``/start@otherbot``) is not ours.
-    """
-    if not text.startswith("/"):
-        return None
-    match = _COMMAND.match(text)
-    if match is None:
-        return None
-    name, target = match.groups()
-    if target and bot_username and target.lower() != bot_username.lower().lstrip("@"):
-        return None
-    return name.lower()
-
-
 @dataclass(slots=True)
 class _Live(ConversationRecord):
     """A conversation the runtime holds: its record, and its app when in RAM.
@@ -253,6 +232,8 @@ class Runtime:
         store: where inboxes and conversations live (in RAM by default).
         settings: runtime behaviour.
         clock: the time source for deadlines (epoch seconds).
+        commands: the commands users can send (default: the built-in ones and the
+            template's ``commands`` setting).
     """
 
     def __init__(
@@ -264,8 +245,10 @@ class Runtime:
         store: BaseStore | None = None,
         settings: RuntimeSettings | None = None,
         clock: Callable[[], float] = time.time,
+        commands: CommandRegistry | None = None,
     ) -> None:
         self.template = template
+        self.commands = commands or CommandRegistry(template.settings.get("commands", ()))
         self.llm = llm
         self.sender = sender
         self.store = store or InMemoryStore()
@@ -292,6 +275,8 @@ class Runtime:
         #: channels whose conversation's last generation failed, to be retried by the next
         #: message: the highest inbox seq already tried (commands do not trigger a retry)
         self._stalled: dict[ChannelKey, int] = {}
+        #: channels whose generation a /cancel stopped (answered when /cancel's turn comes)
+        self._cancelled: set[ChannelKey] = set()
         #: channels to try again after an infrastructure error, and how often they failed
         self._retries: dict[ChannelKey, int] = {}
         self._used_clock = 0.0
@@ -401,11 +386,23 @@ class Runtime:
                 _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
             elif seq is not None and admitted is not None and not self._closed:
                 # (once closed, the next start has it)
+                self._cancel_if_asked(admitted)
                 self._queues.setdefault(message.key, deque()).append(InboxItem(seq, admitted))
                 self._wake(message.key)
         if failure is not None:
             raise failure.__cause__ or failure
         return accepted
+
+    def _cancel_if_asked(self, message: IncomingMessage) -> None:
+        """``/cancel`` acts at once, ahead of its turn: it stops the generation in progress.
+
+        The message itself is answered in its turn (see ``_command``).
+        """
+        if parse_command(message.text, self.settings.bot_username) != "cancel":
+            return
+        live = self._live.get(message.key)
+        if live is not None and live.app is not None and live.app.cancel_generation():
+            self._cancelled.add(message.key)
 
     def _admit(self, message: IncomingMessage) -> IncomingMessage:
         """The message as the template will see it: writable text, within the input cap.
@@ -660,35 +657,14 @@ class Runtime:
 
     async def _handle(self, key: ChannelKey, message: IncomingMessage) -> bool:
         """Handle one inbox message; ``False`` leaves it in the inbox."""
-        command = parse_command(message.text, self.settings.bot_username)
+        call = self.commands.parse(message, self.settings.bot_username)
+        if call is not None:
+            await self._command(key, call)
+            return True
         notices = self.settings.notices
         admission = self._admission_notice(message)
-        if admission is not None and command is None:
+        if admission is not None:
             await self._send_standalone(key, admission)
-        if command in ("start", "new"):
-            await self._end(key, "restarted", None)
-            fresh = self._start(key, message)
-            self._note_user(fresh, message)
-            if not await self._advance(key, fresh, None) and fresh.active:
-                await self._say(key, fresh, notices.started)
-                await self._commit(fresh)
-            return True
-        if command in ("reset", "help"):
-            if command == "reset":
-                current = self._live.get(key)
-                if current is not None and current.app is not None:
-                    await current.app.memory.clear()
-                noted = await self._end(key, "reset", message)
-                await self._send_standalone(key, notices.reset, consumed=None if noted else message)
-            else:
-                await self._send_standalone(key, self._help(), consumed=message)
-            return True
-
-        if command is not None:
-            await self._send_standalone(
-                key, notices.unknown_command.format(command=command), consumed=message
-            )
-            return True
         if not message.text.strip():
             # Media without a caption: nothing for a template to read. The message
             # stays stored (in the inbox, with its attachments); it is answered, not used.
@@ -715,9 +691,89 @@ class Runtime:
         _log.error("channel %s: conversation %s is not waiting", key, live.id)
         return False
 
+    async def _command(self, key: ChannelKey, call: CommandCall) -> None:
+        """Handle a command (see turbobot.commands); it is never input to the template."""
+        message, notices = call.message, self.settings.notices
+        name = call.name
+        command = self.commands.get(name)
+        if command is not None and command.handler is not None:
+            reply = await command.handler(call)
+            if reply:
+                await self._send_standalone(key, reply, consumed=message)
+            else:
+                await self._store_write(StepWrite(consumed=[(key, message.message_id)]))
+        elif name == "start":
+            await self._end(key, "restarted", None)
+            fresh = self._start(key, message)
+            self._note_user(fresh, message)
+            if not await self._advance(key, fresh, None) and fresh.active:
+                await self._say(key, fresh, notices.started)
+                await self._commit(fresh)
+        elif name == "reset":
+            current = self._live.get(key)
+            if current is not None and current.app is not None:
+                await current.app.memory.clear()
+            noted = await self._end(key, "reset", message)
+            await self._send_standalone(key, notices.reset, consumed=None if noted else message)
+        elif name == "help":
+            await self._send_standalone(key, self._help(), consumed=message)
+        elif name == "retry":
+            await self._retry(key, message)
+        elif name == "cancel":
+            text = notices.cancelled if key in self._cancelled else notices.cancel_nothing
+            self._cancelled.discard(key)
+            await self._send_standalone(key, text, consumed=message)
+        else:
+            text = notices.unknown_command.format(command=name)
+            await self._send_standalone(key, text, consumed=message)
+
+    async def _retry(self, key: ChannelKey, message: IncomingMessage) -> None:
+        """``/retry``: generate the conversation's last reply again.
+
+        The journal is cut back to just before its last generation (nothing was put
+        to the conversation after it), and the conversation is rebuilt from there:
+        the generation runs again and its reply is sent; the one it replaces leaves
+        the model's memory (the transcript keeps both).
+        """
+        live = await self._load(key)
+        journal = (live.app.journal if live.app is not None else live.journal) if live else []
+        cut = next(
+            (i for i in range(len(journal) - 1, -1, -1) if journal[i].kind == "generate"), None
+        )
+        if (
+            live is None
+            or cut is None
+            or any(e.kind in ("input", "timeout") for e in journal[cut:])
+        ):
+            await self._send_standalone(key, self.settings.notices.retry_nothing, consumed=message)
+            return
+        assert live is not None
+        self._note_user(live, message)
+        if live.app is not None:
+            app, live.app = live.app, None
+            context = app.context
+            await app.aclose()
+        else:
+            context = TemplateContext.from_dict(live.context)
+        kept = journal[:cut]
+        step = self._buffer(live)
+        step.rewind = True
+        live.journal, live.saved = kept, cut
+        live.status, live.deadline = "running", None
+        await self._commit(live, wait=True)
+        live.app = self.template().bind(
+            llm=self.llm,
+            context=context,
+            replay=list(kept),
+            replay_until=0,  # everything after the cut is new: the generation's reply
+            owned=True,
+        )
+        await self._advance(key, live, None)
+
     def _help(self) -> str:
         doc = (self.template.fn.__doc__ or "").strip().split("\n\n", 1)[0].strip()
-        return f"{doc}\n\n{self.settings.notices.help}" if doc else self.settings.notices.help
+        listing = f"{self.settings.notices.help}\n{self.commands.help()}"
+        return f"{doc}\n\n{listing}" if doc else listing
 
     def _touch(self, key: ChannelKey, live: _Live) -> None:
         # Conversations used within the same tick share one float (24 bytes each

@@ -146,6 +146,8 @@ class StepWrite:
     #: journal entries added, with the journal position of the first one
     journal: list[JournalEntry] = field(default_factory=list)
     journal_start: int = 0
+    #: the journal is cut back to ``journal_start`` first (``/retry``)
+    rewind: bool = False
     #: inbox messages used up by the step
     consumed: list[tuple[ChannelKey, str]] = field(default_factory=list)
     transcript: list[TranscriptLine] = field(default_factory=list)
@@ -287,6 +289,8 @@ class InMemoryStore(BaseStore):
                 state.context = previous.context  # written once, with the new conversation
             self._conversations[record.id] = state
             journal = self._journals.setdefault(record.id, [])
+            if step.rewind:
+                del journal[step.journal_start :]
             if step.journal:
                 del journal[step.journal_start :]
                 # Through the SQL stores' encoding: what would not come back from SQL

@@ -74,7 +74,7 @@ _log = logging.getLogger(__name__)
 
 #: settings the engine consumes itself; every other setting goes to the LLM request
 ENGINE_SETTINGS = frozenset(
-    {"model", "memory", "cache", "debug", "context_window", "llm", "max_tool_rounds"}
+    {"model", "memory", "cache", "debug", "context_window", "llm", "max_tool_rounds", "commands"}
 )
 DEFAULT_MAX_TOOL_ROUNDS = 8
 
@@ -223,6 +223,7 @@ class App:
     """
 
     __slots__ = (
+        "_cancel_requested",
         "_chain",
         "_gen",
         "_legacy",
@@ -275,6 +276,7 @@ class App:
         #: the chain by the rule before issue 10 (message texts included), while a journal
         #: that may have been written by it is replayed
         self._legacy: bytes | None = None
+        self._cancel_requested = False
         #: the template's generator, then the delegated sub-templates' (innermost last;
         #: a list only once something is delegated)
         self._gen: AsyncGenerator[Any, Any] | None = None
@@ -375,6 +377,10 @@ class App:
                     self._send = task.result()
                 except LLMError as exc:
                     self._record_error(exc)
+                except asyncio.CancelledError:
+                    if not self._cancel_requested:
+                        raise
+                    self._send = self._cancelled()
             return await self._run()
         except StopAsyncIteration:
             self.done = True
@@ -559,9 +565,9 @@ class App:
                         self._task = asyncio.ensure_future(self._generate(item, stream))
                         self._pending = _STREAM
                         return stream
-                    message = await self._generate(item, None)
+                    message = await self._generate_cancellable(item)
                     self._send = message
-                    if item.forward and self._live_output():
+                    if message.forward and self._live_output():
                         return message
                 except LLMError as exc:
                     self._record_error(exc)
@@ -630,6 +636,37 @@ class App:
         self._record("error", {"type": "TemplateError", "message": str(error)})
         self._send = _Throw(error)
 
+    def cancel_generation(self) -> bool:
+        """Stop the generation in progress (``/cancel``). ``False`` if there is none.
+
+        The template's ``Generate`` then gets an empty reply that is neither sent nor
+        added to memory; the cancellation is journaled, so a replay agrees.
+        """
+        task = self._task
+        if task is None or task.done():
+            return False
+        self._cancel_requested = True
+        task.cancel()
+        return True
+
+    async def _generate_cancellable(self, item: Generate) -> Assistant:
+        if self._replay:  # from the journal: nothing to cancel, no task to pay for
+            return await self._generate(item, None)
+        self._task = task = asyncio.ensure_future(self._generate(item, None))
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not (self._cancel_requested and task.cancelled()):
+                raise  # the caller was cancelled, not the generation
+            return self._cancelled()
+        finally:
+            self._task = None
+
+    def _cancelled(self) -> Assistant:
+        self._cancel_requested = False
+        self._record("cancelled", None)
+        return Assistant("", forward=False)
+
     def _record_error(self, exc: LLMError) -> None:
         """Throw ``exc`` into the template; journal it unless it came from the journal."""
         if isinstance(exc, _ReplayedLLMError):
@@ -652,10 +689,12 @@ class App:
         rounds = int(settings.get("max_tool_rounds", DEFAULT_MAX_TOOL_ROUNDS))
         schemas = [tool_schema(t) for t in signal.tools]
         for _ in range(rounds + 1):
-            entry = self._take(("generate", "error"))
+            entry = self._take(("generate", "error", "cancelled"))
             if entry is not None:
                 if entry.kind == "error":
                     raise _ReplayedLLMError(_error_from_json(entry.value))
+                if entry.kind == "cancelled":
+                    return Assistant("", forward=False)
                 message = message_from_dict(entry.value)
                 assert isinstance(message, Assistant)
             else:

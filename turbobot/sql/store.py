@@ -27,7 +27,17 @@ from json.encoder import encode_basestring as _json_string
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, event, func, insert, literal_column, select, true, update
+from sqlalchemy import (
+    bindparam,
+    delete,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -111,6 +121,8 @@ class _Op:
     new_conversation: tuple[Any, ...] | None = None
     #: the conversation's state columns, its id last
     state: tuple[Any, ...] | None = None
+    #: (conversation id, first journal seq to delete): a journal cut back (``/retry``)
+    rewind: tuple[str, int] | None = None
     journal: _Rows = field(default_factory=lambda: _NONE)
     messages: _Rows = field(default_factory=lambda: _NONE)
     outgoing: _Rows = field(default_factory=lambda: _NONE)
@@ -144,6 +156,7 @@ class _Merged:
     new_conversations: _Rows
     #: the last state written per conversation (within a transaction, only it matters)
     conversation_states: _Rows
+    rewinds: _Rows
     journal: _Rows
     messages: _Rows
     outgoing: _Rows
@@ -158,13 +171,14 @@ class _Merged:
                 op.incoming,
                 [op.new_conversation] if op.new_conversation else _NONE,
                 [op.state] if op.state else _NONE,
+                [op.rewind] if op.rewind else _NONE,
                 op.journal,
                 op.messages,
                 op.outgoing,
                 op.sent,
                 op.consumed,
             )
-        merged = cls([], [], [], [], [], [], [], [])
+        merged = cls([], [], [], [], [], [], [], [], [])
         states: dict[str, tuple[Any, ...]] = {}
         for op in ops:
             if op.incoming:
@@ -173,6 +187,8 @@ class _Merged:
                 merged.new_conversations.append(op.new_conversation)
             if op.state:
                 states[op.state[-1]] = op.state
+            if op.rewind:
+                merged.rewinds.append(op.rewind)
             if op.journal:
                 merged.journal += op.journal
             if op.messages:
@@ -345,6 +361,10 @@ class SQLStore(BaseStore):
         # happens here too, so a value that cannot be encoded raises in the caller and
         # nothing of its step is queued.
         self._check_writer()
+        if step.rewind:
+            # Rows the cut removes may still be queued: commit them first, so that the
+            # delete (which runs before inserts in a batch) finds them.
+            await self.flush()
         record = step.record
         channel = ""
         op = _Op(channel)
@@ -372,6 +392,8 @@ class SQLStore(BaseStore):
                     record.ended_at,
                     record.id,
                 )
+            if step.rewind:
+                op.rewind = (record.id, step.journal_start)
             if step.journal:
                 start = step.journal_start
                 op.journal = [
@@ -551,6 +573,7 @@ class SQLStore(BaseStore):
             for statement, rows in (
                 (prepared.new_conversation, batch.new_conversations),
                 (prepared.conversation_state, batch.conversation_states),
+                (prepared.rewind, batch.rewinds),
                 (prepared.journal, batch.journal),
                 (prepared.message, batch.messages),
                 (prepared.outgoing, batch.outgoing),
@@ -782,6 +805,13 @@ class _Statements:
         )
         self.journal = _Prepared(
             insert(journal).values(_binds(_JOURNAL_ROW)), dialect, _JOURNAL_ROW
+        )
+        self.rewind = _Prepared(
+            delete(journal)
+            .where(journal.c.conversation_id == bindparam("b_id"))
+            .where(journal.c.seq >= bindparam("b_seq")),
+            dialect,
+            ("b_id", "b_seq"),
         )
         self.message = _Prepared(
             insert(messages).values(_binds(_MESSAGE_ROW)), dialect, _MESSAGE_ROW
