@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -10,6 +11,7 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from turbobot import (
     Generate,
     GetUserInput,
+    LLMError,
     LLMRateLimitedError,
     LLMRequest,
     LLMRequestError,
@@ -22,6 +24,7 @@ from turbobot import (
     run,
     turbo,
 )
+from turbobot.llm.base import DeltaCallback
 
 
 def request(text: str = "hi", **settings: object) -> LLMRequest:
@@ -181,3 +184,182 @@ async def test_template_end_to_end_with_tools_over_http(
     }
     assert second["messages"][-2]["tool_calls"][0]["function"]["name"] == "lucky_number"
     assert second["messages"][-1] == {"role": "tool", "content": "7", "tool_call_id": "call_0"}
+
+
+# -- issue 10, defect 4: a retried stream must not repeat its text ---------------------
+
+
+def collector() -> tuple[list[str], DeltaCallback]:
+    deltas: list[str] = []
+
+    async def on_delta(delta: str) -> None:
+        deltas.append(delta)
+
+    return deltas, on_delta
+
+
+async def test_a_stream_cut_mid_way_is_not_retried_and_shows_each_piece_once(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    text = "The answer is 42, as always."
+    openai_server.script(Reply(content=text, cut_after=2), text)
+    deltas, on_delta = collector()
+    with pytest.raises(LLMError) as info:
+        await openai_llm.complete(request(), on_delta=on_delta)
+    assert isinstance(info.value, LLMUnavailableError)
+    assert "broke off after 10 characters" in str(info.value)
+    assert deltas == ["The a", "nswer"]
+    assert len(openai_server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [Reply(status=500), Reply(content="lost before any piece", cut_after=0)],
+    ids=["http-500", "cut-before-first-piece"],
+)
+async def test_a_stream_failing_before_its_first_piece_is_retried(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM, failure: Reply
+) -> None:
+    openai_server.script(failure, "A fresh start.")
+    deltas, on_delta = collector()
+    response = await openai_llm.complete(request(), on_delta=on_delta)
+    assert deltas == ["A fre", "sh st", "art."]
+    assert response.content == "A fresh start."
+    assert len(openai_server.requests) == 2
+
+
+async def test_a_stream_ending_cleanly_before_the_model_finished_is_an_error(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    openai_server.script(Reply(content="The answer is 42.", end_after=2), "unused")
+    deltas, on_delta = collector()
+    with pytest.raises(LLMResponseError, match="ended before the model finished"):
+        await openai_llm.complete(request(), on_delta=on_delta)
+    assert deltas == ["The a", "nswer"]
+    assert len(openai_server.requests) == 1
+
+
+# -- issue 10, defect 14: the operator sees the status, the cause and a hint -----------
+
+SECRET_KEY = "sk-test-0123456789abcdef-key"
+
+
+@pytest.fixture
+async def keyed_llm(openai_server: FakeOpenAI) -> AsyncIterator[OpenAILLM]:
+    llm = OpenAILLM(
+        api_key=SECRET_KEY,
+        base_url=openai_server.base_url,
+        timeout=5,
+        retry=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05),
+    )
+    try:
+        yield llm
+    finally:
+        await llm.aclose()
+
+
+def error_reply(status: int, message: str, code: str | None = None) -> Reply:
+    return Reply(
+        status=status,
+        error={"message": message, "type": "invalid_request_error", "code": code},
+    )
+
+
+async def test_a_wrong_key_says_401_the_providers_message_and_what_to_check(
+    openai_server: FakeOpenAI, keyed_llm: OpenAILLM
+) -> None:
+    said = "Incorrect API key provided: sk-te***key"
+    openai_server.script(error_reply(401, said, "invalid_api_key"))
+    with pytest.raises(LLMRequestError) as info:
+        await keyed_llm.complete(request())
+    error = info.value
+    assert "401" in str(error) and said in str(error) and "check OPENAI_API_KEY" in str(error)
+    assert SECRET_KEY not in str(error)
+    assert error.status_code == 401 and error.provider_message == said
+    assert error.hint == "check OPENAI_API_KEY" and error.permanent
+    assert len(openai_server.requests) == 1
+
+
+async def test_a_key_echoed_by_the_server_is_scrubbed(
+    openai_server: FakeOpenAI, keyed_llm: OpenAILLM
+) -> None:
+    openai_server.script(error_reply(401, f"Incorrect API key provided: {SECRET_KEY}."))
+    with pytest.raises(LLMRequestError) as info:
+        await keyed_llm.complete(request())
+    error = info.value
+    assert SECRET_KEY not in str(error) and SECRET_KEY not in (error.provider_message or "")
+    assert "Incorrect API key provided: ***." in str(error)
+    assert error.__cause__ is None  # the client's own exception repeats the key
+
+
+async def test_an_unknown_model_says_404_and_points_at_the_model_setting(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    said = "The model `gpt-9` does not exist or you do not have access to it."
+    openai_server.script(error_reply(404, said, "model_not_found"))
+    with pytest.raises(LLMRequestError) as info:
+        await openai_llm.complete(request())
+    text = str(info.value)
+    assert "404" in text and said in text and "TURBOBOT_MODEL/--model" in text
+    assert info.value.permanent
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "code"),
+    [
+        (
+            400,
+            "This model's maximum context length is 128000 tokens. However, your messages "
+            "resulted in 250000 tokens. Please reduce the length of the messages.",
+            "context_length_exceeded",
+        ),
+        (413, "Request too large for gpt-4o-mini: limit 30000, requested 90000.", None),
+    ],
+    ids=["400-context-length", "413"],
+)
+async def test_a_prompt_too_large_says_so(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM, status: int, said: str, code: str | None
+) -> None:
+    openai_server.script(error_reply(status, said, code))
+    with pytest.raises(LLMRequestError) as info:
+        await openai_llm.complete(request())
+    text = str(info.value)
+    assert str(status) in text and said in text
+    assert info.value.hint == "the prompt is too large for the model" and info.value.hint in text
+    assert info.value.permanent and len(openai_server.requests) == 1
+
+
+async def test_a_long_provider_message_is_cut_to_one_short_line(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    openai_server.script(error_reply(400, "bad parameter\n" + "x" * 1000))
+    with pytest.raises(LLMRequestError) as info:
+        await openai_llm.complete(request())
+    said = info.value.provider_message
+    assert said is not None and said.startswith("bad parameter x") and len(said) <= 301
+    assert "\n" not in str(info.value) and info.value.hint is None
+
+
+async def test_a_400_about_a_setting_gets_no_size_hint(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    said = "max_tokens is too large: 100000. This model supports at most 16384 tokens."
+    openai_server.script(error_reply(400, said, "invalid_value"))
+    with pytest.raises(LLMRequestError) as info:
+        await openai_llm.complete(request())
+    assert info.value.hint is None and said in str(info.value)
+
+
+def test_permanence_follows_the_status() -> None:
+    def refused(status: int | None) -> LLMRequestError:
+        return LLMRequestError("refused", status_code=status)
+
+    assert [refused(s).permanent for s in (400, 401, 403, 404, 413, 422)] == [True] * 6
+    assert [refused(s).permanent for s in (408, 409, 429)] == [False] * 3
+    assert refused(None).permanent
+
+
+async def test_408_is_retried(openai_server: FakeOpenAI, openai_llm: OpenAILLM) -> None:
+    openai_server.script(Reply(status=408), "in time")
+    response = await openai_llm.complete(request())
+    assert response.content == "in time" and len(openai_server.requests) == 2

@@ -98,8 +98,34 @@ class LLMResponseError(LLMError):
 
 
 class LLMRequestError(LLMError):
-    """The LLM server rejected the request (bad model name, bad key, bad parameters)."""
+    """The LLM server rejected the request (bad model name, bad key, bad parameters).
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+    Attributes:
+        status_code: the HTTP status, when known.
+        provider_message: what the server said (one line, shortened, key scrubbed).
+        hint: what the operator should check, when turbobot can tell.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        provider_message: str | None = None,
+        hint: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.provider_message = provider_message
+        self.hint = hint
+
+    @property
+    def permanent(self) -> bool:
+        """Whether the same request can never succeed: any 4xx but 408, 409 and 429.
+
+        Without a status the server is taken at its word that it refused the request.
+        """
+        status = self.status_code
+        if status is None:
+            return True
+        return 400 <= status < 500 and status not in (408, 409, 429)

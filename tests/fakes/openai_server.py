@@ -28,6 +28,14 @@ class Reply:
     delay: float = 0.0
     #: streaming only: seconds between content chunks (of 5 characters)
     chunk_delay: float = 0.0
+    #: non-200 only: the ``error`` object of the body (default: a "fake error" one)
+    error: dict[str, Any] | None = None
+    #: streaming only: drop the connection abruptly after this many content chunks
+    #: (the chunked body is left unfinished, so the client sees a connection error)
+    cut_after: int | None = None
+    #: streaming only: end the response cleanly after this many content chunks,
+    #: without a finish_reason, usage or ``[DONE]`` (a premature but tidy end)
+    end_after: int | None = None
 
 
 def echo(body: dict[str, Any]) -> Reply:
@@ -79,7 +87,8 @@ class FakeOpenAI:
                 status=reply.status, text=reply.raw, content_type="application/json"
             )
         if reply.status != 200:
-            error = {"error": {"message": f"fake error {reply.status}", "type": "fake"}}
+            default = {"message": f"fake error {reply.status}", "type": "fake"}
+            error = {"error": default if reply.error is None else reply.error}
             return web.json_response(error, status=reply.status, headers=reply.headers)
         if body.get("stream"):
             return await self._stream(request, body, reply)
@@ -124,8 +133,19 @@ class FakeOpenAI:
 
         await send([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
         text = reply.content
-        for i in range(0, len(text), 5):
-            await send([{"index": 0, "delta": {"content": text[i : i + 5]}}])
+        pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+        for sent in range(len(pieces) + 1):
+            if reply.cut_after is not None and sent >= reply.cut_after:
+                transport = request.transport
+                assert transport is not None
+                transport.close()  # flushes what was written, never the final chunk
+                return response
+            if reply.end_after is not None and sent >= reply.end_after:
+                await response.write_eof()
+                return response
+            if sent == len(pieces):
+                break
+            await send([{"index": 0, "delta": {"content": pieces[sent]}}])
             if reply.chunk_delay:
                 await asyncio.sleep(reply.chunk_delay)
         for i, (name, args) in enumerate(reply.tool_calls):

@@ -2,9 +2,16 @@
 
 Retries are ours, not the client's (``max_retries=0`` on the client), so that the
 policy is the same for streaming and non-streaming calls and ``retry-after`` is
-honoured: timeouts, connection errors, 429 and 5xx are retried with exponential
-backoff and jitter; other 4xx fail at once. When retries run out, an
+honoured: timeouts, connection errors, 408, 409, 429 and 5xx are retried with
+exponential backoff and jitter; other 4xx fail at once. When retries run out, an
 :class:`~turbobot.exceptions.LLMError` subclass is raised into the template.
+
+A stream is retried only while none of its text has reached ``on_delta``: once the
+user may have seen a piece, a retry would show it again, so a stream that breaks off
+raises :class:`~turbobot.exceptions.LLMUnavailableError` at once.
+
+Errors carry the HTTP status and the provider's own message (one line, shortened,
+with the API key scrubbed) and, for a refused request, a hint for the operator.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +60,57 @@ class RetryPolicy:
             return retry_after
         backoff: float = min(self.max_delay, self.base_delay * 2**attempt)
         return backoff * random.uniform(0.5, 1.0)
+
+
+#: the longest provider message kept in an error (characters)
+_MAX_PROVIDER_MESSAGE = 300
+_BEARER = re.compile(r"(?i)\bbearer\s+\S+")
+#: a 400 about the prompt's size (not, say, "max_tokens is too large")
+_TOO_LARGE = re.compile(
+    r"(?i)context[ _](length|window)|maximum context|prompt is too long|"
+    r"too many (input |prompt )?tokens|(request|payload|input) (is )?too (large|long)"
+)
+_HINT_KEY = "check OPENAI_API_KEY"
+_HINT_ACCESS = "the key has no access to this model or endpoint"
+_HINT_MODEL = "the model name is unknown to this server; check TURBOBOT_MODEL/--model"
+_HINT_URL = "the server has no such endpoint; check OPENAI_BASE_URL (usually ending in /v1)"
+_HINT_SIZE = "the prompt is too large for the model"
+
+
+def _provider_error(exc: openai.APIError) -> tuple[str | None, str | None]:
+    """The provider's own error message and code, as the client received them.
+
+    The client keeps the ``error`` object of an OpenAI-style body as ``exc.body``; other
+    servers send ``{"error": "text"}``, ``{"detail": ...}`` or plain text.
+    """
+    body: object = exc.body
+    if isinstance(body, Mapping) and "error" in body:
+        body = body["error"]
+    message: object = None
+    code: object = None
+    if isinstance(body, Mapping):
+        message = body.get("message", body.get("detail"))
+        code = body.get("code")
+    elif isinstance(body, str):
+        message = body
+    return (
+        message if isinstance(message, str) and message.strip() else None,
+        code if isinstance(code, str) else None,
+    )
+
+
+def _hint(status: int, message: str | None, code: str | None) -> str | None:
+    """One line telling the operator what to check for a refused request."""
+    said = f"{code or ''} {message or ''}"
+    if status == 401:
+        return _HINT_KEY
+    if status == 403:
+        return _HINT_ACCESS
+    if status == 404:
+        return _HINT_MODEL if "model" in said.lower() else _HINT_URL
+    if status == 413 or (status == 400 and _TOO_LARGE.search(said)):
+        return _HINT_SIZE
+    return None
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:
@@ -100,35 +160,79 @@ class OpenAILLM:
     async def complete(
         self, request: LLMRequest, *, on_delta: DeltaCallback | None = None
     ) -> LLMResponse:
+        shown = 0  # characters handed to on_delta: once there are any, no retry
+
+        async def deliver(delta: str) -> None:
+            nonlocal shown
+            assert on_delta is not None
+            shown += len(delta)
+            await on_delta(delta)
+
         attempt = 0
         while True:
             try:
                 if on_delta is None:
                     return await self._complete_once(request)
-                return await self._stream_once(request, on_delta)
+                return await self._stream_once(request, deliver)
             except openai.APIError as exc:
+                cause = None if self._mentions_key(exc) else exc
+                if shown:
+                    raise self._broken_stream(exc, shown) from cause
                 error, retryable = self._translate(exc)
                 if not retryable or attempt + 1 >= self.retry.attempts:
-                    raise error from exc
+                    raise error from cause
                 retry_after = error.retry_after if isinstance(error, LLMRateLimitedError) else None
                 wait = self.retry.delay(attempt, retry_after)
                 _log.warning(
-                    "LLM request failed (%s, attempt %d of %d), retrying in %.2fs",
+                    "LLM request failed (%s, attempt %d of %d), retrying in %.2fs: %s",
                     type(exc).__name__,
                     attempt + 1,
                     self.retry.attempts,
                     wait,
+                    self._scrub(str(exc)),
                 )
             await asyncio.sleep(wait)
             attempt += 1
 
+    def _scrub(self, text: str) -> str:
+        """``text`` on one line, without the API key or bearer tokens, shortened."""
+        key = self._client.api_key
+        if key and len(key) >= 4:
+            text = text.replace(key, "***")
+        text = _BEARER.sub("Bearer ***", text)
+        text = " ".join(text.split())
+        if len(text) > _MAX_PROVIDER_MESSAGE:
+            text = text[:_MAX_PROVIDER_MESSAGE].rstrip() + "…"
+        return text
+
+    def _mentions_key(self, exc: openai.APIError) -> bool:
+        """Whether the client's exception repeats the key (then it is not chained)."""
+        key = self._client.api_key
+        return bool(key) and len(key) >= 4 and (key in str(exc) or key in repr(exc.body))
+
+    def _provider_message(self, exc: openai.APIError) -> str | None:
+        message, _ = _provider_error(exc)
+        return None if message is None else self._scrub(message)
+
+    def _broken_stream(self, exc: openai.APIError, shown: int) -> LLMError:
+        """The error for a stream that failed after ``shown`` characters reached the user."""
+        said = self._provider_message(exc)
+        cause = f"{type(exc).__name__}: {said}" if said else type(exc).__name__
+        return LLMUnavailableError(
+            f"the LLM stream broke off after {shown} characters ({cause}); not retried, "
+            "since that part of the reply was already shown"
+        )
+
     def _translate(self, exc: openai.APIError) -> tuple[LLMError, bool]:
         """Our error for a client error, and whether it is worth retrying."""
         attempts = self.retry.attempts
+        message, code = _provider_error(exc)
+        said = None if message is None else self._scrub(message)
+        quoted = f": {said}" if said else ""
         if isinstance(exc, openai.RateLimitError):
             return LLMRateLimitedError(
                 f"the LLM server kept answering 429 Too Many Requests after {attempts} "
-                "attempts; slow down or raise your quota",
+                f"attempts{quoted}; slow down or raise your quota",
                 retry_after=_retry_after(exc),
             ), True
         if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
@@ -137,16 +241,24 @@ class OpenAILLM:
                 "attempts; check OPENAI_BASE_URL and that the server is running"
             ), True
         if isinstance(exc, openai.APIStatusError):
-            if exc.status_code >= 500:
+            status = exc.status_code
+            if status >= 500:
                 return LLMUnavailableError(
-                    f"the LLM server failed with HTTP {exc.status_code} after {attempts} attempts"
+                    f"the LLM server failed with HTTP {status} after {attempts} attempts{quoted}"
                 ), True
+            retryable = status in (408, 409)  # a timeout or a conflict may pass
+            hint = _hint(status, message, code)
+            text = f"the LLM server rejected the request with HTTP {status} ({type(exc).__name__})"
+            if retryable:
+                text += f" after {attempts} attempts"
+            text += quoted
+            text += f"; {hint}" if hint else "; check the model name, key and settings"
             return LLMRequestError(
-                f"the LLM server rejected the request with HTTP {exc.status_code} "
-                f"({type(exc).__name__}); check the model name, key and settings",
-                status_code=exc.status_code,
-            ), False
-        return LLMResponseError("the LLM server's answer is not a valid chat completion"), False
+                text, status_code=status, provider_message=said, hint=hint
+            ), retryable
+        return LLMResponseError(
+            f"the LLM server's answer is not a valid chat completion{quoted}"
+        ), False
 
     def _params(self, request: LLMRequest) -> dict[str, Any]:
         params: dict[str, Any] = dict(request.settings)
@@ -219,5 +331,13 @@ class OpenAILLM:
             raise LLMResponseError("the LLM server streamed chunks turbobot cannot read") from exc
         finally:
             await stream.close()
+        if finish is None:
+            # The connection ended tidily, but the model never said it was done: the
+            # text is cut short. (The client does not report a missing [DONE].)
+            raise LLMResponseError(
+                f"the LLM stream ended before the model finished (no finish_reason, "
+                f"{sum(map(len, parts))} characters received); a proxy or the server "
+                "closed it early"
+            )
         tool_calls = tuple(ToolCall(*calls[i]) for i in sorted(calls))
         return LLMResponse("".join(parts), tool_calls, usage, finish, model)
