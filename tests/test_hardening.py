@@ -694,3 +694,40 @@ async def test_a_crash_between_greeting_and_question_keeps_the_wake_message_apar
         await runtime.join()
         assert sender.texts()[-1] == "Noted: Leo."
         assert (await store.recovery()).inbox == []
+
+
+# -- 17: a stop in the middle of a generation loses no reply -----------------------------
+
+
+async def test_a_stop_mid_generation_is_done_again_on_the_next_start(
+    make_store: StoreFactory,
+) -> None:
+    import asyncio
+
+    from turbobot.runtime import Runtime
+    from turbobot.testing import RecordingSender
+
+    class Hangs:
+        async def complete(self, request: LLMRequest, *, on_delta: Any = None) -> Any:
+            await asyncio.Event().wait()
+
+        async def aclose(self) -> None:
+            return None
+
+    key = ChannelKey("test", "chat")
+    store = await make_store()
+    stopping = RuntimeSettings(stop_grace=0.0)  # do not wait for the step in flight
+    first = Runtime(chat, llm=Hangs(), sender=RecordingSender(), store=store, settings=stopping)
+    await first.receive(IncomingMessage(key, "hi", "m1"))
+    await first.receive(IncomingMessage(key, "there", "m2"))
+    for _ in range(20):
+        await asyncio.sleep(0)  # let the first step reach the model
+    await first.aclose()
+    sender = RecordingSender()
+    store = await make_store()
+    async with Runtime(chat, llm=echo_llm(), sender=sender, store=store) as runtime:
+        await runtime.join()
+        # Both messages answered, in order, without new input; nothing twice.
+        assert sender.texts() == ["echo: hi", "echo: there"]
+    lines = await store.transcript(key)
+    assert [line.text for line in lines] == ["hi", "echo: hi", "there", "echo: there"]

@@ -189,3 +189,33 @@ async def test_kill_after_question_recorded_before_sent(
     assert await bot.read() == "echo: money?"
     await finish(bot, env)
     assert len(openai_server.requests) == baseline["requests"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_interrupt_mid_generation_loses_no_reply(
+    openai_server: FakeOpenAI, baseline: dict[str, Any], signum: int
+) -> None:
+    """Issue 10, defect 17: Ctrl-C (or a stop) while the model writes."""
+    env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
+    bot = await Console(env).start()
+    await reach_leo(bot)
+    openai_server.script(Reply(content="echo: money?", delay=1.0))
+    await bot.say("money?")
+    for _ in range(500):  # the input is committed before the model is asked
+        if openai_server.requests:
+            break
+        await asyncio.sleep(0.01)
+    assert bot.proc is not None and bot.proc.stdout is not None
+    bot.proc.send_signal(signum)
+    out, err = await asyncio.wait_for(bot.proc.communicate(), 30)
+    assert bot.proc.returncode in (0, 130, -signum), err.decode()[-2000:]
+    assert "Traceback" not in err.decode(), err.decode()[-3000:]
+    shown = out.decode().splitlines()
+    if shown != ["echo: money?"]:
+        # Not finished before the stop: the restart answers without new input.
+        assert shown == []
+        bot = await Console(env).start()
+        assert await bot.read() == "echo: money?"
+    else:
+        bot = await Console(env).start()
+    await finish(bot, env)

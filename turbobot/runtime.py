@@ -79,14 +79,11 @@ def _refusal(exc: LLMError) -> str | None:
     A 4xx other than 408 (timeout), 409 and 429 (rate limit) will fail the same way
     every time: a bad request, a prompt too large, a key without access.
     """
-    if not isinstance(exc, LLMRequestError):
+    if not isinstance(exc, LLMRequestError) or not exc.permanent:
         return None
     status = exc.status_code
-    if status is not None and (status < 400 or status >= 500 or status in (408, 409, 429)):
-        return None
     reason = f"HTTP {status}" if status is not None else "request rejected"
-    hint = getattr(exc, "hint", None)
-    return f"{reason}: {hint}" if hint else reason
+    return f"{reason}: {exc.hint}" if exc.hint else reason
 
 
 #: stands for a context already stored with its conversation (one shared empty dict,
@@ -197,6 +194,8 @@ class RuntimeSettings:
     idle_evict_seconds: float | None = 600.0
     max_live: int | None = None
     max_input_chars: int = 16_000
+    #: seconds ``Runtime.aclose`` lets steps in flight finish before abandoning them
+    stop_grace: float = 10.0
     gc_threshold: int | None = None
 
 
@@ -326,7 +325,14 @@ class Runtime:
             self._sweeper = asyncio.create_task(self._sweep(idle), name="turbobot:sweeper")
 
     async def aclose(self) -> None:
-        """Finish in-flight steps, commit, then close live conversations (runs ``finally``)."""
+        """Finish in-flight steps, commit, then close live conversations (runs ``finally``).
+
+        A step still running after ``RuntimeSettings.stop_grace`` seconds is abandoned
+        exactly as a crash would leave it: nothing of it is committed, so the next
+        start does it again (its input is still in the inbox, or its conversation is
+        stopped mid-step). Waiting, not committing half a step, is what makes a stop
+        (Ctrl-C, SIGTERM) lose no reply.
+        """
         self._closed = True
         for timer in self._timers.values():
             timer.cancel()
@@ -336,7 +342,30 @@ class Runtime:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        await self.join()
+        workers = list(self._workers.items())
+        if workers:
+            _, pending = await asyncio.wait(
+                [task for _, task in workers], timeout=self.settings.stop_grace
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+            for key, task in workers:
+                if task not in pending:
+                    continue
+                _log.warning(
+                    "channel %s: a step was still running at stop; it is done again on the "
+                    "next start",
+                    key,
+                )
+                live = self._live.pop(key, None)  # not committed: left as the store has it
+                if live is not None and live.app is not None:
+                    live.buffer = None
+                    try:
+                        await live.app.aclose()
+                    except Exception:
+                        _log.exception("channel %s: template failed while being closed", key)
         for live in list(self._live.values()):
             await self._commit(live)
             if live.app is not None:
@@ -436,9 +465,12 @@ class Runtime:
         return notices.unreadable
 
     async def join(self) -> None:
-        """Wait until every channel has handled everything it can handle now."""
+        """Wait until every channel has handled everything it can handle now.
+
+        Cancelling the wait does not cancel the channels' steps.
+        """
         while self._workers:
-            await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+            await asyncio.wait(list(self._workers.values()))
 
     def has_conversation(self, key: ChannelKey) -> bool:
         """Whether the channel has an active conversation (in RAM or in the store)."""
@@ -685,7 +717,13 @@ class Runtime:
             await self._begin(key, message)
             return True
         if live.app is not None and live.app.waiting is not None:
-            self._note_user(live, message)
+            trigger = live.app.context.trigger
+            if trigger is not None and trigger.message_id == message.message_id:
+                # The waking message, stored with the conversation's first step, whose
+                # use as input was not committed (the process stopped): use it now.
+                self._buffer(live).consumed.append((key, message.message_id))
+            else:
+                self._note_user(live, message)
             await self._advance(key, live, message)
             return True
         _log.error("channel %s: conversation %s is not waiting", key, live.id)
