@@ -53,3 +53,37 @@ async def test_newest_turn_survives_even_if_too_big() -> None:
     assert next(m["content"] for m in prompt) == "sys"
     assert prompt[-1]["content"].startswith("huge")
     assert "old" not in [m["content"] for m in prompt]
+
+
+async def test_incremental_prompt_matches_the_reference_trim() -> None:
+    """LocalMemory's indexed walk (issue 10, long conversations) selects exactly what
+    trim_to_window selects, for mixed histories and any budget."""
+    import random
+
+    from turbobot.memory import trim_to_window
+    from turbobot.messages import ToolMessage
+
+    counter = token_counter_for("gpt-4o")
+    kinds = [User, Assistant, ToolMessage, System, ExampleUser]
+    for seed in range(40):
+        rng = random.Random(seed)
+        messages = [
+            rng.choice(kinds)(" ".join("w" for _ in range(rng.randint(1, 30))))
+            for _ in range(rng.randint(1, 60))
+        ]
+        memory = LocalMemory()
+        for message in messages[: len(messages) // 2]:
+            await memory.append(message)
+        memory.messages.extend(messages[len(messages) // 2 :])  # changed directly: reindexed
+        for window in (30, 120, 400, 5000):
+            reference = trim_to_window(messages, budget=window - 10, counter=counter)
+            prompt = await memory.prepare_prompt(
+                counter=counter, context_window=window, max_tokens=10
+            )
+            assert prompt == [m.to_openai() for m in reference], (seed, window)
+    memory = LocalMemory([User("a")])
+    await memory.clear()
+    await memory.append(User("b"))
+    assert await memory.prepare_prompt(counter=counter, context_window=100, max_tokens=10) == [
+        {"role": "user", "content": "b"}
+    ]

@@ -99,18 +99,71 @@ class BaseMemory(ABC):
 
 
 class LocalMemory(BaseMemory):
-    """Memory held in a Python list (the default)."""
+    """Memory held in a Python list (the default).
 
-    __slots__ = ("messages",)
+    It indexes its turns as messages are appended, so preparing a prompt costs what
+    the prompt holds (the newest turns that fit the window), not the conversation's
+    whole length.
+    """
+
+    __slots__ = ("_indexed", "_pinned", "_turns", "messages")
 
     def __init__(self, messages: Iterable[Message] = ()) -> None:
         self.messages: list[Message] = list(messages)
+        #: positions of the pinned messages, and of the first message of each turn
+        self._pinned: list[int] = []
+        self._turns: list[int] = []
+        #: how many messages the two lists cover (``messages`` is public: a caller who
+        #: changes it directly is noticed by its length, and the index is rebuilt)
+        self._indexed = 0
+        self._index()
+
+    def _index(self) -> None:
+        messages = self.messages
+        if self._indexed > len(messages):
+            self._pinned, self._turns, self._indexed = [], [], 0
+        for i in range(self._indexed, len(messages)):
+            message = messages[i]
+            if message.pinned:
+                self._pinned.append(i)
+            elif not self._turns or isinstance(message, User):
+                self._turns.append(i)
+        self._indexed = len(messages)
 
     async def append(self, message: Message) -> None:
         self.messages.append(message)
+        if self._indexed == len(self.messages) - 1:
+            i = self._indexed
+            if message.pinned:
+                self._pinned.append(i)
+            elif not self._turns or isinstance(message, User):
+                self._turns.append(i)
+            self._indexed += 1
 
     async def get(self) -> list[Message]:
         return list(self.messages)
 
     async def clear(self) -> None:
         self.messages.clear()
+        self._pinned, self._turns, self._indexed = [], [], 0
+
+    async def prepare_prompt(
+        self, *, counter: TokenCounter, context_window: int, max_tokens: int
+    ) -> list[dict[str, Any]]:
+        # The same selection as trim_to_window, walking back from the newest turn.
+        if self._indexed != len(self.messages):
+            self._index()
+        messages, turns = self.messages, self._turns
+        budget = context_window - max_tokens
+        used = TOKENS_REPLY_PRIMING + sum(_tokens(messages[i], counter) for i in self._pinned)
+        first = end = len(messages)
+        for n in range(len(turns) - 1, -1, -1):
+            start = turns[n]
+            cost = sum(_tokens(m, counter) for m in messages[start:end] if not m.pinned)
+            if end != len(messages) and used + cost > budget:
+                break
+            used += cost
+            first = end = start
+        prompt = [messages[i].to_openai() for i in self._pinned if i < first]
+        prompt += [m.to_openai() for m in messages[first:]]
+        return prompt

@@ -1,0 +1,151 @@
+"""One long console-style conversation: does a turn get dearer as the conversation grows?
+
+usage: python bench/bench_long.py [TURNS] [memory|sqlite|sqlite-normal]
+
+A chat template (input, User, Generate, repeat) runs TURNS turns in one channel with
+a scripted LLM that answers at once, through ``Runtime.receive`` one message at a
+time (as the console does). Reported: turns per second over each tenth of the run
+(the last one is "at turn TURNS"), the RSS growth per turn, then, on SQLite, the time
+to rehydrate the conversation (load its journal and replay it) and the replay cost
+per journal entry. These are the targets of issue 10's "Long conversations stay
+cheap"; figures go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from turbobot import ChannelKey, Generate, GetUserInput, IncomingMessage, LLMRequest, User, turbo
+from turbobot.llm.base import LLMResponse
+from turbobot.runtime import BaseSender, Runtime, RuntimeSettings
+from turbobot.store import BaseStore, InMemoryStore
+
+KEY = ChannelKey("console", "long")
+
+
+#: a small model's window (a local model's is 2,048): the prompt is the last few hundred
+#: turns, whatever the conversation's length
+@turbo(model="gpt-4o-mini", context_window=8192, max_tokens=256)
+async def chat():
+    while True:
+        text = yield GetUserInput()
+        yield User(text)
+        yield Generate()
+
+
+class Counter(BaseSender):
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def send(self, key: ChannelKey, text: str) -> str | None:
+        self.sent += 1
+        return None
+
+
+def rss_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+class InstantLLM:
+    """Answers at once and keeps nothing (ScriptedLLM keeps every request)."""
+
+    async def complete(self, request: LLMRequest, *, on_delta: object = None) -> LLMResponse:
+        return LLMResponse(f"ok {len(request.messages)}", (), None, "stop")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def llm() -> InstantLLM:
+    return InstantLLM()
+
+
+async def run(turns: int, store_kind: str, path: Path) -> None:
+    store: BaseStore
+    if store_kind.startswith("sqlite"):
+        from turbobot.sql import SQLStore
+
+        synchronous = "NORMAL" if store_kind == "sqlite-normal" else "FULL"
+        store = SQLStore(f"sqlite+aiosqlite:///{path}", sqlite_synchronous=synchronous)
+    else:
+        store = InMemoryStore()
+    await store.open()
+    sender = Counter()
+    settings = RuntimeSettings(idle_evict_seconds=None, gc_threshold=10_000)
+    runtime = Runtime(chat, llm=llm(), sender=sender, store=store, settings=settings)
+    await runtime.start()
+    step = max(1, turns // 10)
+    gc.collect()
+    rss0, blocks0 = rss_kb(), sys.getallocatedblocks()
+    started = time.perf_counter()
+    mark = started
+    for i in range(1, turns + 1):
+        await runtime.receive(IncomingMessage(KEY, f"message number {i}", f"m{i}"))
+        await runtime.join()
+        if i % step == 0:
+            now = time.perf_counter()
+            print(f"turns {i - step + 1:>6}-{i:<6} {step / (now - mark):>8.0f} turns/s")
+            mark = now
+    total = time.perf_counter() - started
+    assert sender.sent == turns, sender.sent
+    gc.collect()
+    grown, blocks = rss_kb() - rss0, sys.getallocatedblocks() - blocks0
+    print(
+        f"{turns} turns in {total:.1f}s; RSS grew {grown / 1024:.1f} MB "
+        f"({grown * 1024 / turns:.0f} B/turn); Python objects: {blocks / turns:.1f} "
+        "blocks/turn"
+    )
+    live = runtime._live.get(KEY)
+    if live is not None and live.app is not None:
+        memory = getattr(live.app.memory, "messages", [])
+        print(f"live conversation: {len(live.app.journal)} journal entries, {len(memory)} messages")
+    await runtime.aclose()
+    if not store_kind.startswith("sqlite"):
+        await store.aclose()
+        return
+    await store.aclose()
+    from turbobot.sql import SQLStore
+
+    store = SQLStore(f"sqlite+aiosqlite:///{path}")
+    await store.open()
+    gc.collect()
+    t0 = time.perf_counter()
+    record = await store.load_conversation(KEY)
+    t1 = time.perf_counter()
+    assert record is not None
+    app = chat().bind(
+        llm=llm(), replay=list(record.journal), replay_until=record.yields, stopped_waiting=True
+    )
+    output = await app.asend(None)
+    t2 = time.perf_counter()
+    assert isinstance(output, GetUserInput) and not app.replaying
+    entries = len(record.journal)
+    print(
+        f"rehydrate: load {entries} journal entries {1000 * (t1 - t0):.0f} ms, replay "
+        f"{1000 * (t2 - t1):.0f} ms ({1e6 * (t2 - t1) / entries:.1f} us/entry), total "
+        f"{1000 * (t2 - t0):.0f} ms"
+    )
+    await app.aclose()
+    await store.aclose()
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def main() -> None:
+    turns = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    kind = sys.argv[2] if len(sys.argv) > 2 else "sqlite"
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(turns, kind, Path(tmp) / "long.db"))
+
+
+if __name__ == "__main__":
+    main()
