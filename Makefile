@@ -22,8 +22,8 @@ chat: install  ## run a bot in the console
 	$(VENV)/bin/turbobot run $(BOT) --platform console
 
 lint: install
-	$(VENV)/bin/ruff check turbobot adapters bots tests migrations
-	$(VENV)/bin/ruff format --check turbobot adapters bots tests migrations
+	$(VENV)/bin/ruff check turbobot tests bench
+	$(VENV)/bin/ruff format --check turbobot tests bench
 	$(VENV)/bin/mypy
 
 test: lint postgres  ## lint, type-check and run the whole suite

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from turbobot import (  # noqa: E402
+from turbobot import (
     ChannelKey,
     Generate,
     GetUserInput,
@@ -33,8 +33,8 @@ from turbobot import (  # noqa: E402
     User,
     turbo,
 )
-from turbobot.sql import SQLStore  # noqa: E402
-from turbobot.store import ConversationRecord, StepWrite, new_id  # noqa: E402
+from turbobot.sql import SQLStore
+from turbobot.store import ConversationRecord, StepWrite, new_id
 
 
 @turbo()

@@ -123,8 +123,8 @@ async def throughput(chats: int, rate: float) -> dict[str, Any]:
 
 
 async def streaming() -> list[dict[str, Any]]:
-    from adapters.telegram import TelegramAdapter, TelegramSettings
     from turbobot import Generate, GetUserInput, User, turbo
+    from turbobot.adapters.telegram import TelegramAdapter, TelegramSettings
     from turbobot.llm.openai import OpenAILLM
     from turbobot.runtime import Runtime, RuntimeSettings
     from turbobot.store import InMemoryStore

@@ -580,7 +580,7 @@ async def streaming_chat():
 async def test_a_broken_off_stream_is_marked_on_the_console_and_in_the_transcript() -> None:
     import io
 
-    from adapters.console import ConsoleAdapter
+    from turbobot.adapters.console import ConsoleAdapter
     from turbobot.runtime import Runtime
     from turbobot.template import INTERRUPTED
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from adapters.console import ConsoleAdapter
-from adapters.telegram import MESSAGE_LIMIT, TelegramAdapter, TelegramSettings
-from bots.horoscope import horoscope
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.telegram_server import FakeTelegram
 from turbobot import ChannelKey, Generate, GetUserInput, System, User, turbo
+from turbobot.adapters.console import ConsoleAdapter
+from turbobot.adapters.telegram import MESSAGE_LIMIT, TelegramAdapter, TelegramSettings
+from turbobot.bots.horoscope import horoscope
 from turbobot.formatting import parse_markdown, utf16_len
 from turbobot.llm.openai import OpenAILLM
 from turbobot.runtime import Runtime, RuntimeSettings
@@ -381,7 +381,7 @@ async def test_secrets_never_reach_the_logs(
     async with running(telegram, horoscope, openai_llm):
         telegram.message(PRIVATE, "hi")
         await replies(telegram, PRIVATE, 1)
-        logging.getLogger("adapters.telegram").warning("url %s", f"/bot{telegram.token}/x")
+        logging.getLogger("turbobot.adapters.telegram").warning("url %s", f"/bot{telegram.token}/x")
     assert "getUpdates failed" in caplog.text
     assert telegram.token not in caplog.text
     assert "<redacted>" in caplog.text

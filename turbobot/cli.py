@@ -23,7 +23,7 @@ from turbobot.store import BaseStore, InMemoryStore
 from turbobot.template import Template
 
 if TYPE_CHECKING:
-    from adapters.telegram import GroupMode, TelegramSettings
+    from turbobot.adapters.telegram import GroupMode, TelegramSettings
 
 __all__ = ["build_llm", "choose_llm", "database_url", "main", "make_store", "parse_channel"]
 
@@ -174,7 +174,7 @@ async def _bot_parts(
 
 
 async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    from adapters.console import ConsoleAdapter
+    from turbobot.adapters.console import ConsoleAdapter
 
     adapter = ConsoleAdapter(channel=args.channel)
     async with _bot_parts(args, env) as (template, store, llm):
@@ -187,7 +187,7 @@ async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None
 
 def telegram_settings(args: argparse.Namespace, env: Mapping[str, str]) -> TelegramSettings:
     """Adapter settings from flags and ``TELEGRAM_*`` variables (flags win)."""
-    from adapters.telegram import TelegramSettings
+    from turbobot.adapters.telegram import TelegramSettings
 
     mode = args.group_mode or env.get("TELEGRAM_GROUP_MODE") or "per-user"
     return TelegramSettings(
@@ -216,7 +216,7 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 async def _run_telegram(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    from adapters.telegram import TelegramAdapter
+    from turbobot.adapters.telegram import TelegramAdapter
 
     adapter = TelegramAdapter(telegram_settings(args, env))
     async with adapter, _bot_parts(args, env) as (template, store, llm):

@@ -25,11 +25,27 @@ def _import_file(path: str) -> ModuleType:
     return module
 
 
+def _bundled(target: str) -> str | None:
+    """``turbobot.bots.X`` for ``bots.X`` when turbobot ships such a bot.
+
+    One module for the bundled bots, whether run from the checkout (which also has a
+    ``bots`` link) or installed; a project's own ``bots`` package is used otherwise.
+    """
+    if not target.startswith("bots."):
+        return None
+    try:
+        found = importlib.util.find_spec(f"turbobot.{target}")
+    except ModuleNotFoundError:
+        return None
+    return f"turbobot.{target}" if found is not None else None
+
+
 def load_template(ref: str) -> Template:
     """The template named by ``ref``.
 
-    ``ref`` is a module path (``bots.horoscope``), a file path (``./mybot.py``) or
-    either followed by ``:attribute``. Without an attribute, the module's ``bot``
+    ``ref`` is a module path (``bots.horoscope``: the bundled bots are
+    ``turbobot.bots``), a file path (``./mybot.py``) or either followed by
+    ``:attribute``. Without an attribute, the module's ``bot``
     attribute is used if it is a template, else its only template.
 
     Raises:
@@ -44,7 +60,7 @@ def load_template(ref: str) -> Template:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            module = importlib.import_module(target)
+            module = importlib.import_module(_bundled(target) or target)
         except ModuleNotFoundError as exc:
             raise ConfigurationError(
                 f"cannot import bot module {target!r} ({exc}); give a module path such as "

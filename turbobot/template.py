@@ -26,7 +26,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, overload
 
 from turbobot.cache import BaseCache
 from turbobot.chat import IncomingMessage, TemplateContext
@@ -94,7 +94,7 @@ class Template:
             )
         self.fn = fn
         self.settings: dict[str, Any] = dict(settings)
-        self.ref = f"{fn.__module__}:{fn.__qualname__}"
+        self.ref = f"{_stable_module(fn.__module__)}:{fn.__qualname__}"
         functools.update_wrapper(self, fn)
 
     def configure(self, **settings: Any) -> Template:
@@ -112,6 +112,13 @@ class Template:
         return f"<Template {self.ref} {self.settings!r}>"
 
 
+def _stable_module(module: str) -> str:
+    """The module part of a template's ref: the bundled bots keep the name they were
+    stored under before they were packaged as ``turbobot.bots`` (``bots.horoscope``),
+    so their conversations belong to them across that change."""
+    return module[len("turbobot.") :] if module.startswith("turbobot.bots.") else module
+
+
 def _skip_loop_tracking(gen: AsyncGenerator[Any, Any]) -> None:
     """Keep the event loop from tracking ``gen`` (a weak reference per generator).
 
@@ -127,7 +134,17 @@ def _skip_loop_tracking(gen: AsyncGenerator[Any, Any]) -> None:
         sys.set_asyncgen_hooks(*hooks)
 
 
-def turbo(fn: TemplateFn | None = None, /, **settings: Any) -> Any:
+@overload
+def turbo(fn: TemplateFn, /) -> Template: ...
+
+
+@overload
+def turbo(fn: None = None, /, **settings: Any) -> Callable[[TemplateFn], Template]: ...
+
+
+def turbo(
+    fn: TemplateFn | None = None, /, **settings: Any
+) -> Template | Callable[[TemplateFn], Template]:
     """Make an async generator function a template: ``@turbo`` or ``@turbo(model=...)``.
 
     Settings: ``model``, ``temperature``, ``max_tokens`` and any other chat-completion

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from adapters.console import ConsoleAdapter
+from turbobot.adapters.console import ConsoleAdapter
 from turbobot.chat import ChannelKey
 from turbobot.cli import main
 

@@ -1,6 +1,7 @@
 """Alembic, driven from code: upgrade the schema, report its revision, detect drift.
 
-The migration scripts live in the repository's ``migrations/`` folder. Functions
+The migration scripts are the ``turbobot.migrations`` package, installed with turbobot
+(a wheel install upgrades its own database). Functions
 taking a ``Connection`` run inside ``AsyncConnection.run_sync`` so that one async
 engine (aiosqlite or asyncpg) serves the app and its migrations.
 """
@@ -22,15 +23,15 @@ from turbobot.sql.schema import metadata
 
 __all__ = ["alembic_config", "check_schema", "current_revision", "drift", "upgrade_schema"]
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An Alembic configuration for turbobot's migrations, bound to ``connection``."""
     if not (MIGRATIONS / "env.py").is_file():
         raise ConfigurationError(
-            f"turbobot's migrations are not at {MIGRATIONS}; run turbobot from its "
-            "repository checkout (pip install -e .)"
+            f"turbobot's migrations are missing from {MIGRATIONS}: the installation is "
+            "incomplete; reinstall turbobot"
         )
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from turbobot import Generate, GetUserInput, System, TemplateContext, User, turbo
@@ -31,7 +31,9 @@ def find_sign(text: str) -> str | None:
 
 
 @turbo(temperature=0.9, max_tokens=200)
-async def horoscope(context: TemplateContext, zodiac: str | None = None) -> AsyncIterator[Any]:
+async def horoscope(
+    context: TemplateContext, zodiac: str | None = None
+) -> AsyncGenerator[Any, Any]:
     """I am Madame Turbo, a fortune teller. Tell me your sign and ask about your future."""
     yield System(
         content=(

@@ -1,0 +1,1 @@
+"""Alembic migrations of turbobot's schema, installed as turbobot.migrations."""
