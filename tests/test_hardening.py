@@ -731,3 +731,50 @@ async def test_a_stop_mid_generation_is_done_again_on_the_next_start(
         assert sender.texts() == ["echo: hi", "echo: there"]
     lines = await store.transcript(key)
     assert [line.text for line in lines] == ["hi", "echo: hi", "there", "echo: there"]
+
+
+# -- 9: PostgreSQL: an ambiguous COMMIT is not retried blindly ---------------------------
+
+
+async def test_a_commit_whose_answer_is_lost_is_not_committed_twice(
+    request: pytest.FixtureRequest,
+) -> None:
+    from tests.conftest import _create_database
+    from tests.fakes.cutting_proxy import CuttingProxy
+    from turbobot.runtime import Runtime
+    from turbobot.sql import SQLStore
+    from turbobot.testing import RecordingSender
+
+    server = request.getfixturevalue("postgres")
+    url = await _create_database(server)
+    proxy = await CuttingProxy(server.port).start()
+    through_proxy = url.replace(f":{server.port}/", f":{proxy.port}/")
+    key = ChannelKey("test", "chat")
+    try:
+        async with SQLStore(through_proxy, upgrade=True, max_retry_delay=0.01) as store:
+            sender = RecordingSender()
+            async with Runtime(chat, llm=echo_llm(), sender=sender, store=store) as runtime:
+                proxy.cut_next_commit()  # the inbox commit of the first message
+                await runtime.receive(IncomingMessage(key, "first", "m1"))
+                await runtime.join()
+                assert proxy.cuts == 1
+                proxy.cut_next_commit()  # a step's commit
+                await runtime.receive(IncomingMessage(key, "second", "m2"))
+                await runtime.join()
+                assert proxy.cuts == 2
+                await runtime.receive(IncomingMessage(key, "third", "m3"))
+                await runtime.join()
+            # Every message answered once, nothing lost to a 'duplicate', the writer alive.
+            assert sender.texts() == ["echo: first", "echo: second", "echo: third"]
+            lines = await store.transcript(key)
+            assert [line.text for line in lines] == [
+                "first",
+                "echo: first",
+                "second",
+                "echo: second",
+                "third",
+                "echo: third",
+            ]
+            assert (await store.recovery()).inbox == []
+    finally:
+        await proxy.stop()

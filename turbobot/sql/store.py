@@ -14,6 +14,7 @@ On a SQLite file the writer uses a connection of its own, outside aiosqlite (see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -588,18 +589,64 @@ class SQLStore(BaseStore):
         if self._sqlite is not None:
             return await self._commit_sqlite(self._sqlite, batch, incoming)
         inserted: dict[tuple[str, str], int] = {}
-        async with self._engine().begin() as conn:
-            if incoming:
-                # Duplicates (a redelivered platform message) are skipped by the unique
-                # constraint, within this batch and across the whole history.
-                result = await conn.execute(
-                    self._prepared.insert_incoming_returning,
-                    [dict(zip(_INBOX_ROW, row, strict=True)) for row in incoming],
-                )
-                inserted = {(r.channel, r.message_id): int(r.seq) for r in result}
-            for statement, rows in self._statements(batch):
-                await conn.exec_driver_sql(statement.sql, rows)
+        async with self._engine().connect() as conn:
+            transaction = await conn.begin()
+            try:
+                # The transaction's id, to learn its fate if the answer to COMMIT is lost.
+                txid = (await conn.exec_driver_sql("SELECT txid_current()")).scalar_one()
+                if incoming:
+                    # Duplicates (a redelivered platform message) are skipped by the unique
+                    # constraint, within this batch and across the whole history.
+                    result = await conn.execute(
+                        self._prepared.insert_incoming_returning,
+                        [dict(zip(_INBOX_ROW, row, strict=True)) for row in incoming],
+                    )
+                    inserted = {(r.channel, r.message_id): int(r.seq) for r in result}
+                for statement, rows in self._statements(batch):
+                    await conn.exec_driver_sql(statement.sql, rows)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            try:
+                await transaction.commit()
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                # The COMMIT may have gone through before the connection failed: trying
+                # the batch again would then take its own messages for redeliveries.
+                if await self._committed(int(txid)):
+                    _log.warning(
+                        "SQL store: the answer to a COMMIT was lost (%s); the transaction "
+                        "was committed",
+                        type(exc).__name__,
+                    )
+                    return inserted
+                raise
         return inserted
+
+    async def _committed(self, txid: int) -> bool:
+        """Whether PostgreSQL transaction ``txid`` committed (asked on a new connection).
+
+        Waits, with backoff, until the server can tell: until then nothing can be
+        committed anyway, and guessing would lose or duplicate inputs.
+        """
+        pause = 0.05
+        while True:
+            try:
+                async with self._engine().connect() as conn:
+                    status = (
+                        await conn.exec_driver_sql(f"SELECT txid_status({txid})")
+                    ).scalar_one()
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                status = None
+            if status in ("committed", "aborted"):
+                return bool(status == "committed")
+            # unknown for now ('in progress' while the server notices the lost client)
+            await asyncio.sleep(pause)
+            pause = min(self.max_retry_delay, pause * 2)
 
     async def _commit_sqlite(
         self, raw: sqlite3.Connection, batch: _Merged, incoming: list[tuple[Any, ...]]
