@@ -23,11 +23,14 @@ import math
 import re
 from typing import Any
 
+import orjson
+
 __all__ = [
     "REPLACEMENT",
     "count",
     "from_json",
     "json_problem",
+    "round_trip",
     "to_json",
     "unwritable",
     "writable_text",
@@ -55,6 +58,19 @@ def to_json(value: Any) -> str:
     if _SURROGATE.search(text) is not None:
         return _escaped(value)
     return text
+
+
+def round_trip(value: Any) -> Any:
+    """``value`` as a store gives it back: ``from_json(to_json(value))``, faster.
+
+    orjson when it takes the value (ten times faster; the values it writes differently,
+    NaN and integers beyond 64 bits, are refused before they reach a journal or make it
+    raise), the standard library otherwise.
+    """
+    try:
+        return orjson.loads(orjson.dumps(value))
+    except (TypeError, ValueError):
+        return from_json(to_json(value))
 
 
 def unwritable(text: str) -> bool:

@@ -98,6 +98,10 @@ class BaseMemory(ABC):
         return [m.to_openai() for m in kept]
 
 
+#: the index of a memory that has not prepared a prompt yet (shared, never appended to)
+_UNINDEXED: list[int] = []
+
+
 class LocalMemory(BaseMemory):
     """Memory held in a Python list (the default).
 
@@ -110,17 +114,18 @@ class LocalMemory(BaseMemory):
 
     def __init__(self, messages: Iterable[Message] = ()) -> None:
         self.messages: list[Message] = list(messages)
-        #: positions of the pinned messages, and of the first message of each turn
-        self._pinned: list[int] = []
-        self._turns: list[int] = []
+        #: positions of the pinned messages, and of the first message of each turn; made
+        #: by the first prompt and extended by each later one (a conversation that never
+        #: generates, or waits, pays nothing for them)
+        self._pinned: list[int] = _UNINDEXED
+        self._turns: list[int] = _UNINDEXED
         #: how many messages the two lists cover (``messages`` is public: a caller who
         #: changes it directly is noticed by its length, and the index is rebuilt)
         self._indexed = 0
-        self._index()
 
     def _index(self) -> None:
         messages = self.messages
-        if self._indexed > len(messages):
+        if self._indexed > len(messages) or self._turns is _UNINDEXED:
             self._pinned, self._turns, self._indexed = [], [], 0
         for i in range(self._indexed, len(messages)):
             message = messages[i]
@@ -132,20 +137,13 @@ class LocalMemory(BaseMemory):
 
     async def append(self, message: Message) -> None:
         self.messages.append(message)
-        if self._indexed == len(self.messages) - 1:
-            i = self._indexed
-            if message.pinned:
-                self._pinned.append(i)
-            elif not self._turns or isinstance(message, User):
-                self._turns.append(i)
-            self._indexed += 1
 
     async def get(self) -> list[Message]:
         return list(self.messages)
 
     async def clear(self) -> None:
         self.messages.clear()
-        self._pinned, self._turns, self._indexed = [], [], 0
+        self._pinned, self._turns, self._indexed = _UNINDEXED, _UNINDEXED, 0
 
     async def prepare_prompt(
         self, *, counter: TokenCounter, context_window: int, max_tokens: int

@@ -43,6 +43,7 @@ from turbobot.codec import count, unwritable, writable_text
 from turbobot.commands import CommandCall, CommandRegistry, parse_command
 from turbobot.delivery import FAILED, Outbox
 from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
+from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM
 from turbobot.messages import Assistant
 from turbobot.signals import GetUserInput, Result, UserInput
@@ -86,6 +87,8 @@ def _refusal(exc: LLMError) -> str | None:
     return f"{reason}: {exc.hint}" if exc.hint else reason
 
 
+#: a live conversation's journal: the entries are in the store (shared, never changed)
+_NO_JOURNAL: list[JournalEntry] = []
 #: stands for a context already stored with its conversation (one shared empty dict,
 #: never changed: a new one per conversation would cost 64 bytes each)
 _STORED_CONTEXT: dict[str, Any] = {}
@@ -774,7 +777,14 @@ class Runtime:
         the model's memory (the transcript keeps both).
         """
         live = await self._load(key)
-        journal = (live.app.journal if live.app is not None else live.journal) if live else []
+        journal: list[JournalEntry] = []
+        if live is not None and live.app is not None:
+            # A live app keeps only what it has not handed to the store: read the store.
+            await self._commit(live, wait=True)
+            stored = await self.store.load_conversation(key, self.template.ref)
+            journal = stored.journal if stored is not None else []
+        elif live is not None:
+            journal = live.journal
         cut = next(
             (i for i in range(len(journal) - 1, -1, -1) if journal[i].kind == "generate"), None
         )
@@ -973,10 +983,13 @@ class Runtime:
         app = live.app
         step.journal_start = live.saved
         if app is not None:
-            step.journal = app.journal[live.saved :]
-            live.saved = len(app.journal)
+            step.journal = app.journal[live.saved - app.journal_base :]
+            live.saved = app.journal_length
             live.yields = app.yields - undelivered
-            live.journal = app.journal
+            # Handed to the store, the entries leave RAM: a live conversation costs its
+            # memory window, not its whole history (the store has the journal).
+            app.forget_journal()
+            live.journal = _NO_JOURNAL
         if state or step.journal or step.transcript or step.new_conversation:
             step.record = live
         else:

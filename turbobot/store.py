@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Self
 
 from turbobot.chat import ChannelKey, IncomingMessage
-from turbobot.codec import from_json, to_json
+from turbobot.codec import round_trip
 from turbobot.journal import JournalEntry
 
 __all__ = [
@@ -296,7 +296,7 @@ class InMemoryStore(BaseStore):
                 # Through the SQL stores' encoding: what would not come back from SQL
                 # unchanged does not come back unchanged from here either.
                 journal.extend(
-                    JournalEntry(e.kind, from_json(to_json(e.value)), e.chain) for e in step.journal
+                    JournalEntry(e.kind, round_trip(e.value), e.chain) for e in step.journal
                 )
             owner = (record.key, state.template_ref)
             if state.active:

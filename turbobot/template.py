@@ -255,6 +255,7 @@ class App:
         "context",
         "done",
         "journal",
+        "journal_base",
         "kwargs",
         "llm",
         "memory",
@@ -276,6 +277,8 @@ class App:
         self.cache: BaseCache | None = template.settings.get("cache")
         #: shared and empty until the first entry (see ``_journal``)
         self.journal: list[JournalEntry] = _NO_ENTRIES
+        #: entries dropped from the front of ``journal`` by :meth:`forget_journal`
+        self.journal_base = 0
         #: number of yields handled so far; outputs at or below ``replay_until`` are not re-sent
         self.yields = 0
         self.replay_until = 0
@@ -350,6 +353,16 @@ class App:
     @property
     def started(self) -> bool:
         return self._pending is not _FRESH
+
+    @property
+    def journal_length(self) -> int:
+        """How many entries the journal has had (forgotten ones included)."""
+        return self.journal_base + len(self.journal)
+
+    def forget_journal(self) -> None:
+        """Drop the entries recorded so far from RAM (their owner has stored them)."""
+        self.journal_base += len(self.journal)
+        self.journal = _NO_ENTRIES
 
     @property
     def replaying(self) -> bool:
@@ -501,16 +514,16 @@ class App:
         if self._legacy is not None:
             if not matches:
                 matches = entry.chain == self._legacy.hex()
-            elif not self.journal:
+            elif not self.journal_length:
                 self._legacy = None  # a journal of the structural rule from its start
         if not self._replay:
             self._legacy = None
         if entry.kind not in kinds or not matches:
             raise ReplayDivergedError(
                 f"template {self._name()} no longer matches its recorded conversation at "
-                f"journal entry {len(self.journal)} (expected a {entry.kind!r} value, the "
+                f"journal entry {self.journal_length} (expected a {entry.kind!r} value, the "
                 f"template asked for {'/'.join(kinds)}); its code probably changed",
-                position=len(self.journal),
+                position=self.journal_length,
             )
         self._journal(entry)
         return entry
