@@ -98,42 +98,48 @@ class BaseMemory(ABC):
         return [m.to_openai() for m in kept]
 
 
-#: the index of a memory that has not prepared a prompt yet (shared, never appended to)
-_UNINDEXED: list[int] = []
+class _TurnIndex:
+    """Where a memory's pinned messages and turns start; made by its first prompt."""
+
+    __slots__ = ("count", "pinned", "turns")
+
+    def __init__(self) -> None:
+        self.pinned: list[int] = []
+        self.turns: list[int] = []
+        #: how many messages it covers
+        self.count = 0
 
 
 class LocalMemory(BaseMemory):
     """Memory held in a Python list (the default).
 
-    It indexes its turns as messages are appended, so preparing a prompt costs what
-    the prompt holds (the newest turns that fit the window), not the conversation's
-    whole length.
+    It indexes its turns (from its first prompt on, and incrementally after that), so
+    preparing a prompt costs what the prompt holds (the newest turns that fit the
+    window), not the conversation's whole length.
     """
 
-    __slots__ = ("_indexed", "_pinned", "_turns", "messages")
+    #: one slot for the index, ``None`` until the first prompt: a conversation that
+    #: only waits pays 8 bytes for it
+    __slots__ = ("_index", "messages")
 
     def __init__(self, messages: Iterable[Message] = ()) -> None:
         self.messages: list[Message] = list(messages)
-        #: positions of the pinned messages, and of the first message of each turn; made
-        #: by the first prompt and extended by each later one (a conversation that never
-        #: generates, or waits, pays nothing for them)
-        self._pinned: list[int] = _UNINDEXED
-        self._turns: list[int] = _UNINDEXED
-        #: how many messages the two lists cover (``messages`` is public: a caller who
-        #: changes it directly is noticed by its length, and the index is rebuilt)
-        self._indexed = 0
+        self._index: _TurnIndex | None = None
 
-    def _index(self) -> None:
+    def _indexed(self) -> _TurnIndex:
         messages = self.messages
-        if self._indexed > len(messages) or self._turns is _UNINDEXED:
-            self._pinned, self._turns, self._indexed = [], [], 0
-        for i in range(self._indexed, len(messages)):
+        index = self._index
+        if index is None or index.count > len(messages):
+            # first prompt, or ``messages`` (public) was shortened directly: rebuild
+            index = self._index = _TurnIndex()
+        for i in range(index.count, len(messages)):
             message = messages[i]
             if message.pinned:
-                self._pinned.append(i)
-            elif not self._turns or isinstance(message, User):
-                self._turns.append(i)
-        self._indexed = len(messages)
+                index.pinned.append(i)
+            elif not index.turns or isinstance(message, User):
+                index.turns.append(i)
+        index.count = len(messages)
+        return index
 
     async def append(self, message: Message) -> None:
         self.messages.append(message)
@@ -143,17 +149,16 @@ class LocalMemory(BaseMemory):
 
     async def clear(self) -> None:
         self.messages.clear()
-        self._pinned, self._turns, self._indexed = _UNINDEXED, _UNINDEXED, 0
+        self._index = None
 
     async def prepare_prompt(
         self, *, counter: TokenCounter, context_window: int, max_tokens: int
     ) -> list[dict[str, Any]]:
         # The same selection as trim_to_window, walking back from the newest turn.
-        if self._indexed != len(self.messages):
-            self._index()
-        messages, turns = self.messages, self._turns
+        index = self._indexed()
+        messages, turns = self.messages, index.turns
         budget = context_window - max_tokens
-        used = TOKENS_REPLY_PRIMING + sum(_tokens(messages[i], counter) for i in self._pinned)
+        used = TOKENS_REPLY_PRIMING + sum(_tokens(messages[i], counter) for i in index.pinned)
         first = end = len(messages)
         for n in range(len(turns) - 1, -1, -1):
             start = turns[n]
@@ -162,6 +167,6 @@ class LocalMemory(BaseMemory):
                 break
             used += cost
             first = end = start
-        prompt = [messages[i].to_openai() for i in self._pinned if i < first]
+        prompt = [messages[i].to_openai() for i in index.pinned if i < first]
         prompt += [m.to_openai() for m in messages[first:]]
         return prompt

@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import logging
 import sys
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -209,6 +210,8 @@ _INPUT = object()
 _STREAM = object()
 #: ``App._pending`` before the first step
 _FRESH = object()
+#: generation tasks stopped by ``App.cancel_generation`` (``/cancel``)
+_CANCELLED: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
 #: ``App.replay_until`` of a replay that stopped waiting for input
 _UNTIL_WAITING = sys.maxsize
 #: the journal of every app that has not journaled anything yet; never appended to
@@ -240,7 +243,6 @@ class App:
     """
 
     __slots__ = (
-        "_cancel_requested",
         "_chain",
         "_gen",
         "_legacy",
@@ -296,7 +298,6 @@ class App:
         #: the chain by the rule before issue 10 (message texts included), while a journal
         #: that may have been written by it is replayed
         self._legacy: bytes | None = None
-        self._cancel_requested = False
         #: the template's generator, then the delegated sub-templates' (innermost last;
         #: a list only once something is delegated)
         self._gen: AsyncGenerator[Any, Any] | None = None
@@ -408,7 +409,7 @@ class App:
                 except LLMError as exc:
                     self._record_error(exc)
                 except asyncio.CancelledError:
-                    if not self._cancel_requested:
+                    if task not in _CANCELLED:
                         raise
                     self._send = self._cancelled()
             return await self._run()
@@ -675,7 +676,7 @@ class App:
         task = self._task
         if task is None or task.done():
             return False
-        self._cancel_requested = True
+        _CANCELLED.add(task)  # (a set, not a slot: most apps are never cancelled)
         task.cancel()
         return True
 
@@ -686,14 +687,13 @@ class App:
         try:
             return await task
         except asyncio.CancelledError:
-            if not (self._cancel_requested and task.cancelled()):
+            if not (task in _CANCELLED and task.cancelled()):
                 raise  # the caller was cancelled, not the generation
             return self._cancelled()
         finally:
             self._task = None
 
     def _cancelled(self) -> Assistant:
-        self._cancel_requested = False
         self._record("cancelled", None)
         return Assistant("", forward=False)
 
