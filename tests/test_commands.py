@@ -8,20 +8,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import StoreFactory
+from tests.test_regressions import chat
 from tests.test_runtime import echo_llm
-from turbobot import Generate, GetUserInput, LLMRequest, ScriptedLLM, User, turbo
+from turbobot import LLMRequest, ScriptedLLM
 from turbobot.commands import BUILT_IN, Command, CommandCall, CommandRegistry
 from turbobot.llm.base import LLMResponse
 from turbobot.testing import ChatHarness
-
-
-@turbo()
-async def chat():
-    """Echoes what you say."""
-    while True:
-        text = yield GetUserInput()
-        yield User(text)
-        yield Generate()
 
 
 def test_the_registry_lists_built_ins_then_the_bots_own() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import StoreFactory
+from tests.test_regressions import chat
 from tests.test_runtime import echo_llm
 from turbobot import (
     ChannelKey,
@@ -27,15 +28,6 @@ from turbobot import (
 from turbobot.codec import json_problem, to_json, writable_text
 from turbobot.runtime import RuntimeSettings
 from turbobot.testing import ChatHarness
-
-
-@turbo()
-async def chat():
-    while True:
-        text = yield GetUserInput()
-        yield User(text)
-        yield Generate()
-
 
 # -- 1, 11: a value that cannot be written never stops the store --------------------
 

@@ -51,6 +51,7 @@ async def crash(runtime: Runtime) -> None:
 
 @turbo()
 async def chat():
+    """Echoes what you say."""
     while True:
         text = yield GetUserInput()
         yield User(text)

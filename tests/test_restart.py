@@ -75,6 +75,17 @@ async def reach_leo(bot: Console) -> None:
     assert await bot.read() == LEO
 
 
+async def ask_slowly(bot: Console, server: FakeOpenAI, reply: Reply) -> None:
+    """Say "money?" and return once the model (answering with ``reply``) was asked."""
+    server.script(reply)
+    await bot.say("money?")
+    for _ in range(500):  # the input is committed before the model is asked
+        if server.requests:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the generation never started")
+
+
 async def finish(bot: Console, env: dict[str, str]) -> None:
     """The last turn; then the transcript must be the uninterrupted run's."""
     await bot.say("love?")
@@ -140,13 +151,7 @@ async def test_kill_mid_generation(openai_server: FakeOpenAI, baseline: dict[str
     env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
     bot = await Console(env).start()
     await reach_leo(bot)
-    openai_server.script(Reply(content="never delivered", delay=30))
-    await bot.say("money?")
-    for _ in range(500):  # the input is committed before the model is asked
-        if openai_server.requests:
-            break
-        await asyncio.sleep(0.01)
-    assert openai_server.requests, "the generation never started"
+    await ask_slowly(bot, openai_server, Reply(content="never delivered", delay=30))
     await bot.kill()
 
     bot = await Console(env).start()  # recovers "money?" from the inbox by itself
@@ -199,12 +204,7 @@ async def test_interrupt_mid_generation_loses_no_reply(
     env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
     bot = await Console(env).start()
     await reach_leo(bot)
-    openai_server.script(Reply(content="echo: money?", delay=1.0))
-    await bot.say("money?")
-    for _ in range(500):  # the input is committed before the model is asked
-        if openai_server.requests:
-            break
-        await asyncio.sleep(0.01)
+    await ask_slowly(bot, openai_server, Reply(content="echo: money?", delay=1.0))
     assert bot.proc is not None and bot.proc.stdout is not None
     bot.proc.send_signal(signum)
     out, err = await asyncio.wait_for(bot.proc.communicate(), 30)
