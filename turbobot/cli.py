@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
-from turbobot import __version__
+from turbobot import __version__, platforms
 from turbobot.chat import ChannelKey
 from turbobot.exceptions import ConfigurationError
 from turbobot.llm.base import LLM
 from turbobot.loader import load_template
-from turbobot.runtime import Runtime, RuntimeSettings
+from turbobot.runtime import RuntimeSettings
 from turbobot.store import BaseStore, InMemoryStore
 from turbobot.template import Template
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-    from turbobot.adapters.telegram import GroupMode, TelegramSettings
 
 __all__ = [
     "build_llm",
@@ -40,8 +39,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-PLATFORMS = ("console", "telegram", "discord")
 
 
 def choose_llm(flag: str | None, env: Mapping[str, str]) -> str:
@@ -291,6 +288,8 @@ def runtime_settings(env: Mapping[str, str]) -> RuntimeSettings:
         return RuntimeSettings(
             idle_evict_seconds=float(idle) if idle else 600.0,
             max_live=int(cap) if cap else None,
+            # the command owns its process: see RuntimeSettings.gc_threshold
+            gc_threshold=10_000,
         )
     except ValueError as exc:
         raise ConfigurationError(
@@ -329,9 +328,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("bot", help="bots.horoscope, path/to/bot.py, or module:attribute")
     run.add_argument(
         "--platform",
-        choices=PLATFORMS,
         default="console",
-        help="where the bot talks: console (stdin and stdout, the default) or telegram",
+        help="where the bot talks: console (stdin and stdout, the default), telegram, or "
+        "any platform installed as a 'turbobot.platforms' entry point",
     )
     run.add_argument("--channel", default="console", help="console channel name")
     run.add_argument("--model", help="model name (default: TURBOBOT_MODEL or the template's)")
@@ -389,61 +388,6 @@ async def _bot_parts(
             yield template, store, llm
     finally:
         await llm.aclose()
-
-
-async def _run_console(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    from turbobot.adapters.console import ConsoleAdapter
-
-    adapter = ConsoleAdapter(channel=args.channel)
-    async with _bot_parts(args, env) as (template, store, llm):
-        settings = runtime_settings(env)
-        async with Runtime(
-            template, llm=llm, sender=adapter, store=store, settings=settings
-        ) as runtime:
-            await adapter.run(runtime)
-
-
-def telegram_settings(args: argparse.Namespace, env: Mapping[str, str]) -> TelegramSettings:
-    """Adapter settings from flags and ``TELEGRAM_*`` variables (flags win)."""
-    from turbobot.adapters.telegram import TelegramSettings
-
-    mode = args.group_mode or env.get("TELEGRAM_GROUP_MODE") or "per-user"
-    return TelegramSettings(
-        token=env.get("TELEGRAM_BOT_TOKEN", ""),
-        base_url=env.get("TELEGRAM_API_BASE_URL") or None,
-        base_file_url=env.get("TELEGRAM_API_FILE_URL") or None,
-        webhook_url=args.webhook_url or env.get("TELEGRAM_WEBHOOK_URL") or None,
-        listen=args.listen,
-        port=args.port,
-        secret_token=env.get("TELEGRAM_WEBHOOK_SECRET") or None,
-        # checked by TelegramSettings, which names the valid modes
-        group_mode=cast("GroupMode", mode),
-        trigger=env.get("TELEGRAM_TRIGGER") or None,
-        rate=_number(env, "TELEGRAM_RATE", 30.0),
-    )
-
-
-def _number(env: Mapping[str, str], name: str, default: float) -> float:
-    try:
-        value = float(env.get(name) or default)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be a positive number, not {env.get(name)!r}")
-    return value
-
-
-async def _run_telegram(args: argparse.Namespace, env: Mapping[str, str]) -> None:
-    from turbobot.adapters.telegram import TelegramAdapter
-
-    adapter = TelegramAdapter(telegram_settings(args, env))
-    async with adapter, _bot_parts(args, env) as (template, store, llm):
-        settings = dataclasses.replace(runtime_settings(env), bot_username=adapter.username)
-        async with Runtime(
-            template, llm=llm, sender=adapter, store=store, settings=settings
-        ) as runtime:
-            print(f"turbobot: @{adapter.username} is running; Ctrl-C stops it", file=sys.stderr)
-            await adapter.run(runtime)
 
 
 async def _db(args: argparse.Namespace, env: Mapping[str, str]) -> None:
@@ -567,15 +511,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         if args.command == "run":
-            if args.platform == "console":
-                asyncio.run(_run_console(args, env))
-            elif args.platform == "telegram":
-                asyncio.run(_run_telegram(args, env))
-            else:
-                raise ConfigurationError(
-                    f"the {args.platform} adapter is not part of this version yet; "
-                    "use --platform console or telegram"
-                )
+            runner = platforms.load(args.platform)
+            launch = platforms.Launch(
+                args=args,
+                env=env,
+                settings=runtime_settings(env),
+                parts=lambda: _bot_parts(args, env),
+            )
+            asyncio.run(runner(launch))
         elif args.command == "db":
             asyncio.run(_db(args, env))
         elif args.command == "transcript":
@@ -586,5 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"turbobot: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end the line Ctrl-C left after the prompt
         return 130
+    except asyncio.CancelledError:  # SIGTERM: the platform stopped cleanly
+        return 143
     return 0

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import sys
 import threading
 import uuid
 from collections.abc import Callable
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.runtime import BaseSender, Runtime
+
+if TYPE_CHECKING:
+    from turbobot.platforms import Launch
 from turbobot.template import INTERRUPTED, AssistantStream
 
-__all__ = ["ConsoleAdapter"]
+__all__ = ["ConsoleAdapter", "run_platform"]
 
 #: the longest line read whole (bytes); the rest of a longer line is skipped
 MAX_LINE_BYTES = 1 << 20
@@ -156,3 +160,24 @@ class ConsoleAdapter(BaseSender):
             # One step at a time keeps a scripted transcript in order with its input.
             await runtime.join()
         await runtime.join()
+
+
+async def run_platform(launch: Launch) -> None:
+    """``turbobot run --platform console``: one channel on stdin and stdout."""
+    adapter = ConsoleAdapter(channel=launch.args.channel)
+    # SIGTERM (a service manager's stop) stops like Ctrl-C: steps in flight finish or
+    # are left exactly resumable (Runtime.aclose), nothing is cut half way.
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        async with (
+            launch.parts() as (template, store, llm),
+            Runtime(
+                template, llm=llm, sender=adapter, store=store, settings=launch.settings
+            ) as runtime,
+        ):
+            await adapter.run(runtime)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

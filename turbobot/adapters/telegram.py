@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -27,13 +28,14 @@ import random
 import re
 import signal
 import socket
+import sys
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
@@ -41,6 +43,9 @@ from turbobot.exceptions import ConfigurationError, UndeliverableError
 from turbobot.formatting import FormattedText, parse_markdown, split_formatted, utf16_len
 from turbobot.runtime import BaseSender, Runtime, parse_command
 from turbobot.template import INTERRUPTED, AssistantStream
+
+if TYPE_CHECKING:
+    from turbobot.platforms import Launch
 
 # Opt in to PTB's future behaviour (time periods as timedelta) now: otherwise PTB warns
 # on every 429 it parses. The code below reads both forms.
@@ -67,7 +72,7 @@ except ImportError as exc:  # pragma: no cover - exercised through the CLI messa
         "`pip install 'turbobot[telegram]'`"
     ) from exc
 
-__all__ = ["GroupMode", "TelegramAdapter", "TelegramSettings"]
+__all__ = ["GroupMode", "TelegramAdapter", "TelegramSettings", "run_platform", "settings_from"]
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -821,3 +826,44 @@ def _platform_id(ids: list[str]) -> str | None:
         return None
     joined = ",".join(ids)
     return joined if len(joined) <= 128 else f"{ids[0]}..{ids[-1]}"
+
+
+def settings_from(launch: Launch) -> TelegramSettings:
+    """Adapter settings from ``turbobot run``'s flags and ``TELEGRAM_*`` variables (flags win)."""
+    args, env = launch.args, launch.env
+    mode = args.group_mode or env.get("TELEGRAM_GROUP_MODE") or "per-user"
+    return TelegramSettings(
+        token=env.get("TELEGRAM_BOT_TOKEN", ""),
+        base_url=env.get("TELEGRAM_API_BASE_URL") or None,
+        base_file_url=env.get("TELEGRAM_API_FILE_URL") or None,
+        webhook_url=args.webhook_url or env.get("TELEGRAM_WEBHOOK_URL") or None,
+        listen=args.listen,
+        port=args.port,
+        secret_token=env.get("TELEGRAM_WEBHOOK_SECRET") or None,
+        # checked by TelegramSettings, which names the valid modes
+        group_mode=mode,  # type: ignore[arg-type]
+        trigger=env.get("TELEGRAM_TRIGGER") or None,
+        rate=_positive(env, "TELEGRAM_RATE", 30.0),
+    )
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name) or default)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number, not {env.get(name)!r}")
+    return value
+
+
+async def run_platform(launch: Launch) -> None:
+    """``turbobot run --platform telegram``: polling or a webhook, until SIGINT/SIGTERM."""
+    adapter = TelegramAdapter(settings_from(launch))
+    async with adapter, launch.parts() as (template, store, llm):
+        settings = dataclasses.replace(launch.settings, bot_username=adapter.username)
+        async with Runtime(
+            template, llm=llm, sender=adapter, store=store, settings=settings
+        ) as runtime:
+            print(f"turbobot: @{adapter.username} is running; Ctrl-C stops it", file=sys.stderr)
+            await adapter.run(runtime)
