@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from turbobot import Assistant, ExampleAssistant, ExampleUser, LocalMemory, System, User
 from turbobot.tokens import (
     DEFAULT_CONTEXT_WINDOW,
@@ -60,7 +62,7 @@ async def test_incremental_prompt_matches_the_reference_trim() -> None:
     trim_to_window selects, for mixed histories and any budget."""
     import random
 
-    from turbobot.memory import trim_to_window
+    from turbobot.memory import fit_newest, trim_to_window
     from turbobot.messages import ToolMessage
 
     counter = token_counter_for("gpt-4o")
@@ -76,14 +78,45 @@ async def test_incremental_prompt_matches_the_reference_trim() -> None:
             await memory.append(message)
         memory.messages.extend(messages[len(messages) // 2 :])  # changed directly: reindexed
         for window in (30, 120, 400, 5000):
-            reference = trim_to_window(messages, budget=window - 10, counter=counter)
+            reference = [
+                m.to_openai() for m in trim_to_window(messages, budget=window - 10, counter=counter)
+            ]
+            fit_newest(reference, budget=window - 10, counter=counter)
             prompt = await memory.prepare_prompt(
                 counter=counter, context_window=window, max_tokens=10
             )
-            assert prompt == [m.to_openai() for m in reference], (seed, window)
+            assert prompt == reference, (seed, window)
     memory = LocalMemory([User("a")])
     await memory.clear()
     await memory.append(User("b"))
     assert await memory.prepare_prompt(counter=counter, context_window=100, max_tokens=10) == [
         {"role": "user", "content": "b"}
     ]
+
+
+async def test_one_message_too_big_for_the_window_is_cut_to_fit() -> None:
+    """Issue 10, defect 2: on a small window (a local model's 2,048 tokens) a long
+    message alone would make every request fail; it is cut, the system prompt kept."""
+    from turbobot.memory import CUT_MARK
+
+    counter = token_counter_for("gpt-4o")
+    text = " ".join(f"word{i}" for i in range(6000))
+    for memory in (LocalMemory(), _ListOnly()):
+        await memory.extend([System("Be brief."), User("hi"), Assistant("hello"), User(text)])
+        prompt = await memory.prepare_prompt(counter=counter, context_window=2048, max_tokens=200)
+        assert prompt[0] == {"role": "system", "content": "Be brief."}
+        assert prompt[-1]["content"].startswith("word0 word1") and prompt[-1]["content"].endswith(
+            CUT_MARK
+        )
+        assert count_prompt_tokens(prompt, counter) <= 2048 - 200
+
+
+class _ListOnly(LocalMemory):
+    """A memory that only implements the interface: BaseMemory's prepare_prompt."""
+
+    __slots__ = ()
+
+    async def prepare_prompt(self, **kwargs: Any) -> list[dict[str, Any]]:
+        from turbobot.memory import BaseMemory
+
+        return await BaseMemory.prepare_prompt(self, **kwargs)

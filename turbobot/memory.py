@@ -15,9 +15,10 @@ from turbobot.tokens import (
     TOKENS_REPLY_PRIMING,
     TokenCounter,
     count_message_tokens,
+    count_prompt_tokens,
 )
 
-__all__ = ["BaseMemory", "LocalMemory", "trim_to_window"]
+__all__ = ["CUT_MARK", "BaseMemory", "LocalMemory", "fit_newest", "trim_to_window"]
 
 
 def _tokens(message: Message, counter: TokenCounter) -> int:
@@ -58,6 +59,36 @@ def trim_to_window(messages: list[Message], *, budget: int, counter: TokenCounte
     return [m for i, m in enumerate(messages) if i in keep]
 
 
+#: ends a message cut to fit the model's context window
+CUT_MARK = " [… cut to fit the model's context window]"
+
+
+def fit_newest(prompt: list[dict[str, Any]], *, budget: int, counter: TokenCounter) -> None:
+    """Cut the newest user message of ``prompt`` (in place) so the prompt fits ``budget``.
+
+    Trimming keeps the newest turn whole; on a small window (a local model's 2,048
+    tokens) one long message alone can exceed it, and the model would refuse every
+    request. Only that message's text is shortened, never the system prompt.
+    """
+    total = count_prompt_tokens(prompt, counter)
+    if total <= budget:
+        return
+    index = next((i for i in range(len(prompt) - 1, -1, -1) if prompt[i]["role"] == "user"), None)
+    if index is None:
+        return
+    text = str(prompt[index].get("content") or "")
+    others = total - count_message_tokens(prompt[index], counter)
+    room = budget - others - counter(CUT_MARK) - 8  # the role's overhead and a margin
+    low, high = 0, len(text)
+    while low < high:  # the longest prefix within ``room`` tokens
+        middle = (low + high + 1) // 2
+        if counter(text[:middle]) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    prompt[index] = {**prompt[index], "content": text[:low] + CUT_MARK}
+
+
 class BaseMemory(ABC):
     """Where a conversation's messages live.
 
@@ -94,8 +125,10 @@ class BaseMemory(ABC):
         ``context_window``; pinned messages and the newest turn always stay.
         """
         messages = await self.get()
-        kept = trim_to_window(messages, budget=context_window - max_tokens, counter=counter)
-        return [m.to_openai() for m in kept]
+        budget = context_window - max_tokens
+        prompt = [m.to_openai() for m in trim_to_window(messages, budget=budget, counter=counter)]
+        fit_newest(prompt, budget=budget, counter=counter)
+        return prompt
 
 
 class _TurnIndex:
@@ -169,4 +202,6 @@ class LocalMemory(BaseMemory):
             first = end = start
         prompt = [messages[i].to_openai() for i in index.pinned if i < first]
         prompt += [m.to_openai() for m in messages[first:]]
+        if used > budget:  # the newest turn alone is too big
+            fit_newest(prompt, budget=budget, counter=counter)
         return prompt
