@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -142,3 +143,57 @@ async def test_a_hostile_console_session_loses_nothing(
     assert len(openai_server.requests) == 6  # every text line but the command reached the model
     longest = max(len(r["messages"][-1]["content"]) for r in openai_server.requests)
     assert longest <= 16_000
+
+
+def test_in_a_terminal_the_console_greets_resumes_and_ends_its_line(tmp_path: Path) -> None:
+    """Issue 10, defect 20: what a newcomer sees in a real (pseudo-)terminal."""
+    import pty
+    import select
+    import subprocess
+
+    database = f"sqlite+aiosqlite:///{tmp_path / 'tty.db'}"
+    env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+
+    def session(*lines: bytes) -> str:
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "turbobot", "run", "bots.horoscope", "--database", database],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            env=env,
+            close_fds=True,
+        )
+        os.close(slave)
+        seen = b""
+
+        def read_until(marker: bytes) -> None:
+            nonlocal seen
+            while marker not in seen:
+                ready, _, _ = select.select([master], [], [], 30)
+                assert ready, f"no {marker!r} in {seen.decode(errors='replace')!r}"
+                seen += os.read(master, 4096)
+
+        read_until(b"> ")
+        for line in lines:
+            os.write(master, line + b"\n")
+            read_until(b"?")
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=30) == 0
+        with contextlib.suppress(OSError):  # the rest, up to the end of the terminal
+            while select.select([master], [], [], 1)[0]:
+                chunk = os.read(master, 4096)
+                if not chunk:
+                    break
+                seen += chunk
+        os.close(master)
+        return seen.decode().replace("\r\n", "\n")
+
+    first = session(b"hello")
+    assert first.startswith("turbobot: I am Madame Turbo, a fortune teller.")
+    assert "Ctrl-D quits" in first and "resuming" not in first
+    assert "Welcome, traveller. What is your zodiac sign?" in first
+    assert first.endswith("> \n")  # Ctrl-D: the prompt's line is ended
+    again = session()
+    assert "(resuming your conversation; /start begins a new one)" in again
