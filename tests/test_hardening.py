@@ -242,6 +242,7 @@ async def test_a_row_the_database_refuses_is_dropped_alone(
         refused, calm = results
         assert isinstance(refused, IncomingBatchError)
         assert refused.seqs[0] is not None and refused.seqs[1] is None
+        assert refused.failed == [1]
         assert isinstance(calm, int)
         assert "cannot be stored" in caplog.text and '"test", "a"' in caplog.text
         # The store goes on.

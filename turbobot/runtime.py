@@ -152,6 +152,10 @@ class Notices:
         "this bot starts its own."
     )
     unknown_command: str = "I do not know the command /{command}. /help lists the ones I know."
+    #: to the sender of a message the store could not commit (it was not read)
+    not_stored: str = (
+        "Sorry, I could not store your message, so I have not read it. Please send it again."
+    )
     #: sent before the answer to a message cut to ``RuntimeSettings.max_input_chars``
     too_long: str = (
         "Your message was too long: I read only its first {limit:,} characters. "
@@ -393,7 +397,8 @@ class Runtime:
         """Commit several messages at once (one page of updates), then schedule them.
 
         Messages of one channel are handled in the order given. Returns, for each
-        message, ``False`` if it was ignored (from a bot, or a redelivery).
+        message, ``False`` if it was ignored (from a bot, or a redelivery) or could not
+        be stored: its sender is then told to send it again, and the others go on.
         """
         if self._closed:
             raise RuntimeError("the runtime is closed")
@@ -404,7 +409,7 @@ class Runtime:
         try:
             committed = await self.store.add_incoming_many(wanted) if wanted else []
         except IncomingBatchError as exc:
-            # Schedule what was committed (it would otherwise wait for a restart), then raise.
+            # Schedule what was committed; tell the senders of the rest (below).
             committed, failure = exc.seqs, exc
         seqs = iter(committed)
         admitted_messages = iter(wanted)
@@ -422,8 +427,29 @@ class Runtime:
                 self._queues.setdefault(message.key, deque()).append(InboxItem(seq, admitted))
                 self._wake(message.key)
         if failure is not None:
-            raise failure.__cause__ or failure
+            await self._refused_incoming(wanted, failure)
         return accepted
+
+    async def _refused_incoming(
+        self, messages: Sequence[IncomingMessage], failure: IncomingBatchError
+    ) -> None:
+        """The store could not commit some messages: say so in the log and to their senders.
+
+        The notice is sent, not stored: the store just refused to store.
+        """
+        cause = failure.__cause__ or failure
+        for index in failure.failed:
+            message = messages[index]
+            _log.error(
+                "channel %s: message %s could not be stored (%s: %s); its sender is asked "
+                "to send it again",
+                message.key,
+                message.message_id,
+                type(cause).__name__,
+                cause,
+            )
+            notice = self.settings.notices.not_stored
+            await self._outbox.attempt(message.key, self.sender.send(message.key, notice))
 
     def _cancel_if_asked(self, message: IncomingMessage) -> None:
         """``/cancel`` acts at once, ahead of its turn: it stops the generation in progress.

@@ -179,12 +179,17 @@ class IncomingBatchError(Exception):
     """Committing a batch of incoming messages failed part of the way.
 
     ``seqs`` says, per message, what was committed anyway (``None``: not committed or
-    seen before); the cause is the exception's ``__cause__``.
+    seen before); ``failed`` holds the positions of those that could not be committed
+    (all the ``None`` ones when the store cannot tell); the cause is the exception's
+    ``__cause__``.
     """
 
-    def __init__(self, seqs: list[int | None]) -> None:
+    def __init__(self, seqs: list[int | None], failed: Sequence[int] | None = None) -> None:
         super().__init__("some incoming messages could not be committed")
         self.seqs = seqs
+        self.failed = (
+            list(failed) if failed is not None else [i for i, s in enumerate(seqs) if s is None]
+        )
 
 
 class BaseStore(ABC):
@@ -219,7 +224,8 @@ class BaseStore(ABC):
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             seqs = [None if isinstance(r, BaseException) else r for r in results]
-            raise IncomingBatchError(seqs) from errors[0]
+            failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+            raise IncomingBatchError(seqs, failed) from errors[0]
         return results  # type: ignore[return-value]  # no exceptions among them
 
     @abstractmethod

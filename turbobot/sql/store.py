@@ -131,6 +131,8 @@ class _Op:
     consumed: _Rows = field(default_factory=lambda: _NONE)
     #: why the database refused this operation (it was dropped)
     failure: BaseException | None = None
+    #: for a page of incoming messages: the positions of the rows that were refused
+    failed_rows: list[int] | None = None
 
 
 def _split_incoming(op: _Op) -> list[_Op]:
@@ -487,7 +489,7 @@ class SQLStore(BaseStore):
                     if future is not None and not future.done():
                         if op.failure is not None:
                             seqs = [inserted.pop(row[:2], None) for row in op.incoming]
-                            error = IncomingBatchError(seqs)
+                            error = IncomingBatchError(seqs, op.failed_rows)
                             error.__cause__ = op.failure
                             future.set_exception(error)
                         else:
@@ -551,6 +553,7 @@ class SQLStore(BaseStore):
                     parts = _split_incoming(ops[0])
                     seqs = await self._commit_isolating(parts)
                     ops[0].failure = next((p.failure for p in parts if p.failure), None)
+                    ops[0].failed_rows = [i for i, p in enumerate(parts) if p.failure]
                     return seqs
                 ops[0].failure = exc
                 _log.error(
