@@ -772,3 +772,172 @@ async def test_a_commit_whose_answer_is_lost_is_not_committed_twice(
             assert (await store.recovery()).inbox == []
     finally:
         await proxy.stop()
+
+
+async def test_postgresql_refusing_writes_for_a_while_is_waited_out(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A read-only database (as after a failover; SQLSTATE 25006), like a full disk
+    (53100), is the server's state, not a refused value: wait, lose nothing."""
+    import asyncio
+
+    import asyncpg
+
+    from tests.conftest import _create_database
+    from turbobot.sql import SQLStore
+
+    server = request.getfixturevalue("postgres")
+    url = await _create_database(server)
+    name = url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(host="127.0.0.1", port=server.port, user="postgres")
+
+    async def read_only(on: bool) -> None:
+        await admin.execute(
+            f'ALTER DATABASE "{name}" SET default_transaction_read_only = {"on" if on else "off"}'
+        )
+        # new sessions take the setting: end the store's current ones
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+
+    store = SQLStore(url, upgrade=True, max_retry_delay=0.01)
+    await store.open()
+    real_commit = store._commit
+    refused = asyncio.Event()
+
+    async def commit(batch: Any) -> Any:
+        try:
+            return await real_commit(batch)
+        except Exception as exc:
+            if "read-only" in str(exc):
+                refused.set()
+            raise
+
+    store._commit = commit  # type: ignore[method-assign]
+    try:
+        async with ChatHarness(chat, llm=echo_llm(), store=store) as h:
+            assert await h.say("before") == ["echo: before"]
+            await read_only(True)
+            during = asyncio.ensure_future(h.say("during"))
+            await asyncio.wait_for(refused.wait(), 30)
+            await read_only(False)
+            assert await asyncio.wait_for(during, 30) == ["echo: during"]
+            assert await h.say("after") == ["echo: after"]
+    finally:
+        await store.aclose()
+        await admin.close()
+
+
+# -- found by review: state after a failed retry or a failed store read ------------------
+
+
+async def test_after_a_stalled_retry_succeeds_messages_keep_their_order() -> None:
+    from turbobot import LLMError
+
+    llm = ScriptedLLM(
+        ["a1", LLMError("down"), LLMError("down again"), "a2", "a3", "a4", "answer to hello"]
+    )
+    async with ChatHarness(chat, llm=llm) as h:
+        await h.say("m1")
+        await h.say("m2")  # the generation fails: apology
+        await h.say("m3")  # retried, fails again: the channel waits for news
+        await h.say("m4")  # the retry succeeds
+        before = len(h.sender.sent)
+        await h.runtime.receive_many([h.message("hello"), h.message("/reset")])
+        await h.runtime.join()
+        # "hello" is answered before /reset acts: commands no longer jump the queue.
+        assert h.sender.texts()[before:] == [
+            "answer to hello",
+            h.runtime.settings.notices.reset,
+        ]
+
+
+async def test_a_store_read_failing_while_resuming_keeps_the_waking_message_apart() -> None:
+    import asyncio
+
+    from turbobot import Assistant
+    from turbobot.runtime import Runtime
+    from turbobot.store import InMemoryStore
+    from turbobot.template import AssistantStream
+    from turbobot.testing import RecordingSender
+
+    @turbo()
+    async def greeter():
+        yield Generate(stream=True)
+        name = yield GetUserInput("Name?")
+        yield Assistant(f"hi {name}")
+        yield GetUserInput()
+
+    class Hangs(RecordingSender):
+        async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
+            await asyncio.Event().wait()
+            return None
+
+    class FlakyLoad(InMemoryStore):
+        fail = 0
+
+        async def load_conversation(self, key: ChannelKey, template_ref: str | None = None) -> Any:
+            if self.fail:
+                self.fail -= 1
+                raise OSError("db connection lost")
+            return await super().load_conversation(key, template_ref)
+
+    store = FlakyLoad()
+    key = ChannelKey("test", "c")
+    settings = RuntimeSettings(stop_grace=0.0, retry_delays=(0.0,))
+    first = Runtime(
+        greeter, llm=ScriptedLLM(["Hello!"]), sender=Hangs(), store=store, settings=settings
+    )
+    await first.receive(IncomingMessage(key, "hi", "m1"))
+    for _ in range(20):
+        await asyncio.sleep(0)  # let the step reach the stream
+    await first.aclose()  # stopped mid-stream: the conversation is running, "hi" unused
+    store.fail = 1
+    sender = RecordingSender()
+    runtime = Runtime(
+        greeter, llm=ScriptedLLM(["Hello!"]), sender=sender, store=store, settings=settings
+    )
+    await runtime.start()
+    for _ in range(50):  # the failed resume is retried (delay 0): no time passes
+        await runtime.join()
+        if sender.sent:
+            break
+        await asyncio.sleep(0)
+    await runtime.join()
+    await runtime.aclose()
+    assert sender.texts() == ["Hello!", "Name?"]  # "hi" is not taken for the name
+
+
+async def test_a_fault_while_a_refused_batch_is_split_commits_nothing_twice(
+    tmp_path: Any,
+) -> None:
+    """The batch holds a refused value, so it is committed op by op; the disk fills up
+    after the first op went through: the retry must not commit (or lose) it again."""
+    import asyncio
+    import sqlite3
+
+    from turbobot.sql import SQLStore
+
+    store = SQLStore(f"sqlite+aiosqlite:///{tmp_path / 't.db'}", max_retry_delay=0.01)
+    await store.open()
+    real = store._commit
+    calls = 0
+
+    async def commit(batch: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise sqlite3.IntegrityError("a refused value somewhere in the batch")
+        if calls == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real(batch)
+
+    store._commit = commit  # type: ignore[method-assign]
+    key = ChannelKey("t", "c")
+    one, two = IncomingMessage(key, "one", "1"), IncomingMessage(key, "two", "2")
+    try:
+        seqs = await asyncio.gather(store.add_incoming_many([one]), store.add_incoming_many([two]))
+        assert seqs[0] != [None] and seqs[1] != [None]  # both new, both scheduled
+        assert [i.message.text for i in (await store.recovery()).inbox] == ["one", "two"]
+    finally:
+        await store.aclose()

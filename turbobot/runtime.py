@@ -269,6 +269,8 @@ class Runtime:
         self._workers: dict[ChannelKey, asyncio.Task[None]] = {}
         self._dirty: set[ChannelKey] = set()
         self._timers: dict[ChannelKey, asyncio.TimerHandle] = {}
+        #: channels to try again after a store failure (see _retry_later)
+        self._retry_timers: dict[ChannelKey, asyncio.TimerHandle] = {}
         #: deadlines of waiting conversations that are not in RAM
         self._deadlines: dict[ChannelKey, float] = {}
         #: channels whose conversation stopped mid-step and must be replayed to go on
@@ -276,13 +278,18 @@ class Runtime:
         self._sweeper: asyncio.Task[None] | None = None
         self._others: set[ChannelKey] = set()
         self._outbox = Outbox(
-            sender, self.store, retry_delays=self.settings.retry_delays, wake=self._on_timer
+            sender,
+            self.store,
+            retry_delays=self.settings.retry_delays,
+            wake=self._wake_unless_closed,
         )
         #: channels whose conversation's last generation failed, to be retried by the next
         #: message: the highest inbox seq already tried (commands do not trigger a retry)
         self._stalled: dict[ChannelKey, int] = {}
         #: channels whose generation a /cancel stopped (answered when /cancel's turn comes)
         self._cancelled: set[ChannelKey] = set()
+        #: channels whose RAM queue is rebuilt from the store's inbox before their next try
+        self._reload: set[ChannelKey] = set()
         #: channels to try again after an infrastructure error, and how often they failed
         self._retries: dict[ChannelKey, int] = {}
         self._used_clock = 0.0
@@ -341,8 +348,9 @@ class Runtime:
         (Ctrl-C, SIGTERM) lose no reply.
         """
         self._closed = True
-        for timer in self._timers.values():
+        for timer in [*self._timers.values(), *self._retry_timers.values()]:
             timer.cancel()
+        self._retry_timers.clear()
         self._timers.clear()
         self._outbox.close()
         if self._sweeper is not None:
@@ -577,6 +585,7 @@ class Runtime:
             cause,
             delay,
         )
+        self._reload.add(key)  # messages taken from the RAM queue may not have been used
         live = self._live.pop(key, None)
         if live is not None:
             self._stored_keys.add(key)
@@ -588,14 +597,29 @@ class Runtime:
                     _log.exception("channel %s: template failed while being closed", key)
         if not self._closed:
             loop = asyncio.get_running_loop()
-            self._timers[key] = loop.call_later(delay, self._on_timer, key)
+            # its own timer: the channel's deadline timer (self._timers) stays armed
+            previous = self._retry_timers.pop(key, None)
+            if previous is not None:
+                previous.cancel()
+            self._retry_timers[key] = loop.call_later(delay, self._retry_due, key)
 
     async def _drain(self, key: ChannelKey) -> None:
         if self._outbox.has_kept(key):
             await self._outbox.resend(key)
+        if key in self._reload:
+            # A step failed on the store: the inbox, not RAM, says what is still to do.
+            try:
+                pending = await self.store.inbox(key)
+            except Exception as exc:
+                raise _InfrastructureError(f"reading the inbox of {key} failed") from exc
+            self._reload.discard(key)
+            # What arrived during the read is in it, or (if committed after) still queued.
+            last = pending[-1].seq if pending else 0
+            later = [item for item in self._queues.get(key, ()) if item.seq > last]
+            self._queues[key] = deque([*pending, *later])
         if key in self._resume:
-            self._resume.discard(key)
             await self._resume_step(key)
+            self._resume.discard(key)  # only once done: a failed try is tried again
         queue = self._queues.get(key)
         while queue:
             stalled = self._stalled.get(key)
@@ -610,6 +634,7 @@ class Runtime:
                 self._stalled[key] = queue[-1].seq
                 return
             queue.popleft()
+            self._stalled.pop(key, None)  # handled: no failed generation waits any more
         self._queues.pop(key, None)
         deadline = self._deadline_of(key)
         if deadline is not None and self.clock() < deadline:
@@ -692,6 +717,14 @@ class Runtime:
             self._deadlines[key] = deadline
         delay = max(0.0, deadline - self.clock())
         self._timers[key] = asyncio.get_running_loop().call_later(delay, self._on_timer, key)
+
+    def _retry_due(self, key: ChannelKey) -> None:
+        self._retry_timers.pop(key, None)
+        self._wake_unless_closed(key)
+
+    def _wake_unless_closed(self, key: ChannelKey) -> None:
+        if not self._closed:
+            self._wake(key)
 
     def _on_timer(self, key: ChannelKey) -> None:
         self._timers.pop(key, None)
@@ -1183,7 +1216,14 @@ class Runtime:
         # the Generate as delivered: a crash mid-stream replays and delivers it. The
         # reply itself is recorded (and marked sent) once complete.
         await self._commit(live, wait=True, undelivered=1)
-        platform_id = await self._outbox.attempt(key, self.sender.send_stream(key, stream))
+        if self._outbox.has_kept(key) and not await self._outbox.resend(key):
+            # Earlier replies still wait for the platform: this one must not overtake
+            # them. It is not shown while it grows, and is kept behind them once complete.
+            async for _ in stream:
+                pass
+            platform_id = FAILED
+        else:
+            platform_id = await self._outbox.attempt(key, self.sender.send_stream(key, stream))
         if platform_id is FAILED and not stream.closed:
             async for _ in stream:  # the sender gave up early: let the generation finish
                 pass

@@ -228,6 +228,10 @@ class BaseStore(ABC):
             raise IncomingBatchError(seqs, failed) from errors[0]
         return results  # type: ignore[return-value]  # no exceptions among them
 
+    async def inbox(self, key: ChannelKey) -> list[InboxItem]:
+        """The channel's committed, unused messages in order (stores may do it cheaper)."""
+        return [item for item in (await self.recovery()).inbox if item.message.key == key]
+
     @abstractmethod
     async def write(self, step: StepWrite) -> None:
         """Queue ``step`` to be committed atomically, after every step written before."""
@@ -335,6 +339,11 @@ class InMemoryStore(BaseStore):
         record = replace(self._conversations[conversation_id])
         record.journal = list(self._journals.get(conversation_id, ()))
         return record
+
+    async def inbox(self, key: ChannelKey) -> list[InboxItem]:
+        return sorted(
+            (item for (k, _), item in self._inbox.items() if k == key), key=lambda i: i.seq
+        )
 
     async def recovery(self, template_ref: str | None = None) -> Recovery:
         inbox = sorted(self._inbox.values(), key=lambda item: item.seq)

@@ -133,6 +133,10 @@ class _Op:
     failure: BaseException | None = None
     #: for a page of incoming messages: the positions of the rows that were refused
     failed_rows: list[int] | None = None
+    #: committed (or dropped as refused): a retry after a fault leaves it out
+    done: bool = False
+    #: a page split into one operation per message, once it had to be
+    parts: list[_Op] | None = None
 
 
 def _split_incoming(op: _Op) -> list[_Op]:
@@ -512,9 +516,12 @@ class SQLStore(BaseStore):
         Only when the store is closing does it give up after a few tries.
         """
         failures = 0
+        inserted: dict[tuple[str, str], int] = {}
         while True:
             try:
-                inserted = await self._commit_isolating(ops)
+                # Only what is not committed yet: when the batch had to be split, some
+                # operations may have gone through before the fault.
+                await self._commit_isolating([op for op in ops if not op.done], inserted)
             except Exception as exc:
                 if not _transient(exc):
                     raise
@@ -537,37 +544,49 @@ class SQLStore(BaseStore):
                 _log.warning("SQL store: commits go through again after %d failed tries", failures)
             return inserted
 
-    async def _commit_isolating(self, ops: list[_Op]) -> dict[tuple[str, str], int]:
+    async def _commit_isolating(self, ops: list[_Op], inserted: dict[tuple[str, str], int]) -> None:
         """Commit ``ops`` together; if the database refuses a value, commit the others.
 
         Committed one by one, the operation that cannot be written is found, logged
-        with its channel and dropped (``op.failure``); every other one commits.
+        with its channel and dropped (``op.failure``); every other one commits. Each
+        operation is marked ``done`` once committed (or dropped), and the seqs of its
+        incoming rows are added to ``inserted``.
         """
+        if not ops:
+            return
         try:
-            return await self._commit(_Merged.of(ops))
+            inserted.update(await self._commit(_Merged.of(ops)))
         except Exception as exc:
             if _transient(exc):
                 raise
-            if len(ops) == 1:
-                if len(ops[0].incoming) > 1:
-                    parts = _split_incoming(ops[0])
-                    seqs = await self._commit_isolating(parts)
-                    ops[0].failure = next((p.failure for p in parts if p.failure), None)
-                    ops[0].failed_rows = [i for i, p in enumerate(parts) if p.failure]
-                    return seqs
-                ops[0].failure = exc
-                _log.error(
-                    "SQL store: a write for channel %s cannot be stored and is dropped "
-                    "(%s: %s); every other write goes on",
-                    ops[0].channel,
-                    type(exc).__name__,
-                    _first_line(exc),
-                )
-                return {}
-        inserted: dict[tuple[str, str], int] = {}
+            if len(ops) > 1:
+                for op in ops:
+                    if not op.done:
+                        await self._commit_isolating([op], inserted)
+                return
+            op = ops[0]
+            if len(op.incoming) > 1:
+                if op.parts is None:
+                    op.parts = _split_incoming(op)
+                for part in op.parts:
+                    if not part.done:
+                        await self._commit_isolating([part], inserted)
+                op.failure = next((p.failure for p in op.parts if p.failure), None)
+                op.failed_rows = [i for i, p in enumerate(op.parts) if p.failure]
+                op.done = True
+                return
+            op.failure = exc
+            op.done = True
+            _log.error(
+                "SQL store: a write for channel %s cannot be stored and is dropped "
+                "(%s: %s); every other write goes on",
+                op.channel,
+                type(exc).__name__,
+                _first_line(exc),
+            )
+            return
         for op in ops:
-            inserted.update(await self._commit_isolating([op]))
-        return inserted
+            op.done = True
 
     def _statements(self, batch: _Merged) -> list[tuple[_Prepared, list[tuple[Any, ...]]]]:
         """The batch's statements with their rows, in an order the foreign keys accept."""
@@ -733,6 +752,19 @@ class SQLStore(BaseStore):
             record.journal = [JournalEntry(e.kind, _loads(e.value), e.chain) for e in entries]
         return record
 
+    async def inbox(self, key: ChannelKey) -> list[InboxItem]:
+        await self.flush()
+        async with self._engine().connect() as conn:
+            rows = await conn.execute(
+                select(inbox.c.seq, inbox.c.payload)
+                .where(inbox.c.channel == channel_column(key))
+                .where(inbox.c.consumed.is_(False))
+                .order_by(inbox.c.seq)
+            )
+            return [
+                InboxItem(int(r.seq), IncomingMessage.from_dict(_loads(r.payload))) for r in rows
+            ]
+
     async def recovery(self, template_ref: str | None = None) -> Recovery:
         await self.flush()
         async with self._engine().connect() as conn:
@@ -892,11 +924,34 @@ def _transient(exc: BaseException) -> bool:
     """An error of the database rather than of the rows: the same commit may go through later.
 
     A locked, full or read-only SQLite file, an I/O error, a lost PostgreSQL
-    connection. Refused values (encoding, range, constraints) are not transient.
+    connection; on PostgreSQL, by SQLSTATE (which SQLAlchemy's asyncpg layer mostly
+    reports as a plain DBAPIError): connection (08), transaction rollback such as a
+    deadlock (40), insufficient resources such as a full disk (53), operator
+    intervention such as a restart (57), system errors (58), a read-only transaction
+    after a failover (25006), a lock not available (55P03). Refused values (encoding,
+    range, constraints: classes 22 and 23) are not transient.
     """
     if isinstance(exc, (OperationalError, InterfaceError, sqlite3.OperationalError, OSError)):
         return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = _sqlstate(exc)
+    return state[:2] in _TRANSIENT_CLASSES or state in ("25006", "55P03")
+
+
+#: SQLSTATE classes of errors of the server rather than of the rows
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    """The PostgreSQL SQLSTATE behind ``exc`` ("" when there is none)."""
+    for error in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        state = getattr(error, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:
