@@ -44,9 +44,10 @@ class HangingLLM:
 
 async def crash(runtime: Runtime) -> None:
     await asyncio.sleep(0.1)
-    for task in list(runtime._workers.values()):
+    tasks = [task for _, task in runtime._workers.tasks()]
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*runtime._workers.values(), return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @turbo()

@@ -46,6 +46,7 @@ from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM
 from turbobot.messages import Assistant
+from turbobot.scheduler import ChannelWorkers
 from turbobot.signals import GetUserInput, Result, UserInput
 from turbobot.store import (
     BaseStore,
@@ -266,8 +267,7 @@ class Runtime:
         #: is active by definition: keeping its key here too would cost ~50 bytes)
         self._stored_keys: set[ChannelKey] = set()
         self._queues: dict[ChannelKey, deque[InboxItem]] = {}
-        self._workers: dict[ChannelKey, asyncio.Task[None]] = {}
-        self._dirty: set[ChannelKey] = set()
+        self._workers = ChannelWorkers(self._work_once)
         self._timers: dict[ChannelKey, asyncio.TimerHandle] = {}
         #: channels to try again after a store failure (see _retry_later)
         self._retry_timers: dict[ChannelKey, asyncio.TimerHandle] = {}
@@ -357,7 +357,7 @@ class Runtime:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        workers = list(self._workers.items())
+        workers = self._workers.tasks()
         if workers:
             _, pending = await asyncio.wait(
                 [task for _, task in workers], timeout=self.settings.stop_grace
@@ -506,8 +506,7 @@ class Runtime:
 
         Cancelling the wait does not cancel the channels' steps.
         """
-        while self._workers:
-            await asyncio.wait(list(self._workers.values()))
+        await self._workers.join()
 
     def has_conversation(self, key: ChannelKey) -> bool:
         """Whether the channel has an active conversation (in RAM or in the store)."""
@@ -527,7 +526,7 @@ class Runtime:
     async def evict(self, key: ChannelKey) -> bool:
         """Move an idle conversation out of RAM (it comes back by replay). ``False`` if busy."""
         live = self._live.get(key)
-        if live is None or key in self._workers or self._closed:
+        if live is None or self._workers.busy(key) or self._closed:
             return False
         # Detach before the first await: a message arriving meanwhile loads the
         # conversation from the store, where this commit is already queued.
@@ -547,29 +546,22 @@ class Runtime:
     # -- scheduling ---------------------------------------------------------------------
 
     def _wake(self, key: ChannelKey) -> None:
-        self._dirty.add(key)
-        if key not in self._workers:
-            self._workers[key] = asyncio.create_task(self._work(key), name=f"turbobot:{key}")
+        self._workers.wake(key)
 
-    async def _work(self, key: ChannelKey) -> None:
+    async def _work_once(self, key: ChannelKey) -> bool:
+        """One run of the channel's worker (turbobot.scheduler); ``False`` stops it."""
         try:
-            while key in self._dirty:
-                self._dirty.discard(key)
-                try:
-                    await self._drain(key)
-                except _InfrastructureError as exc:
-                    await self._retry_later(key, exc.__cause__ or exc)
-                    return
-                except Exception:
-                    _log.exception("channel %s: unexpected error; its inbox is kept", key)
-                    return
-                self._retries.pop(key, None)
-                # Still registered as a worker, so join() and aclose() wait for this.
-                await self._enforce_cap()
-        finally:
-            # No await between the last dirty check and this: a message committed
-            # meanwhile either set dirty before the check or starts a new worker after.
-            del self._workers[key]
+            await self._drain(key)
+        except _InfrastructureError as exc:
+            await self._retry_later(key, exc.__cause__ or exc)
+            return False
+        except Exception:
+            _log.exception("channel %s: unexpected error; its inbox is kept", key)
+            return False
+        self._retries.pop(key, None)
+        # Still the channel's worker, so join() and aclose() wait for this.
+        await self._enforce_cap()
+        return True
 
     async def _retry_later(self, key: ChannelKey, cause: BaseException) -> None:
         """The store failed under a step: rebuild the channel from the store later."""
