@@ -941,3 +941,22 @@ async def test_a_fault_while_a_refused_batch_is_split_commits_nothing_twice(
         assert [i.message.text for i in (await store.recovery()).inbox] == ["one", "two"]
     finally:
         await store.aclose()
+
+
+async def test_the_admission_notice_is_sent_once_even_when_its_message_waits() -> None:
+    from turbobot import LLMUnavailableError
+
+    llm = ScriptedLLM(
+        ["ok", LLMUnavailableError("down"), LLMUnavailableError("down"), "back", "long", "more"]
+    )
+    settings = RuntimeSettings(max_input_chars=10)
+    async with ChatHarness(chat, llm=llm, settings=settings) as h:
+        notices = h.runtime.settings.notices
+        await h.say("hi")
+        assert await h.say("m2") == [notices.apology]
+        long = "x" * 50
+        first = await h.say(long)  # the retry fails again: the long message waits
+        assert first[0].startswith("Your message was too long") and first[1:] == [notices.apology]
+        # The next message brings it back: answered now, without a second notice.
+        again = await h.say("more")
+        assert again == ["back", "long", "more"]  # no second notice

@@ -71,7 +71,7 @@ class _InfrastructureError(Exception):
     """The store failed under a step (raised from the cause): not the template's fault.
 
     The channel's conversation leaves RAM as it was last stored, its inbox is kept,
-    and the channel is tried again later (see ``Runtime._work``).
+    and the channel is tried again later (see ``Runtime._work_once``).
     """
 
 
@@ -290,6 +290,8 @@ class Runtime:
         self._cancelled: set[ChannelKey] = set()
         #: channels whose RAM queue is rebuilt from the store's inbox before their next try
         self._reload: set[ChannelKey] = set()
+        #: messages whose admission notice (cut, unreadable) was sent, until handled
+        self._told: set[tuple[ChannelKey, str]] = set()
         #: channels to try again after an infrastructure error, and how often they failed
         self._retries: dict[ChannelKey, int] = {}
         self._used_clock = 0.0
@@ -625,8 +627,10 @@ class Runtime:
                 # The retried generation failed again: keep this message and the rest.
                 self._stalled[key] = queue[-1].seq
                 return
-            queue.popleft()
+            done = queue.popleft()
             self._stalled.pop(key, None)  # handled: no failed generation waits any more
+            if self._told:
+                self._told.discard((key, done.message.message_id))
         self._queues.pop(key, None)
         deadline = self._deadline_of(key)
         if deadline is not None and self.clock() < deadline:
@@ -749,7 +753,9 @@ class Runtime:
             return True
         notices = self.settings.notices
         admission = self._admission_notice(message)
-        if admission is not None:
+        if admission is not None and (key, message.message_id) not in self._told:
+            # Once per message, even if a failed retry makes it wait and come back.
+            self._told.add((key, message.message_id))
             await self._send_standalone(key, admission)
         if not message.text.strip():
             # Media without a caption: nothing for a template to read. The message
