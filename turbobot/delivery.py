@@ -71,18 +71,15 @@ class Outbox:
     def has_kept(self, key: ChannelKey) -> bool:
         return key in self._kept
 
-    async def deliver(
-        self, outgoing: OutgoingRecord, sending: Callable[[], Awaitable[str | None]] | None = None
-    ) -> Any:
+    async def deliver(self, outgoing: OutgoingRecord) -> Any:
         """Send a recorded reply now: its platform id, or :data:`FAILED` if it was kept.
 
-        ``sending`` sends it (default: ``sender.send`` of its text). A reply never
-        overtakes the channel's kept ones: it is kept behind them.
+        A reply never overtakes the channel's kept ones: it is kept behind them.
         """
         if outgoing.key in self._kept:
             self.keep(outgoing)
             return FAILED
-        result = await self._attempt(outgoing.key, sending or self._plain(outgoing))
+        result = await self._attempt(outgoing.key, self._plain(outgoing))
         if result is FAILED:
             self._kept.setdefault(outgoing.key, deque()).append(outgoing)
             self._schedule(outgoing.key)

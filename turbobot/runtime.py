@@ -466,7 +466,8 @@ class Runtime:
 
         The message itself is answered in its turn (see ``_command``).
         """
-        if parse_command(message.text, self.settings.bot_username) != "cancel":
+        call = self.commands.parse(message, self.settings.bot_username)
+        if call is None or call.name != "cancel":
             return
         live = self._live.get(message.key)
         if live is not None and live.app is not None and live.app.cancel_generation():
@@ -676,11 +677,11 @@ class Runtime:
         index = 0
         while index < len(queue):
             message = queue[index].message
-            command = parse_command(message.text, self.settings.bot_username)
-            if command is None:
+            call = self.commands.parse(message, self.settings.bot_username)
+            if call is None:
                 index += 1
                 continue
-            if command in ("start", "new", "reset"):
+            if call.name in ("start", "reset"):  # (the registry names /new start)
                 live = await self._load(key)
                 for _ in range(index):
                     waiting = queue.popleft().message

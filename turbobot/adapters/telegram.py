@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
+from turbobot.commands import parse_command
 from turbobot.exceptions import ConfigurationError, UndeliverableError
 from turbobot.formatting import FormattedText, parse_markdown, split_formatted, utf16_len
-from turbobot.runtime import BaseSender, Runtime, parse_command
+from turbobot.runtime import BaseSender, Runtime
 from turbobot.template import INTERRUPTED, AssistantStream
 
 if TYPE_CHECKING:
