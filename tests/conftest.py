@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,11 +23,12 @@ async def openai_server() -> AsyncIterator[FakeOpenAI]:
         await server.stop()
 
 
-@pytest.fixture
-async def openai_llm(openai_server: FakeOpenAI) -> AsyncIterator[OpenAILLM]:
+@contextlib.asynccontextmanager
+async def fast_llm(server: FakeOpenAI, api_key: str = "test-key") -> AsyncIterator[OpenAILLM]:
+    """The real OpenAI client against ``server``, with quick retries; closed after."""
     llm = OpenAILLM(
-        api_key="test-key",
-        base_url=openai_server.base_url,
+        api_key=api_key,
+        base_url=server.base_url,
         timeout=5,
         retry=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05),
     )
@@ -34,6 +36,12 @@ async def openai_llm(openai_server: FakeOpenAI) -> AsyncIterator[OpenAILLM]:
         yield llm
     finally:
         await llm.aclose()
+
+
+@pytest.fixture
+async def openai_llm(openai_server: FakeOpenAI) -> AsyncIterator[OpenAILLM]:
+    async with fast_llm(openai_server) as llm:
+        yield llm
 
 
 # -- databases -------------------------------------------------------------------------

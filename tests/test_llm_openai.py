@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.conftest import fast_llm
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from turbobot import (
     Generate,
@@ -246,16 +247,8 @@ SECRET_KEY = "sk-test-0123456789abcdef-key"
 
 @pytest.fixture
 async def keyed_llm(openai_server: FakeOpenAI) -> AsyncIterator[OpenAILLM]:
-    llm = OpenAILLM(
-        api_key=SECRET_KEY,
-        base_url=openai_server.base_url,
-        timeout=5,
-        retry=RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05),
-    )
-    try:
+    async with fast_llm(openai_server, SECRET_KEY) as llm:
         yield llm
-    finally:
-        await llm.aclose()
 
 
 def error_reply(status: int, message: str, code: str | None = None) -> Reply:
