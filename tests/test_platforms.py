@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.test_cli import turbobot
+from tests.test_console import clean_env
 from turbobot import platforms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,23 +18,16 @@ def test_turbobots_own_platforms_are_entry_points() -> None:
     assert found["console"].value == "turbobot.adapters.console:run_platform"
 
 
-def turbobot(*args: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TURBOBOT_", "OPENAI_"))}
+def run(*args: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
     # the horoscope's first answer needs no model: the key and URL are never used
-    env.update(PYTHONPATH=pythonpath, OPENAI_API_KEY="k", OPENAI_BASE_URL="http://127.0.0.1:9/v1")
-    return subprocess.run(
-        [sys.executable, "-m", "turbobot", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        input="",
+    env = clean_env(
+        PYTHONPATH=pythonpath, OPENAI_API_KEY="k", OPENAI_BASE_URL="http://127.0.0.1:9/v1"
     )
+    return turbobot(*args, env=env)
 
 
 def test_an_unknown_platform_is_one_clear_line() -> None:
-    done = turbobot("run", "bots.horoscope", "--platform", "discord", "--database", "memory")
+    done = run("run", "bots.horoscope", "--platform", "discord", "--database", "memory")
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert "no platform named 'discord'" in line and "console" in line and "telegram" in line
@@ -61,7 +54,7 @@ def test_a_third_party_platform_is_found_and_runs_the_bot(tmp_path: Path) -> Non
         "            await runtime.receive(hi)\n"
         "            await runtime.join()\n"
     )
-    done = turbobot(
+    done = run(
         "run", "bots.horoscope", "--platform", "echo", "--database", "memory",
         "--llm", "openai", pythonpath=str(tmp_path),
     )  # fmt: skip
