@@ -276,9 +276,8 @@ class InMemoryStore(BaseStore):
         self._inbox: dict[tuple[ChannelKey, str], InboxItem] = {}
         self._conversations: dict[str, ConversationRecord] = {}
         self._journals: dict[str, list[JournalEntry]] = {}
-        #: channel → template → the active conversation's id (looked up per message
-        #: of an evicted conversation: by key, never by scanning every channel)
-        self._active: dict[ChannelKey, dict[str, str]] = {}
+        #: (channel, template) → the active conversation's id
+        self._active: dict[tuple[ChannelKey, str], str] = {}
         self._transcript: dict[ChannelKey, list[TranscriptLine]] = {}
         self._outbox: dict[str, OutgoingRecord] = {}
 
@@ -309,15 +308,11 @@ class InMemoryStore(BaseStore):
                 journal.extend(
                     JournalEntry(e.kind, round_trip(e.value), e.chain) for e in step.journal
                 )
-            refs = self._active.get(record.key)
+            owner = (record.key, state.template_ref)
             if state.active:
-                if refs is None:
-                    refs = self._active[record.key] = {}
-                refs[state.template_ref] = record.id
-            elif refs is not None and refs.get(state.template_ref) == record.id:
-                del refs[state.template_ref]
-                if not refs:
-                    del self._active[record.key]
+                self._active[owner] = record.id
+            elif self._active.get(owner) == record.id:
+                del self._active[owner]
         for consumed in step.consumed:
             self._inbox.pop(consumed, None)
         if record is not None and step.transcript:
@@ -333,13 +328,14 @@ class InMemoryStore(BaseStore):
     async def load_conversation(
         self, key: ChannelKey, template_ref: str | None = None
     ) -> ConversationRecord | None:
-        refs = self._active.get(key, {})
-        found = (
-            refs.get(template_ref) if template_ref is not None else max(refs.values(), default=None)
-        )
-        if found is None:
+        found = [
+            cid
+            for (channel, ref), cid in self._active.items()
+            if channel == key and template_ref in (None, ref)
+        ]
+        if not found:
             return None
-        conversation_id = found  # (without a template: the newest, ids are time-ordered)
+        conversation_id = max(found)  # ids are time-ordered: the newest
         record = replace(self._conversations[conversation_id])
         record.journal = list(self._journals.get(conversation_id, ()))
         return record
@@ -353,12 +349,11 @@ class InMemoryStore(BaseStore):
         inbox = sorted(self._inbox.values(), key=lambda item: item.seq)
         mine: dict[ChannelKey, ConversationRecord] = {}
         others: set[ChannelKey] = set()
-        for key, refs in self._active.items():
-            for ref, cid in refs.items():
-                if template_ref in (None, ref):
-                    mine[key] = self._conversations[cid]
-                else:
-                    others.add(key)
+        for (key, ref), cid in self._active.items():
+            if template_ref in (None, ref):
+                mine[key] = self._conversations[cid]
+            else:
+                others.add(key)
         deadlines = [
             (key, record.deadline)
             for key, record in mine.items()
