@@ -328,14 +328,16 @@ class InMemoryStore(BaseStore):
     async def load_conversation(
         self, key: ChannelKey, template_ref: str | None = None
     ) -> ConversationRecord | None:
-        found = [
-            cid
-            for (channel, ref), cid in self._active.items()
-            if channel == key and template_ref in (None, ref)
-        ]
-        if not found:
+        if template_ref is not None:  # the runtime's case, once per message: a lookup
+            found = self._active.get((key, template_ref))
+        else:  # without a template (tools, tests): the newest, ids are time-ordered
+            found = max(
+                (cid for (channel, _), cid in self._active.items() if channel == key),
+                default=None,
+            )
+        if found is None:
             return None
-        conversation_id = max(found)  # ids are time-ordered: the newest
+        conversation_id = found
         record = replace(self._conversations[conversation_id])
         record.journal = list(self._journals.get(conversation_id, ()))
         return record
