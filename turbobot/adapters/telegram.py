@@ -38,6 +38,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+from turbobot.adapters._common import RedactSecrets, guard_logs, platform_id
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.commands import parse_command
 from turbobot.exceptions import ConfigurationError, UndeliverableError
@@ -167,31 +168,6 @@ class TelegramSettings:
         )
 
 
-class _RedactSecrets(logging.Filter):
-    """Replaces the token and the webhook secret wherever a log record shows them."""
-
-    def __init__(self, *secrets: str) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed log call: the handler reports it, not us
-            return True
-        if any(s in message for s in self.secrets):
-            record.msg, record.args = self._redacted(message), None
-        if record.exc_info and not record.exc_text:
-            # Formatters reuse exc_text: a traceback is redacted once, here.
-            record.exc_text = self._redacted(logging.Formatter().formatException(record.exc_info))
-        return True
-
-    def _redacted(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "<redacted>")
-        return text
-
-
 class _RateLimiter:
     """A token bucket: ``rate`` acquisitions a second, bursts up to ``burst``."""
 
@@ -241,8 +217,9 @@ class TelegramAdapter(BaseSender):
 
     def __init__(self, settings: TelegramSettings) -> None:
         self.settings = settings
-        self._redact = _RedactSecrets(settings.token, settings.secret_token or "")
-        _guard_logs(self._redact)  # before PTB logs its URLs (they contain the token)
+        self._redact = RedactSecrets(settings.token, settings.secret_token or "")
+        # before PTB logs its URLs (they contain the token); httpx logs every URL at INFO
+        guard_logs(self._redact, quiet=("httpx", "httpcore"))
         # Our own request objects, so they can be closed even when getMe fails (PTB
         # only closes them after a successful initialize).
         self._requests = (
@@ -550,7 +527,7 @@ class TelegramAdapter(BaseSender):
         chat_id, thread = self._target(key)
         with _undeliverable():
             ids = [await self._send_part(chat_id, thread, part) for part in _parts(text)]
-        return _platform_id(ids)
+        return platform_id(ids)
 
     async def typing(self, key: ChannelKey) -> None:
         chat_id, thread = self._target(key)
@@ -669,7 +646,7 @@ class TelegramAdapter(BaseSender):
             await self._edit_part(chat_id, message_id, parts[0])
             ids = [str(message_id)]
             ids += [await self._send_part(chat_id, thread, part) for part in parts[1:]]
-        return _platform_id(ids)
+        return platform_id(ids)
 
     async def _send_part(self, chat_id: int, thread: int | None, part: FormattedText) -> str:
         message: Message = await self._formatted(
@@ -771,15 +748,6 @@ def _undeliverable() -> Iterator[None]:
         raise
 
 
-def _guard_logs(redact: logging.Filter) -> None:
-    # httpx logs every request URL at INFO, and Bot API URLs contain the token.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
-    for handler in logging.getLogger().handlers:
-        if redact not in handler.filters:
-            handler.addFilter(redact)
-
-
 def _python_span(text: str, offset: int, length: int) -> tuple[int, int]:
     """Python indices for a UTF-16 span (Telegram's entity offsets)."""
     units = 0
@@ -820,13 +788,6 @@ def _preview(text: str) -> str:
         return text
     parts = split_formatted(FormattedText(text), MESSAGE_LIMIT - 2, measure=utf16_len)
     return parts[0].text + " …" if parts else ""
-
-
-def _platform_id(ids: list[str]) -> str | None:
-    if not ids:
-        return None
-    joined = ",".join(ids)
-    return joined if len(joined) <= 128 else f"{ids[0]}..{ids[-1]}"
 
 
 def settings_from(launch: Launch) -> TelegramSettings:

@@ -1,0 +1,51 @@
+"""What the platform adapters share: keeping secrets out of logs, reporting sent ids."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+__all__ = ["RedactSecrets", "guard_logs", "platform_id"]
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces the given secrets wherever a log record shows them (message and traceback)."""
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed log call: the handler reports it, not us
+            return True
+        if any(s in message for s in self.secrets):
+            record.msg, record.args = self.redacted(message), None
+        if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text: a traceback is redacted once, here.
+            record.exc_text = self.redacted(logging.Formatter().formatException(record.exc_info))
+        return True
+
+    def redacted(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "<redacted>")
+        return text
+
+
+def guard_logs(redact: logging.Filter, *, quiet: Iterable[str] = ()) -> None:
+    """Put ``redact`` on the root logger's handlers; raise ``quiet`` loggers to WARNING
+    (libraries that log request URLs holding a token at INFO)."""
+    for name in quiet:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+    for handler in logging.getLogger().handlers:
+        if redact not in handler.filters:
+            handler.addFilter(redact)
+
+
+def platform_id(ids: list[str]) -> str | None:
+    """The ids of a reply's messages as one value for the outbox (at most 128 characters)."""
+    if not ids:
+        return None
+    joined = ",".join(ids)
+    return joined if len(joined) <= 128 else f"{ids[0]}..{ids[-1]}"
