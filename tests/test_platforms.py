@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_turbobots_own_platforms_are_entry_points() -> None:
     found = platforms.available()
-    assert {"console", "telegram"} <= set(found)
+    assert {"console", "telegram", "discord"} <= set(found)
     assert found["console"].value == "turbobot.adapters.console:run_platform"
 
 
@@ -27,10 +27,11 @@ def run(*args: str, pythonpath: str = "") -> subprocess.CompletedProcess[str]:
 
 
 def test_an_unknown_platform_is_one_clear_line() -> None:
-    done = run("run", "bots.horoscope", "--platform", "discord", "--database", "memory")
+    done = run("run", "bots.horoscope", "--platform", "matrix", "--database", "memory")
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
-    assert "no platform named 'discord'" in line and "console" in line and "telegram" in line
+    assert "no platform named 'matrix'" in line
+    assert "console" in line and "telegram" in line and "discord" in line
 
 
 def test_a_third_party_platform_is_found_and_runs_the_bot(tmp_path: Path) -> None:

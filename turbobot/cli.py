@@ -329,7 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--platform",
         default="console",
-        help="where the bot talks: console (stdin and stdout, the default), telegram, or "
+        help="where the bot talks: console (stdin and stdout, the default), telegram, discord, or "
         "any platform installed as a 'turbobot.platforms' entry point",
     )
     run.add_argument("--channel", default="console", help="console channel name")
@@ -346,10 +346,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     telegram.add_argument("--listen", default="0.0.0.0", help="webhook listen address")
     telegram.add_argument("--port", type=int, default=8443, help="webhook listen port")
-    telegram.add_argument(
+    chats = run.add_argument_group("group chats (Telegram and Discord)")
+    chats.add_argument(
         "--group-mode",
         choices=("per-user", "shared"),
-        help="groups: a conversation per member (default) or one shared by all",
+        help="groups and server channels: a conversation per member (default) or one "
+        "shared by all (TELEGRAM_GROUP_MODE, DISCORD_GROUP_MODE)",
+    )
+    discord = run.add_argument_group("discord")
+    discord.add_argument(
+        "--respond",
+        choices=("mention", "always"),
+        help="server channels: answer when addressed (a mention, a reply, a command or the "
+        "trigger; the default) or every message (DISCORD_RESPOND)",
+    )
+    discord.add_argument(
+        "--trigger", help="a prefix or word that also addresses the bot (DISCORD_TRIGGER)"
+    )
+    discord.add_argument(
+        "--threads",
+        action="store_true",
+        help="a new conversation in a server channel opens its own thread (DISCORD_THREADS)",
+    )
+    discord.add_argument(
+        "--shard-count",
+        type=int,
+        help="the bot's total number of shards, to split it across processes (DISCORD_SHARD_COUNT)",
+    )
+    discord.add_argument(
+        "--shard-ids",
+        help="the shards this process runs, e.g. 0,1 or 0-3 (default: all; DISCORD_SHARD_IDS)",
     )
     db = sub.add_parser("db", help="manage the database schema", parents=[database])
     db.add_argument(

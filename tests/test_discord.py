@@ -1,0 +1,528 @@
+"""The Discord adapter end to end: real discord.py against the fake Discord server.
+
+Every test runs the adapter's gateway connection against a fake Discord REST API and
+gateway on 127.0.0.1 and, where a reply is generated, the real openai client against
+the fake OpenAI server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+import logging
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes.fake_discord import FakeDiscord
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from turbobot import ChannelKey, Generate, GetUserInput, System, User, turbo
+from turbobot.adapters.console import ConsoleAdapter
+from turbobot.adapters.discord import MESSAGE_LIMIT, DiscordAdapter, DiscordSettings
+from turbobot.bots.horoscope import horoscope
+from turbobot.llm.openai import OpenAILLM
+from turbobot.runtime import Runtime, RuntimeSettings
+from turbobot.sql import SQLStore
+from turbobot.store import BaseStore, InMemoryStore
+from turbobot.template import INTERRUPTED, Template
+
+WELCOME = "Welcome, traveller. What is your zodiac sign?"
+ALICE = 501
+BOB = 502
+
+
+@turbo()
+async def chat() -> AsyncIterator[Any]:
+    yield System(content="You are a test bot.")
+    while True:
+        message = yield GetUserInput()
+        yield User(content=message)
+        yield Generate()
+
+
+@turbo()
+async def streamer() -> AsyncIterator[Any]:
+    while True:
+        message = yield GetUserInput()
+        yield User(content=message)
+        yield Generate(stream=True)
+
+
+@pytest.fixture
+async def discord_fake() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as fake:
+        yield fake
+
+
+@contextlib.asynccontextmanager
+async def running(
+    fake: FakeDiscord,
+    template: Template,
+    llm: Any,
+    store: BaseStore | None = None,
+    **overrides: Any,
+) -> AsyncIterator[tuple[DiscordAdapter, Runtime]]:
+    """The adapter connected to the fake gateway with a runtime behind it; stopped after."""
+    options: dict[str, Any] = {"stream_interval": 0.2, **overrides}
+    settings = DiscordSettings(
+        token=fake.token, api_base_url=fake.api_url, gateway_url=fake.gateway_url, **options
+    )
+    store = store or InMemoryStore()
+    async with DiscordAdapter(settings) as adapter:
+        runtime_settings = RuntimeSettings(bot_username=adapter.username, typing_delay=0.2)
+        async with Runtime(
+            template, llm=llm, sender=adapter, store=store, settings=runtime_settings
+        ) as runtime:
+            task = asyncio.create_task(adapter.run(runtime, handle_signals=False))
+            try:
+                await asyncio.wait_for(adapter.wait_until_ready(), 10)
+                yield adapter, runtime
+            finally:
+                adapter.stop()
+                await asyncio.wait_for(task, 10)
+
+
+def no_pings(message: dict[str, Any]) -> bool:
+    """The message was sent with nothing allowed to ping (nor the replied-to user)."""
+    allowed = message["allowed_mentions"]
+    return (
+        allowed["parse"] == []
+        and not allowed.get("replied_user")
+        and not (allowed.keys() & {"users", "roles"})
+    )
+
+
+async def texts(fake: FakeDiscord, channel: int, count: int) -> list[str]:
+    """Wait until the bot shows ``count`` messages in the channel; their texts."""
+    await fake.wait_for(lambda: len(fake.messages(channel)) >= count, timeout=10)
+    return [m["content"] for m in fake.messages(channel)]
+
+
+async def test_a_dm_conversation_of_several_turns_matches_the_transcript(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI, tmp_path: Path
+) -> None:
+    dm = discord_fake.dm_channel(ALICE)
+    async with (
+        SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store,
+        running(discord_fake, horoscope, openai_llm, store) as (adapter, _runtime),
+    ):
+        assert adapter.username == discord_fake.bot_name
+        await discord_fake.wait_for(lambda: bool(discord_fake.commands))
+        assert [c["name"] for c in discord_fake.commands] == [
+            "start",
+            "reset",
+            "retry",
+            "cancel",
+            "help",
+        ]
+        await discord_fake.user_message(dm, "hi", user_id=ALICE)
+        assert await texts(discord_fake, dm, 1) == [WELCOME]
+        await discord_fake.user_message(dm, "I am a leo", user_id=ALICE)
+        await discord_fake.user_message(dm, "will I be rich?", user_id=ALICE)  # type-ahead
+        shown = await texts(discord_fake, dm, 3)
+        lines = await store.transcript(ChannelKey("discord", str(dm)))
+    assert shown == [WELCOME, "Ah, Leo. What do you want to know?", "echo: will I be rich?"]
+    assert [(line.role, line.text) for line in lines] == [
+        ("user", "hi"),
+        ("assistant", WELCOME),
+        ("user", "I am a leo"),
+        ("assistant", "Ah, Leo. What do you want to know?"),
+        ("user", "will I be rich?"),
+        ("assistant", "echo: will I be rich?"),
+    ]
+    assert len(openai_server.requests) == 1
+    # nobody can be pinged by a reply
+    assert all(no_pings(m) for m in discord_fake.sent)
+
+
+async def test_server_channels_answer_mentions_replies_and_commands_per_member(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    guild = discord_fake.add_guild(channels=("general",))
+    general = guild.channels["general"]
+    async with running(discord_fake, horoscope, openai_llm):
+        await discord_fake.user_message(general, "hello everyone", user_id=ALICE)
+        await discord_fake.user_message(general, "hi there", user_id=ALICE, mention_bot=True)
+        assert await texts(discord_fake, general, 1) == [WELCOME]
+        first = discord_fake.messages(general)[0]
+        # the reply answers the user's message, without pinging them
+        assert str(first["message_reference"]["message_id"]) == discord_fake.user_messages[-1]["id"]
+        # another member has a conversation of their own (the sign wakes it directly)
+        await discord_fake.user_message(general, "I am a Pisces", user_id=BOB, mention_bot=True)
+        assert (await texts(discord_fake, general, 2))[1] == "Ah, Pisces. What do you want to know?"
+        # a reply to the bot's message continues the conversation it belongs to (Alice's),
+        # although Bob sends it, and needs no mention
+        await discord_fake.user_message(general, "I am a Leo", user_id=BOB, reply_to=first["id"])
+        assert (await texts(discord_fake, general, 3))[2] == "Ah, Leo. What do you want to know?"
+        # a text command addresses the bot too: Bob's conversation starts again
+        await discord_fake.user_message(general, "/start", user_id=BOB)
+        assert (await texts(discord_fake, general, 4))[3] == WELCOME
+
+
+async def test_respond_always_and_a_trigger(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    guild = discord_fake.add_guild(channels=("general", "quiet"))
+    general, quiet = guild.channels["general"], guild.channels["quiet"]
+    async with running(discord_fake, chat, openai_llm, respond="always"):
+        await discord_fake.user_message(general, "no mention needed", user_id=ALICE)
+        assert await texts(discord_fake, general, 1) == ["echo: no mention needed"]
+    async with running(discord_fake, chat, openai_llm, trigger="!ask"):
+        await discord_fake.user_message(quiet, "just chatting", user_id=ALICE)
+        await discord_fake.user_message(quiet, "!ask what time is it", user_id=ALICE)
+        assert await texts(discord_fake, quiet, 1) == ["echo: what time is it"]
+    assert len(openai_server.requests) == 2
+
+
+async def test_shared_mode_prefixes_the_speaker(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    async with running(discord_fake, chat, openai_llm, group_mode="shared"):
+        await discord_fake.user_message(
+            general, "hello", user_id=ALICE, username="Ann", mention_bot=True
+        )
+        assert await texts(discord_fake, general, 1) == ["echo: Ann: hello"]
+        await discord_fake.user_message(
+            general, "hi", user_id=BOB, username="Bob", mention_bot=True
+        )
+        assert (await texts(discord_fake, general, 2))[1] == "echo: Bob: hi"
+    users = [m["content"] for m in openai_server.requests[1]["messages"] if m["role"] == "user"]
+    assert users == ["Ann: hello", "Bob: hi"]
+
+
+async def test_threads_are_channels_of_their_own_and_can_be_opened_per_conversation(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    thread = discord_fake.add_thread(guild, general, "side talk")
+    async with running(discord_fake, horoscope, openai_llm):
+        await discord_fake.user_message(thread, "hi", user_id=ALICE, mention_bot=True)
+        assert await texts(discord_fake, thread, 1) == [WELCOME]
+        await discord_fake.user_message(general, "hi", user_id=ALICE, mention_bot=True)
+        assert await texts(discord_fake, general, 1) == [WELCOME]  # not the thread's
+    async with running(discord_fake, chat, openai_llm, threads=True):
+        await discord_fake.user_message(general, "open a thread", user_id=BOB, mention_bot=True)
+        await discord_fake.wait_for(lambda: bool(discord_fake.threads_created))
+        opened = int(discord_fake.threads_created[0]["id"])
+        assert await texts(discord_fake, opened, 1) == ["echo: open a thread"]
+        # in the bot's own thread everything is for the bot, with no mention
+        await discord_fake.user_message(opened, "and more", user_id=BOB)
+        assert (await texts(discord_fake, opened, 2))[1] == "echo: and more"
+
+
+async def test_a_5000_character_reply_is_split_with_its_code_block_intact(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    code = "\n".join(f"value_{i} = {i} * 2  # fine" for i in range(120))
+    prose = " ".join(f"word{i}" for i in range(300))
+    long_reply = f"{prose}\n\n```python\n{code}\n```\n\n{prose} @everyone <@&42> <@{BOB}>"
+    assert len(long_reply) > 5000
+    openai_server.script(long_reply)
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, chat, openai_llm):
+        await discord_fake.user_message(dm, "write a lot", user_id=ALICE)
+        await discord_fake.wait_for(lambda: len(discord_fake.messages(dm)) >= 3)
+        await asyncio.sleep(0.3)  # nothing more comes
+        parts = [m["content"] for m in discord_fake.messages(dm)]
+    assert all(0 < len(p) <= MESSAGE_LIMIT for p in parts)
+    # every part that holds code opens and closes its fence: the block renders as code
+    for part in parts:
+        assert part.count("```") % 2 == 0
+        for line in part.splitlines():
+            if line.startswith("value_"):
+                before = part[: part.index(line)]
+                assert before.count("```") % 2 == 1  # inside an open fence
+    assert "".join(re.sub(r"```(python)?|\s", "", p) for p in parts) == re.sub(
+        r"```(python)?|\s", "", long_reply
+    )
+    # the mass mention is text; nothing may ping
+    assert "@everyone" in parts[-1]
+    assert all(no_pings(m) for m in discord_fake.sent)
+
+
+async def test_streaming_edits_converge_to_the_final_text_under_429s(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    final = " ".join(f"word{i}" for i in range(400))  # over 2,000 characters: rolls over
+    openai_server.script(Reply(content=final, chunk_delay=0.005))
+    dm = discord_fake.dm_channel(ALICE)
+    discord_fake.fail("PATCH", rf"/channels/{dm}/messages/\d+", status=429, times=2)
+    async with running(discord_fake, streamer, openai_llm, stream_interval=0.25):
+        await discord_fake.user_message(dm, "stream it", user_id=ALICE)
+        await discord_fake.wait_for(
+            lambda: " ".join(m["content"] for m in discord_fake.messages(dm)) == final,
+            timeout=20,
+        )
+    shown = discord_fake.messages(dm)
+    assert len(shown) == 2 and all(len(m["content"]) <= MESSAGE_LIMIT for m in shown)
+    assert len(discord_fake.edits) >= 2  # it grew before it was complete
+    statuses = [s for (method, _path, s) in discord_fake.statuses if method == "PATCH"]
+    assert 429 in statuses
+    # paced: no more than one edit per interval in the channel (plus the final one)
+    times = [e.at for e in discord_fake.edits]
+    spans = [b - a for a, b in itertools.pairwise(times)]
+    assert sum(1 for s in spans if s < 0.2) <= 2
+
+
+async def test_a_slash_command_answers_in_the_interaction(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    async with running(discord_fake, chat, openai_llm):
+        await discord_fake.user_message(general, "one", user_id=ALICE, mention_bot=True)
+        assert await texts(discord_fake, general, 1) == ["echo: one"]
+        interaction = await discord_fake.slash_command("reset", general, user_id=ALICE)
+        await discord_fake.wait_for(lambda: bool(interaction.followups))
+        await discord_fake.user_message(general, "two", user_id=ALICE, mention_bot=True)
+        assert await texts(discord_fake, general, 3) == [
+            "echo: one",
+            "Conversation reset. Send a message to start again.",  # the follow-up
+            "echo: two",
+        ]
+    assert interaction.callbacks[0]["type"] == 5  # "thinking…" within Discord's 3 s
+    assert interaction.followups[0]["content"].startswith("Conversation reset.")
+    # the conversation after the reset starts afresh
+    users = [m["content"] for m in openai_server.requests[-1]["messages"] if m["role"] == "user"]
+    assert users == ["two"]
+
+
+async def test_a_duplicate_message_after_a_resume_is_handled_once(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, chat, openai_llm):
+        await discord_fake.user_message(dm, "only once", user_id=ALICE)
+        assert await texts(discord_fake, dm, 1) == ["echo: only once"]
+        await discord_fake.force_reconnect(resume=True)
+        await discord_fake.wait_for(lambda: discord_fake.resumes >= 1)
+        await discord_fake.redeliver_last()
+        await discord_fake.user_message(dm, "next", user_id=ALICE)
+        assert await texts(discord_fake, dm, 2) == ["echo: only once", "echo: next"]
+        # a full re-IDENTIFY loses nothing either
+        await discord_fake.force_reconnect(resume=False)
+        await discord_fake.wait_for(lambda: len(discord_fake.identifies) >= 2)
+        await discord_fake.user_message(dm, "after", user_id=ALICE)
+        assert (await texts(discord_fake, dm, 3))[2] == "echo: after"
+    assert len(openai_server.requests) == 3
+
+
+async def test_attachments_stickers_edits_bots_webhooks_and_system_messages(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI, tmp_path: Path
+) -> None:
+    dm = discord_fake.dm_channel(ALICE)
+    photo = {
+        "id": "9",
+        "filename": "cat.png",
+        "size": 10,
+        "url": "http://x/cat.png",
+        "proxy_url": "http://x/cat.png",
+        "content_type": "image/png",
+    }
+    async with (
+        SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store,
+        running(discord_fake, chat, openai_llm, store),
+    ):
+        await discord_fake.user_message(dm, "", user_id=ALICE, attachments=[photo])
+        notice = await texts(discord_fake, dm, 1)
+        assert notice == ["I can only read text messages, sorry: please type your message."]
+        edited = await discord_fake.user_message(dm, "first", user_id=ALICE)
+        assert (await texts(discord_fake, dm, 2))[1] == "echo: first"
+        await discord_fake.user_edit(int(edited["id"]), "first, edited")
+        await discord_fake.user_delete(int(edited["id"]))
+        await discord_fake.user_message(dm, "beep", user_id=777, bot=True)
+        await discord_fake.user_message(dm, "hook", user_id=778, webhook_id=5)
+        await discord_fake.user_message(dm, "", user_id=ALICE, type=7)  # member joined
+        await discord_fake.user_message(
+            dm, "", user_id=ALICE, sticker_items=[{"id": "1", "name": "wave", "format_type": 1}]
+        )
+        assert (await texts(discord_fake, dm, 3))[2] == notice[0]
+        await discord_fake.user_message(dm, "last", user_id=ALICE)
+        assert (await texts(discord_fake, dm, 4))[3] == "echo: last"
+        lines = await store.transcript(ChannelKey("discord", str(dm)))
+    users = [line.text for line in lines if line.role == "user"]
+    # media without text are answered, not put in the conversation; edits, bots,
+    # webhooks and system messages are not input
+    assert users == ["first", "last"]
+    assert len(openai_server.requests) == 2
+
+
+async def test_a_channel_the_bot_may_not_post_in_is_not_retried_for_ever(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, tmp_path: Path, caplog: Any
+) -> None:
+    guild = discord_fake.add_guild(channels=("general", "readonly"))
+    readonly, general = guild.channels["readonly"], guild.channels["general"]
+    discord_fake.forbid(readonly)
+    async with (
+        SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store,
+        running(discord_fake, chat, openai_llm, store) as (_adapter, runtime),
+    ):
+        await discord_fake.user_message(readonly, "hello?", user_id=ALICE, mention_bot=True)
+        await discord_fake.wait_for(
+            lambda: any(p == f"/channels/{readonly}/messages" for _m, p in discord_fake.requests)
+        )
+        await runtime.join()
+        # other channels go on
+        await discord_fake.user_message(general, "hello", user_id=ALICE, mention_bot=True)
+        assert await texts(discord_fake, general, 1) == ["echo: hello"]
+        await runtime.join()
+        recovery = await store.recovery()
+    assert recovery.unsent == []
+    assert "cannot be delivered" in caplog.text
+    posts = [
+        p for m, p in discord_fake.requests if m == "POST" and p.endswith(f"{readonly}/messages")
+    ]
+    assert len(posts) == 1
+
+
+async def test_a_broken_off_stream_stays_on_screen_marked_interrupted(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    openai_server.script(
+        Reply(content="The answer is forty two and more", chunk_delay=0.05, cut_after=4),
+        Reply(content="The answer is forty two and more", chunk_delay=0.05, cut_after=4),
+        Reply(content="The answer is forty two and more", chunk_delay=0.05, cut_after=4),
+    )
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, streamer, openai_llm, stream_interval=0.05):
+        await discord_fake.user_message(dm, "answer", user_id=ALICE)
+        await discord_fake.wait_for(
+            lambda: any(m["content"].endswith(INTERRUPTED) for m in discord_fake.messages(dm))
+        )
+    contents = [m["content"] for m in discord_fake.messages(dm)]
+    assert contents[0].startswith("The answer") and contents[0].endswith(INTERRUPTED)
+
+
+async def test_typing_is_shown_while_the_model_works(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    openai_server.script(Reply("done thinking", delay=0.8))
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, chat, openai_llm):
+        await discord_fake.user_message(dm, "think hard", user_id=ALICE)
+        assert await texts(discord_fake, dm, 1) == ["done thinking"]
+    assert dm in discord_fake.typing
+
+
+async def test_the_same_template_gives_the_same_transcript_on_every_platform(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    lines = ["hello", "hmm, I am a Virgo", "love?", "money?"]
+    stdout = io.StringIO()
+    console = ConsoleAdapter(stdin=io.StringIO("".join(f"{x}\n" for x in lines)), stdout=stdout)
+    async with (
+        InMemoryStore() as store,
+        Runtime(horoscope, llm=openai_llm, sender=console, store=store) as runtime,
+    ):
+        await console.run(runtime)
+    console_replies = stdout.getvalue().splitlines()
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, horoscope, openai_llm):
+        for line in lines:
+            await discord_fake.user_message(dm, line, user_id=ALICE)
+        discord_replies = await texts(discord_fake, dm, len(console_replies))
+    assert console_replies == [
+        WELCOME,
+        "Ah, Virgo. What do you want to know?",
+        "echo: love?",
+        "echo: money?",
+    ]
+    assert discord_replies == console_replies
+
+
+async def test_the_token_never_reaches_the_logs(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, horoscope, openai_llm) as (adapter, _runtime):
+        await discord_fake.user_message(dm, "hi", user_id=ALICE)
+        await texts(discord_fake, dm, 1)
+        logging.getLogger("turbobot.adapters.discord").warning("token %s", discord_fake.token)
+        assert discord_fake.token not in repr(adapter.settings)
+    assert "WebSocket Event" in caplog.text  # discord.py's DEBUG logs were on
+    assert discord_fake.token not in caplog.text
+    assert "<redacted>" in caplog.text
+
+
+def test_settings_errors_are_clear() -> None:
+    with pytest.raises(Exception, match="DISCORD_BOT_TOKEN is not set"):
+        DiscordSettings(token="")
+    with pytest.raises(Exception, match="'loud' is not 'mention' or 'always'"):
+        DiscordSettings(token="x", respond="loud")  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="DISCORD_GATEWAY_URL must start with ws://"):
+        DiscordSettings(token="x", gateway_url="http://127.0.0.1:1/gateway")
+    with pytest.raises(Exception, match="needs --shard-count"):
+        DiscordSettings(token="x", shard_ids=(0,))
+    with pytest.raises(Exception, match="between 0 and 1"):
+        DiscordSettings(token="x", shard_count=2, shard_ids=(2,))
+
+
+async def test_a_wrong_token_is_a_configuration_error(discord_fake: FakeDiscord) -> None:
+    settings = DiscordSettings(
+        token="wrong-token", api_base_url=discord_fake.api_url, gateway_url=discord_fake.gateway_url
+    )
+    with pytest.raises(Exception, match="Discord refused the bot token") as raised:
+        async with DiscordAdapter(settings):
+            pass
+    assert "wrong-token" not in str(raised.value)
+
+
+async def test_a_missing_message_content_intent_is_a_configuration_error(
+    openai_llm: OpenAILLM,
+) -> None:
+    async with FakeDiscord(allow_message_content=False) as fake:
+        settings = DiscordSettings(
+            token=fake.token, api_base_url=fake.api_url, gateway_url=fake.gateway_url
+        )
+        async with (
+            DiscordAdapter(settings) as adapter,
+            InMemoryStore() as store,
+            Runtime(chat, llm=openai_llm, sender=adapter, store=store) as runtime,
+        ):
+            with pytest.raises(Exception, match="Message Content Intent"):
+                await asyncio.wait_for(adapter.run(runtime, handle_signals=False), 10)
+
+
+async def test_shards_split_the_servers(discord_fake: FakeDiscord, openai_llm: OpenAILLM) -> None:
+    guilds = [discord_fake.add_guild(f"g{i}") for i in range(4)]
+    shard_of = {g.id: (g.id >> 22) % 2 for g in guilds}
+    assert set(shard_of.values()) == {0, 1}, "the fake's ids should spread over two shards"
+    mine = next(g for g in guilds if shard_of[g.id] == 1)
+    other = next(g for g in guilds if shard_of[g.id] == 0)
+    async with running(discord_fake, chat, openai_llm, shard_count=2, shard_ids=(1,)):
+        assert [i["shard"] for i in discord_fake.identifies] == [[1, 2]]
+        await discord_fake.user_message(
+            other.channels["general"], "not mine", user_id=ALICE, mention_bot=True
+        )
+        await discord_fake.user_message(
+            mine.channels["general"], "mine", user_id=ALICE, mention_bot=True
+        )
+        assert await texts(discord_fake, mine.channels["general"], 1) == ["echo: mine"]
+    assert discord_fake.messages(other.channels["general"]) == []
+
+
+async def test_a_429_in_one_channel_does_not_stall_another(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    slow, quick = discord_fake.dm_channel(ALICE), discord_fake.dm_channel(BOB)
+    discord_fake.fail("POST", rf"/channels/{slow}/messages", status=429, retry_after=2.0)
+    async with running(discord_fake, horoscope, openai_llm):
+        await discord_fake.user_message(slow, "hi", user_id=ALICE)
+        await discord_fake.wait_for(
+            lambda: any(p == f"/channels/{slow}/messages" for _m, p in discord_fake.requests)
+        )
+        started = asyncio.get_running_loop().time()
+        await discord_fake.user_message(quick, "hi", user_id=BOB)
+        assert await texts(discord_fake, quick, 1) == [WELCOME]
+        assert discord_fake.messages(slow) == []  # still waiting out its 429
+        assert asyncio.get_running_loop().time() - started < 1.5
+        assert await texts(discord_fake, slow, 1) == [WELCOME]
