@@ -526,3 +526,54 @@ async def test_a_429_in_one_channel_does_not_stall_another(
         assert discord_fake.messages(slow) == []  # still waiting out its 429
         assert asyncio.get_running_loop().time() - started < 1.5
         assert await texts(discord_fake, slow, 1) == [WELCOME]
+
+
+async def test_a_reply_chain_is_followed_after_a_restart(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, tmp_path: Path
+) -> None:
+    """The adapter's memory of its messages is gone after a restart: the chain is found
+    through the message the bot's reply answered."""
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    async with SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store:
+        async with running(discord_fake, horoscope, openai_llm, store):
+            await discord_fake.user_message(general, "hi", user_id=ALICE, mention_bot=True)
+            assert await texts(discord_fake, general, 1) == [WELCOME]
+        first = discord_fake.messages(general)[0]
+        async with running(discord_fake, horoscope, openai_llm, store):
+            await discord_fake.user_message(
+                general, "I am a Leo", user_id=BOB, reply_to=first["id"]
+            )
+            shown = await texts(discord_fake, general, 2)
+        lines = await store.transcript(ChannelKey("discord", str(general), None, str(ALICE)))
+    assert shown[1] == "Ah, Leo. What do you want to know?"
+    assert [line.text for line in lines if line.role == "user"] == ["hi", "I am a Leo"]
+
+
+async def test_hostile_text_is_answered_and_other_channels_go_on(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI, tmp_path: Path
+) -> None:
+    alice, bob = discord_fake.dm_channel(ALICE), discord_fake.dm_channel(BOB)
+    async with (
+        SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store,
+        running(discord_fake, chat, openai_llm, store) as (_adapter, runtime),
+    ):
+        await discord_fake.user_message(
+            alice, "lone \ud800 surrogate and NUL \x00 here", user_id=ALICE
+        )
+        await discord_fake.user_message(alice, "x" * 100_000, user_id=ALICE)
+        await discord_fake.user_message(alice, "\u202eRTL override \u200f", user_id=ALICE)
+        await discord_fake.user_message(bob, "hello", user_id=BOB)
+        assert await texts(discord_fake, bob, 1) == ["echo: hello"]
+        await discord_fake.wait_for(lambda: len(openai_server.requests) >= 4)
+        await runtime.join()
+        shown = [m["content"] for m in discord_fake.messages(alice)]
+        lines = await store.transcript(ChannelKey("discord", str(alice)))
+    # each hostile message is answered (with a notice saying what was changed or cut)
+    assert shown[0].startswith("Part of your message could not be read")
+    assert any(t.startswith("echo: lone") and "surrogate and NUL" in t for t in shown)
+    assert shown[-1] == "echo: \u202eRTL override \u200f"
+    assert all(0 < len(text) <= MESSAGE_LIMIT for text in shown)
+    users = [line.text for line in lines if line.role == "user"]
+    # the model saw the capped text (the inbox keeps the whole: tests/test_hardening.py)
+    assert len(users) == 3 and len(users[1]) == 16_000

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
-__all__ = ["RedactSecrets", "guard_logs", "platform_id"]
+__all__ = ["RateLimiter", "RedactSecrets", "guard_logs", "platform_id"]
 
 
 class RedactSecrets(logging.Filter):
@@ -49,3 +51,32 @@ def platform_id(ids: list[str]) -> str | None:
         return None
     joined = ",".join(ids)
     return joined if len(joined) <= 128 else f"{ids[0]}..{ids[-1]}"
+
+
+class RateLimiter:
+    """A token bucket: ``rate`` acquisitions a second, bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+
+    def try_acquire(self) -> bool:
+        """Take a token only if one is free now (for requests that may be skipped)."""
+        self._refill()
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    async def acquire(self) -> None:
+        self._refill()
+        self._tokens -= 1  # a reservation: later callers wait behind it
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import re
 import signal
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from turbobot.adapters._common import RedactSecrets, guard_logs, platform_id
+from turbobot.adapters._common import RateLimiter, RedactSecrets, guard_logs, platform_id
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.commands import CommandRegistry, split_command
 from turbobot.exceptions import ConfigurationError, UndeliverableError
@@ -83,6 +84,8 @@ _REMEMBERED = 100_000
 #: how long a deferred slash command waits for the reply that answers it (Discord
 #: keeps an interaction's token for 15 minutes)
 _INTERACTION_TTL = 14 * 60.0
+#: typing indicators a second, across all channels
+_TYPING_RATE = 5.0
 _NO_PINGS = discord.AllowedMentions.none()
 #: message types that are something a person said (the rest are system messages)
 _SAID = (discord.MessageType.default, discord.MessageType.reply)
@@ -197,6 +200,7 @@ class DiscordAdapter(BaseSender):
             Route.BASE = settings.api_base_url.rstrip("/")
         if settings.gateway_url:
             DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.gateway_url)
+        _tolerate_lone_surrogates()
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enabled in the Developer Portal
         intents.typing = False  # other people typing is of no use to the bot
@@ -234,6 +238,7 @@ class DiscordAdapter(BaseSender):
         self._interactions: dict[ChannelKey, discord.Interaction] = {}
         #: threads the bot opened for a conversation
         self._own_threads: _Recent[int, None] = _Recent(_REMEMBERED)
+        self._typing = RateLimiter(_TYPING_RATE, burst=int(_TYPING_RATE))
         #: when each channel may see the next streaming edit
         self._next_edit: dict[int, float] = {}
         self._tasks: set[asyncio.Future[None]] = set()
@@ -584,7 +589,10 @@ class DiscordAdapter(BaseSender):
     async def typing(self, key: ChannelKey) -> None:
         if key in self._interactions:
             return  # the slash command's "thinking…" already says so
-        await self.client.http.send_typing(int(key.channel))
+        # Only with spare capacity: a backlog of replies must not turn into a flood of
+        # typing indicators (Discord allows a bot about 50 requests a second in all).
+        if self._typing.try_acquire():
+            await self.client.http.send_typing(int(key.channel))
 
     async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
         with _undeliverable():
@@ -708,6 +716,39 @@ class DiscordAdapter(BaseSender):
 
 def _edit_with(message: discord.Message, text: str) -> Callable[[], Any]:
     return lambda: message.edit(content=text, allowed_mentions=_NO_PINGS)
+
+
+def _tolerate_lone_surrogates() -> None:
+    """Make discord.py read (and write) JSON holding lone surrogates (``"\\ud800"``).
+
+    With orjson installed (turbobot depends on it) discord.py decodes every gateway
+    frame with ``orjson.loads``, which refuses a lone surrogate escape: one such
+    message would end the gateway connection, and the bot with it. The standard
+    library's decoder accepts it, and the runtime then stores the text losslessly and
+    shows the template U+FFFD (docs/architecture.md, "Input limits"). discord.py has
+    no option for this, so its two module-level JSON functions get a fallback.
+    """
+    from discord import utils
+
+    if getattr(utils._from_json, "_turbobot", False):
+        return
+    strict_loads, strict_dumps = utils._from_json, utils._to_json
+
+    def loads(data: Any) -> Any:
+        try:
+            return strict_loads(data)
+        except ValueError:  # orjson's JSONDecodeError is a ValueError
+            return json.loads(data)
+
+    def dumps(obj: Any) -> str:
+        try:
+            return strict_dumps(obj)
+        except TypeError:  # orjson refuses str holding a lone surrogate
+            return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+
+    loads._turbobot = True  # type: ignore[attr-defined]
+    utils._from_json = loads
+    utils._to_json = dumps
 
 
 def _raise_connection_error(connection: asyncio.Task[None]) -> None:

@@ -38,7 +38,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from turbobot.adapters._common import RedactSecrets, guard_logs, platform_id
+from turbobot.adapters._common import RateLimiter, RedactSecrets, guard_logs, platform_id
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.commands import parse_command
 from turbobot.exceptions import ConfigurationError, UndeliverableError
@@ -168,35 +168,6 @@ class TelegramSettings:
         )
 
 
-class _RateLimiter:
-    """A token bucket: ``rate`` acquisitions a second, bursts up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._last = time.monotonic()
-
-    def try_acquire(self) -> bool:
-        """Take a token only if one is free now (for requests that may be skipped)."""
-        self._refill()
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-
-    async def acquire(self) -> None:
-        self._refill()
-        self._tokens -= 1  # a reservation: later callers wait behind it
-        if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
-
-
 def _retry_seconds(exc: RetryAfter) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PTBDeprecationWarning)
@@ -239,7 +210,7 @@ class TelegramAdapter(BaseSender):
             derived = base[: -len("/bot")] + "/file/bot" if base.endswith("/bot") else base
             builder = builder.base_file_url(settings.base_file_url or derived)
         self.application: Application[Any, Any, Any, Any, Any, Any] = builder.build()
-        self._limiter = _RateLimiter(settings.rate, burst=max(1, int(settings.rate)))
+        self._limiter = RateLimiter(settings.rate, burst=max(1, int(settings.rate)))
         # httpcore's pool scans every queued request against every connection: keeping
         # the queue within the pool keeps a backlog of replies from costing O(n^2).
         self._in_flight = asyncio.Semaphore(_IN_FLIGHT)
