@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_telegram import cpu_of, own_cpu  # noqa: E402
 
-from tests.fakes.fake_discord import FakeDiscord  # noqa: E402
+from tests.fakes.discord_server import FakeDiscord  # noqa: E402
 from tests.fakes.openai_server import FakeOpenAI, Reply  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.fakes.fake_discord import FakeDiscord
+from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.test_console import clean_env, spawn_turbobot
 from tests.test_telegram_restart import wait_for_outbox_empty

@@ -110,6 +110,7 @@ class DiscordSettings:
         threads: a new conversation in a server channel opens its own thread.
         stream_interval: seconds between edits of streaming replies in one channel.
         shard_count, shard_ids: run these shards of a bot split across processes.
+        ready_timeout: seconds discord.py waits for the servers' data when connecting.
     """
 
     token: str
@@ -122,6 +123,7 @@ class DiscordSettings:
     stream_interval: float = 1.2
     shard_count: int | None = None
     shard_ids: tuple[int, ...] | None = None
+    ready_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -209,6 +211,7 @@ class DiscordAdapter(BaseSender):
             "max_messages": None,  # no message cache: edits are not input
             "member_cache_flags": discord.MemberCacheFlags.none(),
             "chunk_guilds_at_startup": False,
+            "guild_ready_timeout": settings.ready_timeout,
             "allowed_mentions": _NO_PINGS,
         }
         self.client: discord.Client
