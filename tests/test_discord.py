@@ -574,3 +574,26 @@ async def test_hostile_text_is_answered_and_other_channels_go_on(
     users = [line.text for line in lines if line.role == "user"]
     # the model saw the capped text (the inbox keeps the whole: tests/test_hardening.py)
     assert len(users) == 3 and len(users[1]) == 16_000
+
+
+def test_settings_come_from_flags_then_the_environment() -> None:
+    import argparse
+
+    from turbobot.adapters.discord import settings_from
+    from turbobot.platforms import Launch
+
+    def launch(env: dict[str, str], **flags: Any) -> Launch:
+        values = {"respond": None, "trigger": None, "group_mode": None, "threads": False}
+        values |= {"shard_count": None, "shard_ids": None, **flags}
+        return Launch(argparse.Namespace(**values), env, RuntimeSettings(), parts=None)  # type: ignore[arg-type]
+
+    env = {"DISCORD_BOT_TOKEN": " tok ", "DISCORD_SHARD_COUNT": "8", "DISCORD_SHARD_IDS": "0-2,5"}
+    settings = settings_from(launch({**env, "DISCORD_RESPOND": "always", "DISCORD_THREADS": "1"}))
+    assert settings.token == "tok" and settings.shard_count == 8
+    assert settings.shard_ids == (0, 1, 2, 5) and settings.respond == "always" and settings.threads
+    flagged = settings_from(launch(env, shard_count=4, shard_ids="3", group_mode="shared"))
+    assert (flagged.shard_count, flagged.shard_ids, flagged.group_mode) == (4, (3,), "shared")
+    with pytest.raises(Exception, match="--shard-ids must list shard numbers"):
+        settings_from(launch(env, shard_ids="0-x"))
+    with pytest.raises(Exception, match="DISCORD_SHARD_COUNT must be a whole number"):
+        settings_from(launch({**env, "DISCORD_SHARD_COUNT": "abc"}))

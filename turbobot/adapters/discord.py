@@ -839,12 +839,14 @@ def _integer(text: str, source: str) -> int:
 def _shard_ids(text: str, source: str) -> tuple[int, ...]:
     """``0,2,4`` or ``0-3`` (or both mixed) as shard ids."""
     ids: list[int] = []
-    for item in text.split(","):
-        low, dash, high = item.strip().partition("-")
-        if dash:
-            ids.extend(range(_integer(low, source), _integer(high, source) + 1))
-        else:
-            ids.append(_integer(low, source))
+    try:
+        for item in text.split(","):
+            low, dash, high = item.strip().partition("-")
+            ids.extend(range(int(low), int(high) + 1) if dash else [int(low)])
+    except ValueError:
+        raise ConfigurationError(
+            f"{source} must list shard numbers like 0,1 or 0-3, not {text!r}"
+        ) from None
     return tuple(dict.fromkeys(ids))
 
 
