@@ -21,7 +21,8 @@ import pytest
 
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from turbobot import ChannelKey, Generate, GetUserInput, System, User, turbo
+from tests.test_telegram import chat, streamer
+from turbobot import ChannelKey
 from turbobot.adapters.console import ConsoleAdapter
 from turbobot.adapters.discord import MESSAGE_LIMIT, DiscordAdapter, DiscordSettings
 from turbobot.bots.horoscope import horoscope
@@ -34,23 +35,6 @@ from turbobot.template import INTERRUPTED, Template
 WELCOME = "Welcome, traveller. What is your zodiac sign?"
 ALICE = 501
 BOB = 502
-
-
-@turbo()
-async def chat() -> AsyncIterator[Any]:
-    yield System(content="You are a test bot.")
-    while True:
-        message = yield GetUserInput()
-        yield User(content=message)
-        yield Generate()
-
-
-@turbo()
-async def streamer() -> AsyncIterator[Any]:
-    while True:
-        message = yield GetUserInput()
-        yield User(content=message)
-        yield Generate(stream=True)
 
 
 @pytest.fixture

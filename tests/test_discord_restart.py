@@ -8,15 +8,14 @@ by the test; the database is a real SQLite file that survives the kills.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.test_console import clean_env, spawn_turbobot
-from tests.test_telegram_restart import wait_for_outbox_empty
+from tests.test_console import clean_env
+from tests.test_telegram_restart import CliBot, wait_for_outbox_empty
 
 pytestmark = pytest.mark.slow
 
@@ -25,49 +24,8 @@ WELCOME = "Welcome, traveller. What is your zodiac sign?"
 LEO = "Ah, Leo. What do you want to know?"
 
 
-class DiscordBot:
-    """The CLI running bots.horoscope on Discord, in a subprocess."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        self.env = env
-        self.args = args
-        self.proc: asyncio.subprocess.Process | None = None
-        self.stderr = b""
-
-    async def start(self) -> DiscordBot:
-        self.proc = await spawn_turbobot(
-            self.env,
-            "--log-level",
-            "DEBUG",
-            "run",
-            "bots.horoscope",
-            "--platform",
-            "discord",
-            *self.args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-        )
-        return self
-
-    async def kill(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        self.proc.send_signal(signal.SIGKILL)
-        assert await self.proc.wait() == -signal.SIGKILL
-        self.stderr += await self.proc.stderr.read()
-
-    async def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(self.proc.communicate(), 20)
-        self.stderr += err
-        assert self.proc.returncode is not None
-        return self.proc.returncode
-
-    async def finish(self) -> tuple[int, str]:
-        assert self.proc is not None
-        _, err = await asyncio.wait_for(self.proc.communicate(), 30)
-        assert self.proc.returncode is not None
-        return self.proc.returncode, err.decode()
+def DiscordBot(env: dict[str, str], *args: str) -> CliBot:
+    return CliBot(env, *args, platform="discord")
 
 
 @pytest.fixture

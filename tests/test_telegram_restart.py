@@ -25,23 +25,23 @@ WELCOME = "Welcome, traveller. What is your zodiac sign?"
 LEO = "Ah, Leo. What do you want to know?"
 
 
-class TelegramBot:
-    """The CLI running bots.horoscope on Telegram, in a subprocess."""
+class CliBot:
+    """The CLI running bots.horoscope on a platform, in a subprocess (DEBUG logs on)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *args: str, platform: str = "telegram") -> None:
         self.env = env
+        self.args = ("--platform", platform, *args)
         self.proc: asyncio.subprocess.Process | None = None
         self.stderr = b""
 
-    async def start(self) -> TelegramBot:
+    async def start(self) -> CliBot:
         self.proc = await spawn_turbobot(
             self.env,
             "--log-level",
             "DEBUG",
             "run",
             "bots.horoscope",
-            "--platform",
-            "telegram",
+            *self.args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
         )
@@ -54,12 +54,18 @@ class TelegramBot:
         self.stderr += await self.proc.stderr.read()
 
     async def terminate(self) -> int:
-        assert self.proc is not None and self.proc.stderr is not None
+        """SIGTERM; the exit code."""
+        assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(self.proc.communicate(), 20)
+        return (await self.finish())[0]
+
+    async def finish(self) -> tuple[int, str]:
+        """Wait for the exit; the exit code and what it wrote to stderr."""
+        assert self.proc is not None
+        _, err = await asyncio.wait_for(self.proc.communicate(), 30)
         self.stderr += err
         assert self.proc.returncode is not None
-        return self.proc.returncode
+        return self.proc.returncode, err.decode()
 
 
 @pytest.fixture
@@ -93,7 +99,7 @@ async def test_kill_9_mid_generation_and_while_waiting_then_resume(
         OPENAI_API_KEY="sk-test-key",
         OPENAI_BASE_URL=openai_server.base_url,
     )
-    bot = await TelegramBot(env).start()
+    bot = await CliBot(env).start()
     telegram.message(CHAT, "hi")
     assert await texts(telegram, 1) == [WELCOME]
     telegram.message(CHAT, "I am a leo")
@@ -105,7 +111,7 @@ async def test_kill_9_mid_generation_and_while_waiting_then_resume(
     await telegram.wait_until(lambda: len(openai_server.requests) == 1, timeout=30)
     await bot.kill()
 
-    bot = await TelegramBot(env).start()
+    bot = await CliBot(env).start()
     assert await texts(telegram, 3) == [WELCOME, LEO, "The stars say yes."]
 
     # 2. killed while waiting (once the reply is marked sent: a kill between sending and
@@ -113,7 +119,7 @@ async def test_kill_9_mid_generation_and_while_waiting_then_resume(
     await wait_for_outbox_empty(env)
     await bot.kill()
     telegram.message(CHAT, "thanks")
-    bot = await TelegramBot(env).start()
+    bot = await CliBot(env).start()
     assert (await texts(telegram, 4))[3] == "echo: thanks"
 
     # 3. SIGTERM stops it cleanly

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol, Self
 
-__all__ = ["RateLimiter", "RedactSecrets", "guard_logs", "platform_id"]
+from turbobot.runtime import BaseSender, Runtime
+
+if TYPE_CHECKING:
+    from turbobot.platforms import Launch
+
+__all__ = ["RateLimiter", "RedactSecrets", "guard_logs", "platform_id", "serve"]
 
 
 class RedactSecrets(logging.Filter):
@@ -80,3 +88,29 @@ class RateLimiter:
         self._tokens -= 1  # a reservation: later callers wait behind it
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / self.rate)
+
+
+class _Adapter(Protocol):
+    username: str | None
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+    async def run(self, runtime: Runtime) -> None: ...
+
+
+async def serve(launch: Launch, adapter: _Adapter, shown_as: str) -> None:
+    """Run ``adapter`` with the bot's parts until it stops: the adapter connects first
+    (a wrong token fails before the database is opened), and closes last (replies of
+    the steps in flight still go out while the runtime closes). ``shown_as`` names the
+    bot on start (``{username}`` is replaced once connected)."""
+    assert isinstance(adapter, BaseSender)
+    async with adapter, launch.parts() as (template, store, llm):
+        settings = dataclasses.replace(launch.settings, bot_username=adapter.username)
+        async with Runtime(
+            template, llm=llm, sender=adapter, store=store, settings=settings
+        ) as runtime:
+            name = shown_as.replace("{username}", adapter.username or "the bot")
+            print(f"turbobot: {name} is running; Ctrl-C stops it", file=sys.stderr)
+            await adapter.run(runtime)

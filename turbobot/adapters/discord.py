@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import re
 import signal
-import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -43,7 +41,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from turbobot.adapters._common import RateLimiter, RedactSecrets, guard_logs, platform_id
+from turbobot.adapters._common import RateLimiter, RedactSecrets, guard_logs, platform_id, serve
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.commands import CommandRegistry, split_command
 from turbobot.exceptions import ConfigurationError, UndeliverableError
@@ -853,13 +851,4 @@ def _shard_ids(text: str, source: str) -> tuple[int, ...]:
 async def run_platform(launch: Launch) -> None:
     """``turbobot run --platform discord``: the gateway, until SIGINT/SIGTERM."""
     adapter = DiscordAdapter(settings_from(launch))
-    async with adapter, launch.parts() as (template, store, llm):
-        settings = dataclasses.replace(launch.settings, bot_username=adapter.username)
-        async with Runtime(
-            template, llm=llm, sender=adapter, store=store, settings=settings
-        ) as runtime:
-            print(
-                f"turbobot: {adapter.username} is running on Discord; Ctrl-C stops it",
-                file=sys.stderr,
-            )
-            await adapter.run(runtime)
+    await serve(launch, adapter, "{username} (Discord)")

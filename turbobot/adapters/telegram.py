@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -28,7 +27,6 @@ import random
 import re
 import signal
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -38,7 +36,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from turbobot.adapters._common import RateLimiter, RedactSecrets, guard_logs, platform_id
+from turbobot.adapters._common import (
+    RateLimiter,
+    RedactSecrets,
+    guard_logs,
+    platform_id,
+    serve,
+)
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.commands import parse_command
 from turbobot.exceptions import ConfigurationError, UndeliverableError
@@ -792,11 +796,4 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
 
 async def run_platform(launch: Launch) -> None:
     """``turbobot run --platform telegram``: polling or a webhook, until SIGINT/SIGTERM."""
-    adapter = TelegramAdapter(settings_from(launch))
-    async with adapter, launch.parts() as (template, store, llm):
-        settings = dataclasses.replace(launch.settings, bot_username=adapter.username)
-        async with Runtime(
-            template, llm=llm, sender=adapter, store=store, settings=settings
-        ) as runtime:
-            print(f"turbobot: @{adapter.username} is running; Ctrl-C stops it", file=sys.stderr)
-            await adapter.run(runtime)
+    await serve(launch, TelegramAdapter(settings_from(launch)), "@{username}")
