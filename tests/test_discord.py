@@ -581,3 +581,56 @@ def test_settings_come_from_flags_then_the_environment() -> None:
         settings_from(launch(env, shard_ids="0-x"))
     with pytest.raises(Exception, match="DISCORD_SHARD_COUNT must be a whole number"):
         settings_from(launch({**env, "DISCORD_SHARD_COUNT": "abc"}))
+
+
+async def test_review_findings_mentions_keep_code_indents_and_replies_answer_the_oldest(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    code = "fix this:\n```python\ndef f():\n    return 1\n```"
+    async with running(discord_fake, chat, openai_llm):
+        first = await discord_fake.user_message(general, code, user_id=ALICE, mention_bot=True)
+        await discord_fake.user_message(general, "and this", user_id=ALICE, mention_bot=True)
+        shown = await texts(discord_fake, general, 2)
+    assert "    return 1" in openai_server.requests[0]["messages"][-1]["content"]
+    assert shown[0].startswith("echo: fix this:")
+    # the first reply answers the first message, not the latest one
+    reference = discord_fake.messages(general)[0]["message_reference"]
+    assert str(reference["message_id"]) == first["id"]
+
+
+async def test_review_findings_shared_media_and_a_400_that_cannot_succeed(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    guild = discord_fake.add_guild(channels=("general", "archived"))
+    general, archived = guild.channels["general"], guild.channels["archived"]
+    photo = {
+        "id": "9",
+        "filename": "cat.png",
+        "size": 10,
+        "url": "http://x/cat.png",
+        "proxy_url": "http://x/cat.png",
+        "content_type": "image/png",
+    }
+    discord_fake.fail("POST", rf"/channels/{archived}/messages", status=400, code=50083, times=None)
+    async with running(discord_fake, chat, openai_llm, group_mode="shared", respond="always") as (
+        _a,
+        runtime,
+    ):
+        await discord_fake.user_message(
+            general, "", user_id=BOB, username="Bob", attachments=[photo]
+        )
+        assert await texts(discord_fake, general, 1) == [
+            "I can only read text messages, sorry: please type your message."
+        ]
+        await discord_fake.user_message(archived, "hello", user_id=BOB, mention_bot=True)
+        await discord_fake.wait_for(
+            lambda: any(p == f"/channels/{archived}/messages" for _m, p in discord_fake.requests)
+        )
+        await runtime.join()
+    posts = [
+        p for m, p in discord_fake.requests if m == "POST" and p.endswith(f"{archived}/messages")
+    ]
+    assert len(posts) == 1  # a 400 is not asked again
+    assert "cannot be delivered" in caplog.text

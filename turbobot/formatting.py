@@ -358,6 +358,15 @@ class _Layout:
     def cut(self, position: int, stop: int, end: int, limit: int) -> tuple[int, int, bool]:
         """Where the part from ``position`` ends (at most ``stop``), where the next begins,
         and whether the part ends inside a code block."""
+        fence = self.fence_at(stop)
+        if (
+            fence is not None
+            and max(position, fence.body) <= fence.last < stop - len(_CLOSE)
+            and fence.close < len(self.source)
+        ):
+            # only the whitespace before the closing ``` is past ``stop``: end the part
+            # with the block, the whitespace left out
+            return fence.last + 1, fence.end, True
         minimum = position + max(1, (stop - position) // 4)  # no tiny parts for a nicer cut
         for rank in (_PARA, _LINE, _CODE_PARA, _CODE_LINE):
             found = self._rightmost(rank, minimum, stop)
@@ -481,11 +490,12 @@ class _Layout:
 
 
 def _grapheme_start(text: str, index: int, low: int) -> int:
-    """``index``, or a little before it, so that no character sequence is cut apart."""
-    cut = index
-    while cut > low and index - cut < 32 and _continues(text, cut):
-        cut -= 1
-    return cut if cut > low or not _continues(text, cut) else index
+    """``index``, or a little before it (above ``low``), so that no emoji sequence,
+    flag or accented letter is cut apart; ``index`` if that cannot be had."""
+    for cut in range(index, max(low, index - 32), -1):
+        if not _continues(text, cut):
+            return cut
+    return index
 
 
 def _continues(text: str, index: int) -> bool:

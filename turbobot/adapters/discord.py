@@ -263,6 +263,12 @@ class DiscordAdapter(BaseSender):
                 f"cannot reach the Discord API ({type(exc).__name__}): check the network "
                 "and DISCORD_API_BASE_URL"
             ) from exc
+        except discord.HTTPException as exc:
+            await self.client.close()
+            raise ConfigurationError(
+                f"the Discord API answered {exc.status} at login: check DISCORD_API_BASE_URL "
+                "(it ends in /api/v10)"
+            ) from exc
         except BaseException:
             await self.client.close()
             raise
@@ -421,7 +427,8 @@ class DiscordAdapter(BaseSender):
         if incoming is not None:
             self._seen.remember(message.id, None)
             self._received.remember(message.id, incoming.key)
-            self._reply_to.remember(incoming.key, (message.channel.id, message.id))
+            if incoming.key not in self._reply_to:  # the oldest unanswered message
+                self._reply_to.remember(incoming.key, (message.channel.id, message.id))
         return incoming
 
     async def to_incoming(self, message: discord.Message) -> IncomingMessage | None:
@@ -446,7 +453,7 @@ class DiscordAdapter(BaseSender):
             if not addressed:
                 return None
             key = await self._conversation(message, text)
-            if self.settings.group_mode == "shared" and not self._is_command(text):
+            if self.settings.group_mode == "shared" and text.strip() and not self._is_command(text):
                 text = f"{name}: {text}"
         return IncomingMessage(
             key=key,
@@ -472,7 +479,7 @@ class DiscordAdapter(BaseSender):
         ).strip()
         user = interaction.user
         channel_id = interaction.channel_id
-        shared = self.settings.group_mode == "shared" or channel_id in self._own_threads
+        shared = self.settings.group_mode == "shared" or self._own_thread(interaction.channel)
         if interaction.guild_id is None or shared:
             key = ChannelKey("discord", str(channel_id))
         else:
@@ -504,7 +511,8 @@ class DiscordAdapter(BaseSender):
         addressed = self.settings.respond == "always" or self._own_thread(message.channel)
         if mention.search(text) or any(u.id == self.bot_id for u in message.mentions):
             addressed = True
-            rest = re.sub(r"[ \t]{2,}", " ", mention.sub("", text)).strip()
+            # whitespace is tidied only where the mention was (code keeps its indents)
+            rest = re.sub(rf"[ \t]*<@!?{self.bot_id}>[ \t]*", " ", text).strip()
             text = rest or text  # a bare mention stays as it is: it is what they said
         if self._replies_to_bot(message) or self._is_command(text):
             addressed = True
@@ -583,7 +591,10 @@ class DiscordAdapter(BaseSender):
         ids: list[str] = []
         with _undeliverable():
             for index, part in enumerate(parts):
-                shown = await self._post(key, part, first=index == 0)
+                # each part waits out 429s and blips itself: a failure after the first
+                # part would make the outbox send the parts already shown again
+                post = partial(self._post, key, part, first=index == 0)
+                shown = await self._retrying(post)
                 ids.append(str(shown.id))
         return platform_id(ids)
 
@@ -622,12 +633,11 @@ class DiscordAdapter(BaseSender):
             # The generation broke off: what is on screen stays, marked as interrupted.
             if not shown:
                 return None
-            message, content = shown[-1]
-            marked = content[: MESSAGE_LIMIT - len(INTERRUPTED)] + INTERRUPTED
+            # marked where the stream broke off (previews lag behind it)
+            marked = split_markdown(stream.text, MESSAGE_LIMIT - len(INTERRUPTED))
+            marked[-1] += INTERRUPTED
             with contextlib.suppress(discord.HTTPException):
-                await self._retrying(
-                    lambda: message.edit(content=marked, allowed_mentions=_NO_PINGS)
-                )
+                await self._show(key, shown, marked, final=True)
             return platform_id([str(m.id) for m, _ in shown])
         final = _parts(stream.text)
         for message, _ in shown[len(final) :]:  # fewer parts than shown: take the rest away
@@ -769,7 +779,12 @@ def _raise_connection_error(connection: asyncio.Task[None]) -> None:
         raise ConfigurationError(
             f"Discord closed the gateway connection (code {exc.code}): {exc.reason or 'no reason'}"
         ) from exc
-    raise exc
+    # discord.py gives up on a gateway it never reached with an internal error
+    # (AttributeError on a missing session): say what to check, not a traceback.
+    raise ConfigurationError(
+        f"the connection to the Discord gateway failed ({type(exc).__name__}): check the "
+        "network and DISCORD_GATEWAY_URL"
+    ) from exc
 
 
 @contextlib.contextmanager
@@ -781,6 +796,12 @@ def _undeliverable() -> Iterator[None]:
         raise UndeliverableError(f"Discord refused: {exc.text or exc.status}") from exc
     except discord.NotFound as exc:  # the channel is gone
         raise UndeliverableError(f"Discord refused: {exc.text or exc.status}") from exc
+    except discord.HTTPException as exc:
+        if 400 <= exc.status < 500 and exc.status != 429:  # asking again cannot help
+            raise UndeliverableError(
+                f"Discord refused ({exc.status}, code {exc.code}): {exc.text}"
+            ) from exc
+        raise
 
 
 def _attachment_kind(attachment: discord.Attachment) -> str:
