@@ -193,3 +193,23 @@ def test_every_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         main(["run", "--help"])
     assert exited.value.code == 0
     assert "where the bot talks" in capsys.readouterr().out
+
+
+def test_a_channel_reads_as_conversations_prints_it() -> None:
+    """`turbobot conversations` prints per-member keys (discord:123:user=7); `transcript`
+    takes them back (review of issue 11)."""
+    from turbobot.chat import ChannelKey
+    from turbobot.cli import parse_channel
+    from turbobot.exceptions import ConfigurationError
+
+    keys = [
+        ChannelKey("discord", "123", None, "7"),
+        ChannelKey("telegram", "-100", "5"),
+        ChannelKey("telegram", "-100", "5", "9"),
+    ]
+    assert [parse_channel(str(key)) for key in keys] == keys
+    assert parse_channel("telegram:5:6") == ChannelKey("telegram", "5", "6")
+    assert parse_channel("console") == ChannelKey("console", "console")
+    for bad in ("", "a:", "discord:1:user=", "discord:1:colour=2", "a:b:c:d:e"):
+        with pytest.raises(ConfigurationError, match="is not NAME"):
+            parse_channel(bad)

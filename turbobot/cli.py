@@ -298,13 +298,26 @@ def runtime_settings(env: Mapping[str, str]) -> RuntimeSettings:
 
 
 def parse_channel(text: str) -> ChannelKey:
-    """``NAME`` (a console channel) or ``PLATFORM:CHANNEL[:THREAD]``."""
+    """``NAME`` (a console channel), ``PLATFORM:CHANNEL[:THREAD]``, or a channel as
+    ``turbobot conversations`` prints it (``discord:123:user=7``, ``telegram:-100:thread=5``)."""
     parts = text.split(":")
-    if len(parts) == 1:
+    if len(parts) == 1 and parts[0]:
         return ChannelKey("console", parts[0])
-    if len(parts) in (2, 3) and all(parts):
-        return ChannelKey(parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-    raise ConfigurationError(f"channel {text!r} is not NAME or PLATFORM:CHANNEL[:THREAD]")
+    fields: dict[str, str] = {}
+    for index, part in enumerate(parts[2:]):
+        name, equals, value = part.partition("=")
+        if not equals:
+            name, value = ("thread" if index == 0 else ""), part
+        if name not in ("thread", "user") or name in fields or not value:
+            break
+        fields[name] = value
+    else:
+        if len(parts) >= 2 and all(parts[:2]) and len(parts) <= 4:
+            return ChannelKey(parts[0], parts[1], fields.get("thread"), fields.get("user"))
+    raise ConfigurationError(
+        f"channel {text!r} is not NAME or PLATFORM:CHANNEL[:THREAD] (or as `turbobot "
+        "conversations` prints it, e.g. discord:123:user=7)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -386,7 +399,10 @@ def _parser() -> argparse.ArgumentParser:
     transcript = sub.add_parser(
         "transcript", help="print a channel's conversations", parents=[database]
     )
-    transcript.add_argument("channel", help="NAME (console) or PLATFORM:CHANNEL[:THREAD]")
+    transcript.add_argument(
+        "channel",
+        help="NAME (console), PLATFORM:CHANNEL[:THREAD], or as `conversations` prints it",
+    )
     sub.add_parser("conversations", help="list conversations and their state", parents=[database])
     return parser
 
