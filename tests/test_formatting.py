@@ -280,6 +280,17 @@ def test_unicode_is_counted_in_code_points_and_never_cut_apart() -> None:
             assert "".join(parts) == source
             assert all(len(part) <= limit for part in parts)
             assert all(part.startswith(unit) and part.endswith(unit) for part in parts)
+    chain = "😀\u200d" * 100 + "😀"  # joined without end: cut where it must be
+    assert "".join(split_markdown(chain, 40)) == chain
+    assert rejoined(f"```\n{chain}\n```", split_markdown(f"```\n{chain}\n```", 40))
+    # in a code block too, where the added fences leave less room
+    source = f"```\n{family * 60}\n```"
+    parts = split_markdown(source, 40)
+    assert all(len(part) <= 40 and fences_balanced(part) for part in parts)
+    assert rejoined(source, parts)
+    assert all(
+        part.removeprefix("```\n").removesuffix("\n```").startswith(family) for part in parts
+    )
     emoji = ("Emoji 😀 and words. " * 300).strip()  # 😀 counts once, as Discord counts
     parts = split_markdown(emoji, 2000)
     assert [len(part) for part in parts] == [2000, 2000, 1697]

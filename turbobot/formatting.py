@@ -248,7 +248,8 @@ def split_markdown(source: str, limit: int) -> list[str]:
     source stays open. Parts neither begin nor end with the whitespace they were cut at
     (code keeps its indentation), parts of only whitespace are left out, and joined
     back, less the added fences, they hold every other character of ``source`` in
-    order.
+    order (whitespace may go: where parts meet, and before a block's closing fence
+    when only it stands between the code and that fence).
 
     ``limit`` counts code points (Python ``len``), as Discord does: its API is Python
     and counts code points, so "😀" is one of its 2,000 characters, not two as in
@@ -359,14 +360,12 @@ class _Layout:
         """Where the part from ``position`` ends (at most ``stop``), where the next begins,
         and whether the part ends inside a code block."""
         fence = self.fence_at(stop)
-        if (
-            fence is not None
-            and max(position, fence.body) <= fence.last < stop - len(_CLOSE)
-            and fence.close < len(self.source)
-        ):
-            # only the whitespace before the closing ``` is past ``stop``: end the part
-            # with the block, the whitespace left out
-            return fence.last + 1, fence.end, True
+        if fence is not None and fence.start < stop and fence.close < len(self.source):
+            code_end = max(fence.last + 1, fence.body)
+            if position < code_end <= stop - len(_CLOSE):
+                # only whitespace before the closing ``` is past ``stop``: end the part
+                # with the block, that whitespace left out
+                return code_end, fence.end, True
         minimum = position + max(1, (stop - position) // 4)  # no tiny parts for a nicer cut
         for rank in (_PARA, _LINE, _CODE_PARA, _CODE_LINE):
             found = self._rightmost(rank, minimum, stop)
@@ -477,7 +476,7 @@ class _Layout:
             after = max(source.rfind(mark, minimum, cut) for mark in ends) + 1
             while minimum < after < cut and source[after] in _CLOSING:
                 after += 1
-            if after > minimum and self._outside(after):
+            if after > minimum and self._outside(after) and not _continues(source, after):
                 return after, after, False
         kept = _grapheme_start(source, cut, position + 1)
         cut = kept if self._outside(kept) else cut
