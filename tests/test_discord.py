@@ -158,6 +158,7 @@ async def test_respond_always_and_a_trigger(
         assert await texts(discord_fake, general, 1) == ["echo: no mention needed"]
     async with running(discord_fake, chat, openai_llm, trigger="!ask"):
         await discord_fake.user_message(quiet, "just chatting", user_id=ALICE)
+        await discord_fake.user_message(quiet, "!asking around", user_id=ALICE)  # not the word
         await discord_fake.user_message(quiet, "!ask what time is it", user_id=ALICE)
         assert await texts(discord_fake, quiet, 1) == ["echo: what time is it"]
     assert len(openai_server.requests) == 2

@@ -518,7 +518,7 @@ class DiscordAdapter(BaseSender):
             addressed = True
         trigger = self.settings.trigger
         if trigger:
-            if text.lower().startswith(trigger.lower()):
+            if re.match(rf"{re.escape(trigger)}(?!\w)", text, re.I):  # "ai", not "aim"
                 addressed = True
                 text = text[len(trigger) :].lstrip(" ,:") or text
             elif re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text, re.I):
@@ -623,6 +623,8 @@ class DiscordAdapter(BaseSender):
                 now = self._clock()
                 if now < self._next_edit.get(channel, 0.0) or not text.strip():
                     continue
+                if len(self._next_edit) > _REMEMBERED:  # forget channels long quiet
+                    self._next_edit = {c: t for c, t in self._next_edit.items() if t > now}
                 self._next_edit[channel] = now + self.settings.stream_interval
                 update = asyncio.create_task(self._show(key, shown, _parts(text, preview=True)))
         finally:
