@@ -35,6 +35,15 @@ from turbobot.template import INTERRUPTED, Template
 WELCOME = "Welcome, traveller. What is your zodiac sign?"
 ALICE = 501
 BOB = 502
+#: an image without text, as Discord describes an attachment
+PHOTO = {
+    "id": "9",
+    "filename": "cat.png",
+    "size": 10,
+    "url": "http://x/cat.png",
+    "proxy_url": "http://x/cat.png",
+    "content_type": "image/png",
+}
 
 
 @pytest.fixture
@@ -301,19 +310,11 @@ async def test_attachments_stickers_edits_bots_webhooks_and_system_messages(
     discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI, tmp_path: Path
 ) -> None:
     dm = discord_fake.dm_channel(ALICE)
-    photo = {
-        "id": "9",
-        "filename": "cat.png",
-        "size": 10,
-        "url": "http://x/cat.png",
-        "proxy_url": "http://x/cat.png",
-        "content_type": "image/png",
-    }
     async with (
         SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store,
         running(discord_fake, chat, openai_llm, store),
     ):
-        await discord_fake.user_message(dm, "", user_id=ALICE, attachments=[photo])
+        await discord_fake.user_message(dm, "", user_id=ALICE, attachments=[PHOTO])
         notice = await texts(discord_fake, dm, 1)
         assert notice == ["I can only read text messages, sorry: please type your message."]
         edited = await discord_fake.user_message(dm, "first", user_id=ALICE)
@@ -606,21 +607,13 @@ async def test_review_findings_shared_media_and_a_400_that_cannot_succeed(
 ) -> None:
     guild = discord_fake.add_guild(channels=("general", "archived"))
     general, archived = guild.channels["general"], guild.channels["archived"]
-    photo = {
-        "id": "9",
-        "filename": "cat.png",
-        "size": 10,
-        "url": "http://x/cat.png",
-        "proxy_url": "http://x/cat.png",
-        "content_type": "image/png",
-    }
     discord_fake.fail("POST", rf"/channels/{archived}/messages", status=400, code=50083, times=None)
     async with running(discord_fake, chat, openai_llm, group_mode="shared", respond="always") as (
         _a,
         runtime,
     ):
         await discord_fake.user_message(
-            general, "", user_id=BOB, username="Bob", attachments=[photo]
+            general, "", user_id=BOB, username="Bob", attachments=[PHOTO]
         )
         assert await texts(discord_fake, general, 1) == [
             "I can only read text messages, sorry: please type your message."
@@ -635,3 +628,17 @@ async def test_review_findings_shared_media_and_a_400_that_cannot_succeed(
     ]
     assert len(posts) == 1  # a 400 is not asked again
     assert "cannot be delivered" in caplog.text
+
+
+def test_discord_py_reads_and_writes_json_with_lone_surrogates() -> None:
+    """The fake server cannot send what discord.py's orjson decoder refuses (it writes
+    valid UTF-8), so the fallback the adapter installs is checked on discord.py itself."""
+    import discord.utils
+
+    from turbobot.adapters.discord import _tolerate_lone_surrogates
+
+    _tolerate_lone_surrogates()
+    frame = '{"t":"MESSAGE_CREATE","d":{"content":"lone \\ud800 here"}}'
+    assert discord.utils._from_json(frame)["d"]["content"] == "lone \ud800 here"
+    assert discord.utils._from_json(frame.encode())["d"]["content"] == "lone \ud800 here"
+    assert '"lone \\ud800"' in discord.utils._to_json({"content": "lone \ud800"})
