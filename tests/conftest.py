@@ -8,10 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.postgres import PostgresServer, find_bin_dir
 from turbobot import OpenAILLM, RetryPolicy
 from turbobot.store import BaseStore, InMemoryStore
+
+
+@pytest.fixture
+async def discord_fake() -> AsyncIterator[FakeDiscord]:
+    """The fake Discord REST API and gateway on 127.0.0.1, stopped after the test."""
+    async with FakeDiscord() as fake:
+        yield fake
 
 
 @pytest.fixture

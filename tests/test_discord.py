@@ -46,12 +46,6 @@ PHOTO = {
 }
 
 
-@pytest.fixture
-async def discord_fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as fake:
-        yield fake
-
-
 @contextlib.asynccontextmanager
 async def running(
     fake: FakeDiscord,

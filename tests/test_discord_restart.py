@@ -8,7 +8,6 @@ by the test; the database is a real SQLite file that survives the kills.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -26,12 +25,6 @@ LEO = "Ah, Leo. What do you want to know?"
 
 def DiscordBot(env: dict[str, str], *args: str) -> CliBot:
     return CliBot(env, *args, platform="discord")
-
-
-@pytest.fixture
-async def discord_fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as fake:
-        yield fake
 
 
 def bot_env(fake: FakeDiscord, openai_server: FakeOpenAI, **extra: str) -> dict[str, str]:
