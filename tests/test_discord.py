@@ -26,6 +26,7 @@ from turbobot import ChannelKey
 from turbobot.adapters.console import ConsoleAdapter
 from turbobot.adapters.discord import MESSAGE_LIMIT, DiscordAdapter, DiscordSettings
 from turbobot.bots.horoscope import horoscope
+from turbobot.commands import Command, CommandCall
 from turbobot.llm.openai import OpenAILLM
 from turbobot.runtime import Runtime, RuntimeSettings
 from turbobot.sql import SQLStore
@@ -52,6 +53,8 @@ async def running(
     template: Template,
     llm: Any,
     store: BaseStore | None = None,
+    *,
+    stop_grace: float = 10.0,
     **overrides: Any,
 ) -> AsyncIterator[tuple[DiscordAdapter, Runtime]]:
     """The adapter connected to the fake gateway with a runtime behind it; stopped after."""
@@ -61,7 +64,9 @@ async def running(
     )
     store = store or InMemoryStore()
     async with DiscordAdapter(settings) as adapter:
-        runtime_settings = RuntimeSettings(bot_username=adapter.username, typing_delay=0.2)
+        runtime_settings = RuntimeSettings(
+            bot_username=adapter.username, typing_delay=0.2, stop_grace=stop_grace
+        )
         async with Runtime(
             template, llm=llm, sender=adapter, store=store, settings=runtime_settings
         ) as runtime:
@@ -423,10 +428,15 @@ async def test_the_token_never_reaches_the_logs(
     async with running(discord_fake, horoscope, openai_llm) as (adapter, _runtime):
         await discord_fake.user_message(dm, "hi", user_id=ALICE)
         await texts(discord_fake, dm, 1)
+        interaction = await discord_fake.slash_command("help", dm, user_id=ALICE)
+        await discord_fake.wait_for(lambda: bool(interaction.followups))
         logging.getLogger("turbobot.adapters.discord").warning("token %s", discord_fake.token)
         assert discord_fake.token not in repr(adapter.settings)
     assert "WebSocket Event" in caplog.text  # discord.py's DEBUG logs were on
     assert discord_fake.token not in caplog.text
+    # an interaction's token answers it for 15 minutes: it is a secret too
+    assert "INTERACTION_CREATE" in caplog.text and "/webhooks/" in caplog.text
+    assert interaction.token not in caplog.text
     assert "<redacted>" in caplog.text
 
 
@@ -437,9 +447,9 @@ def test_settings_errors_are_clear() -> None:
         DiscordSettings(token="x", respond="loud")  # type: ignore[arg-type]
     with pytest.raises(Exception, match="DISCORD_GATEWAY_URL must start with ws://"):
         DiscordSettings(token="x", gateway_url="http://127.0.0.1:1/gateway")
-    with pytest.raises(Exception, match="needs --shard-count"):
+    with pytest.raises(Exception, match=r"need the total number of shards too \(--shard-count"):
         DiscordSettings(token="x", shard_ids=(0,))
-    with pytest.raises(Exception, match="between 0 and 1"):
+    with pytest.raises(Exception, match="shard ids go from 0 to 1: 2 given"):
         DiscordSettings(token="x", shard_count=2, shard_ids=(2,))
 
 
@@ -577,6 +587,14 @@ def test_settings_come_from_flags_then_the_environment() -> None:
         settings_from(launch(env, shard_ids="0-x"))
     with pytest.raises(Exception, match="DISCORD_SHARD_COUNT must be a whole number"):
         settings_from(launch({**env, "DISCORD_SHARD_COUNT": "abc"}))
+    with pytest.raises(Exception, match="--shard-ids: the range 3-1 is backwards"):
+        settings_from(launch(env, shard_ids="3-1"))
+    with pytest.raises(Exception, match=r"DISCORD_SHARD_IDS must list shard numbers.*'-1'"):
+        settings_from(launch({**env, "DISCORD_SHARD_IDS": "-1"}))
+    with pytest.raises(Exception, match=r"shard count \(--shard-count or DISCORD_SHARD_COUNT"):
+        settings_from(launch(env, shard_count=0))
+    with pytest.raises(Exception, match=r"with 8 shard\(s\), shard ids go from 0 to 7: 9 given"):
+        settings_from(launch(env, shard_ids="9"))
 
 
 async def test_review_findings_mentions_keep_code_indents_and_replies_answer_the_oldest(
@@ -636,3 +654,94 @@ def test_discord_py_reads_and_writes_json_with_lone_surrogates() -> None:
     assert discord.utils._from_json(frame)["d"]["content"] == "lone \ud800 here"
     assert discord.utils._from_json(frame.encode())["d"]["content"] == "lone \ud800 here"
     assert '"lone \\ud800"' in discord.utils._to_json({"content": "lone \ud800"})
+
+
+async def test_a_slash_command_behind_a_generation_gets_its_own_answer(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    """The interaction is answered by the reply to the command, not by whatever reply
+    comes next in the conversation (here: the one to the message before it)."""
+    openai_server.script(Reply("a slow answer", delay=0.8))
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, chat, openai_llm):
+        question = await discord_fake.user_message(dm, "question", user_id=ALICE)
+        await discord_fake.wait_for(lambda: len(openai_server.requests) == 1)
+        interaction = await discord_fake.slash_command("help", dm, user_id=ALICE)
+        await discord_fake.wait_for(lambda: bool(interaction.followups))
+        shown = await texts(discord_fake, dm, 1)
+    assert shown == ["a slow answer"]
+    assert str(discord_fake.messages(dm)[0]["message_reference"]["message_id"]) == question["id"]
+    assert "/reset" in interaction.followups[0]["content"]  # the help text
+
+
+async def test_a_command_that_answers_nothing_takes_its_thinking_away(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    async def quiet(call: CommandCall) -> str | None:
+        return None
+
+    bot = chat.configure(commands=[Command("quiet", "Answers nothing", quiet)])
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, bot, openai_llm):
+        interaction = await discord_fake.slash_command("quiet", dm, user_id=ALICE)
+        # at once, not after the 14 minutes an interaction may wait for its answer
+        await discord_fake.wait_for(lambda: interaction.original_deleted, timeout=5)
+        await discord_fake.user_message(dm, "hello", user_id=ALICE)
+        assert await texts(discord_fake, dm, 1) == ["echo: hello"]
+    assert interaction.callbacks[0]["type"] == 5 and interaction.followups == []
+
+
+async def test_a_long_429_on_a_new_thread_does_not_stall_other_channels(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups on the way in (a new thread, a reply chain's message) are bounded: the
+    queue of received messages is ordered, so waiting out a long 429 there would hold
+    up every channel."""
+    monkeypatch.setattr("turbobot.adapters.discord._LOOKUP_TIMEOUT", 0.3)
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    dm = discord_fake.dm_channel(BOB)
+    discord_fake.fail("POST", r".*/threads", status=429, retry_after=30.0)
+    async with running(discord_fake, chat, openai_llm, threads=True):
+        started = asyncio.get_running_loop().time()
+        await discord_fake.user_message(general, "open one", user_id=ALICE, mention_bot=True)
+        await discord_fake.user_message(dm, "me too", user_id=BOB)
+        assert await texts(discord_fake, dm, 1) == ["echo: me too"]
+        # no thread: answered in the channel instead
+        assert await texts(discord_fake, general, 1) == ["echo: open one"]
+        assert asyncio.get_running_loop().time() - started < 5
+    assert discord_fake.threads_created == []
+
+
+async def test_a_stop_that_abandons_a_stream_takes_its_preview_away(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    """The abandoned step is done again, whole, on the next start: a half preview left
+    on screen would be read twice."""
+    words = " ".join(f"word{i}" for i in range(200))
+    openai_server.script(Reply(content=words, chunk_delay=0.05))
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, streamer, openai_llm, stream_interval=0.05, stop_grace=0.3):
+        await discord_fake.user_message(dm, "stream it", user_id=ALICE)
+        await discord_fake.wait_for(lambda: bool(discord_fake.messages(dm)))
+        preview = discord_fake.messages(dm)[0]
+        assert preview["content"] != words
+    assert int(preview["id"]) in discord_fake.deleted
+    assert discord_fake.messages(dm) == []
+
+
+async def test_a_server_discord_py_has_not_cached_is_not_taken_for_a_dm(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    dm = discord_fake.dm_channel(BOB)
+    async with running(discord_fake, chat, openai_llm) as (adapter, _runtime):
+        await discord_fake.dispatch("GUILD_DELETE", {"id": str(guild.id)})
+        await discord_fake.wait_for(lambda: adapter.client.get_guild(guild.id) is None)
+        await discord_fake.user_message(general, "talking among ourselves", user_id=ALICE)
+        await discord_fake.user_message(dm, "hello", user_id=BOB)
+        assert await texts(discord_fake, dm, 1) == ["echo: hello"]
+        assert discord_fake.messages(general) == []  # not addressed: no answer
+        await discord_fake.user_message(general, "now you", user_id=ALICE, mention_bot=True)
+        assert await texts(discord_fake, general, 1) == ["echo: now you"]

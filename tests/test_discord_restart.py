@@ -43,9 +43,15 @@ async def texts(fake: FakeDiscord, channel: int, count: int) -> list[str]:
     return [m["content"] for m in fake.messages(channel)]
 
 
+def registrations(fake: FakeDiscord) -> int:
+    """How many times a bot registered its commands (on discord.py's ``on_ready``, once
+    the servers' data came or ``ready_timeout`` passed): how many starts were ready."""
+    return len(fake.calls_to("PUT", r"/applications/\d+/commands"))
+
+
 async def connected(fake: FakeDiscord, count: int) -> None:
-    """Wait for the ``count``-th IDENTIFY and for the commands (sent on READY)."""
-    await fake.wait_for(lambda: len(fake.identifies) >= count and bool(fake.commands), timeout=30)
+    """Wait until ``count`` starts were ready."""
+    await fake.wait_for(lambda: registrations(fake) >= count, timeout=30)
 
 
 async def test_kill_9_mid_generation_and_while_waiting_then_resume(
@@ -72,8 +78,9 @@ async def test_kill_9_mid_generation_and_while_waiting_then_resume(
     # 2. killed while waiting for the user; the next message goes to the restarted bot
     await wait_for_outbox_empty(env)
     await bot.kill()
+    ready = registrations(discord_fake)
     bot = await DiscordBot(env).start()
-    await connected(discord_fake, 3)
+    await connected(discord_fake, ready + 1)
     await discord_fake.user_message(dm, "thanks", user_id=ALICE)
     assert (await texts(discord_fake, dm, 4))[3] == "echo: thanks"
 
@@ -86,6 +93,7 @@ async def test_kill_9_mid_generation_and_while_waiting_then_resume(
         "echo: thanks",
     ]
     assert len(openai_server.requests) == 3  # the interrupted generation, its retry, thanks
+    assert b"is running; Ctrl-C stops it" in bot.stderr
     assert b"WebSocket Event" in bot.stderr  # DEBUG logs were on ...
     assert discord_fake.token.encode() not in bot.stderr  # ... and never showed the token
     assert b"sk-test-key" not in bot.stderr
@@ -116,8 +124,9 @@ async def test_cli_configuration_errors(
     code, err = await run({**env, "DISCORD_API_BASE_URL": "http://127.0.0.1:9/api/v10"})
     assert code == 2 and "cannot reach the Discord API" in err
     code, err = await run(env, "--shard-ids", "0")
-    assert code == 2 and "needs --shard-count" in err
+    assert code == 2 and "need the total number of shards too (--shard-count" in err
     async with FakeDiscord(allow_message_content=False) as strict:
         code, err = await run(bot_env(strict, openai_server))
     assert code == 2 and "Message Content Intent" in err
     assert "Traceback" not in err
+    assert "is running" not in err  # said only once the gateway is connected

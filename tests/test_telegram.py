@@ -67,6 +67,8 @@ async def running(
     template: Template,
     llm: OpenAILLM,
     store: BaseStore | None = None,
+    *,
+    stop_grace: float = 10.0,
     **overrides: Any,
 ) -> AsyncIterator[tuple[TelegramAdapter, Runtime]]:
     """The adapter polling the fake server with a runtime behind it; stopped after."""
@@ -74,7 +76,7 @@ async def running(
     settings = TelegramSettings(token=fake.token, base_url=fake.base_url, **options)
     store = store or InMemoryStore()
     async with TelegramAdapter(settings) as adapter:
-        runtime_settings = RuntimeSettings(bot_username=adapter.username)
+        runtime_settings = RuntimeSettings(bot_username=adapter.username, stop_grace=stop_grace)
         async with Runtime(
             template, llm=llm, sender=adapter, store=store, settings=runtime_settings
         ) as runtime:
@@ -576,3 +578,20 @@ async def test_a_broken_off_stream_stays_on_screen_marked_interrupted(
         assert texts[2] == runtime.settings.notices.apology
         lines = await runtime.store.transcript(ChannelKey("telegram", str(GROUP), None, "1"))
         assert f"The answer is {INTERRUPTED}" in [line.text for line in lines]
+
+
+async def test_a_stop_that_abandons_a_stream_takes_its_preview_away(
+    telegram: FakeTelegram, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    """The abandoned step is done again, whole, on the next start: a half preview left
+    in the chat would be read twice."""
+    words = " ".join(f"word{i}" for i in range(200))
+    openai_server.script(Reply(content=words, chunk_delay=0.05))
+    async with running(telegram, streamer, openai_llm, stream_interval=0.05, stop_grace=0.3):
+        telegram.message(GROUP, "/start", user_id=1)
+        await replies(telegram, GROUP, 1)
+        telegram.message(GROUP, "@turbo_test_bot stream it", user_id=1)
+        await telegram.wait_until(lambda: len(telegram.sent(GROUP)) == 2, timeout=10)
+        assert telegram.sent(GROUP)[1].plain != words
+    assert len(telegram.sent(GROUP)) == 1  # the greeting; the preview is gone
+    assert telegram.calls_of("deleteMessage")

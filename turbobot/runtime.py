@@ -35,6 +35,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,9 +63,14 @@ from turbobot.store import (
 )
 from turbobot.template import INTERRUPTED, App, AssistantStream, Template
 
-__all__ = ["BaseSender", "Notices", "Runtime", "RuntimeSettings", "parse_command"]
+__all__ = ["BaseSender", "Notices", "Runtime", "RuntimeSettings", "answering", "parse_command"]
 
 _log = logging.getLogger(__name__)
+
+#: The incoming message the step now running answers, for a sender to reply to it (or
+#: to answer the slash command it was). ``None`` when no message asked for what is sent:
+#: a timeout, a kept reply sent again later, a step finished after a restart.
+answering: ContextVar[IncomingMessage | None] = ContextVar("turbobot_answering", default=None)
 
 
 class _InfrastructureError(Exception):
@@ -119,6 +125,13 @@ class BaseSender(ABC):
 
     async def typing(self, key: ChannelKey) -> None:  # noqa: B027 - optional hook
         """Show that the bot is working (called every few seconds while it is)."""
+
+    async def handled(self, message: IncomingMessage) -> None:  # noqa: B027 - optional hook
+        """``message`` is dealt with: every reply it asked for was sent (or kept).
+
+        A sender that acknowledged it on the platform (a slash command's "thinking…")
+        and has not answered it yet takes the acknowledgement away here.
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,6 +761,19 @@ class Runtime:
 
     async def _handle(self, key: ChannelKey, message: IncomingMessage) -> bool:
         """Handle one inbox message; ``False`` leaves it in the inbox."""
+        token = answering.set(message)
+        try:
+            handled = await self._handle_message(key, message)
+        finally:
+            answering.reset(token)
+        if handled:
+            try:
+                await self.sender.handled(message)
+            except Exception as exc:  # the platform's bookkeeping never stops a channel
+                _log.debug("channel %s: the sender's handled() failed: %s", key, exc)
+        return handled
+
+    async def _handle_message(self, key: ChannelKey, message: IncomingMessage) -> bool:
         call = self.commands.parse(message, self.settings.bot_username)
         if call is not None:
             await self._command(key, call)
@@ -1223,7 +1249,7 @@ class Runtime:
             platform_id = FAILED
         else:
             platform_id = await self._outbox.attempt(key, self.sender.send_stream(key, stream))
-        if platform_id is FAILED and not stream.closed:
+        if not stream.closed:
             async for _ in stream:  # the sender gave up early: let the generation finish
                 pass
         if stream.interrupted and platform_id not in (None, FAILED):

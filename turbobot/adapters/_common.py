@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -19,19 +20,25 @@ __all__ = ["RateLimiter", "RedactSecrets", "guard_logs", "platform_id", "serve"]
 
 
 class RedactSecrets(logging.Filter):
-    """Replaces the given secrets wherever a log record shows them (message and traceback)."""
+    """Replaces the given secrets wherever a log record shows them (message and traceback).
 
-    def __init__(self, *secrets: str) -> None:
+    ``patterns`` find secrets not known in advance (a Discord interaction's token): the
+    text each one's first group matches is replaced.
+    """
+
+    def __init__(self, *secrets: str, patterns: Iterable[re.Pattern[str]] = ()) -> None:
         super().__init__()
         self.secrets = [s for s in secrets if s]
+        self.patterns = list(patterns)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a malformed log call: the handler reports it, not us
             return True
-        if any(s in message for s in self.secrets):
-            record.msg, record.args = self.redacted(message), None
+        redacted = self.redacted(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
         if record.exc_info and not record.exc_text:
             # Formatters reuse exc_text: a traceback is redacted once, here.
             record.exc_text = self.redacted(logging.Formatter().formatException(record.exc_info))
@@ -40,7 +47,16 @@ class RedactSecrets(logging.Filter):
     def redacted(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "<redacted>")
+        for pattern in self.patterns:
+            text = pattern.sub(_redact_group, text)
         return text
+
+
+def _redact_group(match: re.Match[str]) -> str:
+    start, end = match.span(1)
+    whole = match.group(0)
+    offset = match.start(0)
+    return whole[: start - offset] + "<redacted>" + whole[end - offset :]
 
 
 def guard_logs(redact: logging.Filter, *, quiet: Iterable[str] = ()) -> None:
@@ -111,6 +127,13 @@ async def serve(launch: Launch, adapter: _Adapter, shown_as: str) -> None:
         async with Runtime(
             template, llm=llm, sender=adapter, store=store, settings=settings
         ) as runtime:
-            name = shown_as.replace("{username}", adapter.username or "the bot")
-            print(f"turbobot: {name} is running; Ctrl-C stops it", file=sys.stderr)
-            await adapter.run(runtime)
+            running = asyncio.create_task(adapter.run(runtime))
+            ready = getattr(adapter, "wait_until_ready", None)
+            if ready is not None:  # "running" only once connected (Discord's gateway)
+                waiter = asyncio.ensure_future(ready())
+                await asyncio.wait([running, waiter], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+            if not running.done():
+                name = shown_as.replace("{username}", adapter.username or "the bot")
+                print(f"turbobot: {name} is running; Ctrl-C stops it", file=sys.stderr)
+            await running

@@ -46,7 +46,7 @@ from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.commands import CommandRegistry, split_command
 from turbobot.exceptions import ConfigurationError, UndeliverableError
 from turbobot.formatting import split_markdown
-from turbobot.runtime import BaseSender, Runtime
+from turbobot.runtime import BaseSender, Runtime, answering
 from turbobot.template import INTERRUPTED, AssistantStream
 
 if TYPE_CHECKING:
@@ -82,9 +82,20 @@ _REMEMBERED = 100_000
 #: how long a deferred slash command waits for the reply that answers it (Discord
 #: keeps an interaction's token for 15 minutes)
 _INTERACTION_TTL = 14 * 60.0
+#: seconds a lookup on the way in (a reply chain's message, a new thread) may take: the
+#: queue is ordered, so a long 429 there would stall every channel behind it
+_LOOKUP_TIMEOUT = 5.0
+#: seconds to take streaming previews away when a stop abandons their step
+_CLEANUP_TIMEOUT = 3.0
 #: typing indicators a second, across all channels
 _TYPING_RATE = 5.0
 _NO_PINGS = discord.AllowedMentions.none()
+#: where an interaction's token shows in discord.py's DEBUG logs: webhook and callback
+#: URLs, and the INTERACTION_CREATE payload (a token answers the interaction for 15 min)
+_INTERACTION_TOKENS = (
+    re.compile(r"/(?:webhooks|interactions)/\d+/([^/\s'\"?]+)"),
+    re.compile(r"""["']token["']\s*:\s*["']([^"']+)["']"""),
+)
 #: message types that are something a person said (the rest are system messages)
 _SAID = (discord.MessageType.default, discord.MessageType.reply)
 Respond = Literal["mention", "always"]
@@ -144,16 +155,23 @@ class DiscordSettings:
                 raise ConfigurationError(
                     f"{name} must start with {schemes[0]}:// or {schemes[1]}://, not {url!r}"
                 )
+        if self.shard_count is not None and self.shard_count < 1:
+            raise ConfigurationError(
+                f"the shard count (--shard-count or DISCORD_SHARD_COUNT) must be at least 1, "
+                f"not {self.shard_count}"
+            )
         if self.shard_ids is not None:
             if self.shard_count is None:
-                raise ConfigurationError("--shard-ids needs --shard-count (the total)")
+                raise ConfigurationError(
+                    "the shard ids (--shard-ids or DISCORD_SHARD_IDS) need the total number "
+                    "of shards too (--shard-count or DISCORD_SHARD_COUNT)"
+                )
             bad = [i for i in self.shard_ids if not 0 <= i < self.shard_count]
             if bad or not self.shard_ids:
                 raise ConfigurationError(
-                    f"shard ids must be between 0 and {self.shard_count - 1}, not {bad}"
+                    f"with {self.shard_count} shard(s), shard ids go from 0 to "
+                    f"{self.shard_count - 1}: {', '.join(map(str, bad)) or 'none'} given"
                 )
-        if self.shard_count is not None and self.shard_count < 1:
-            raise ConfigurationError(f"the shard count must be at least 1, not {self.shard_count}")
         if self.stream_interval <= 0:
             raise ConfigurationError("the streaming edit interval must be positive")
 
@@ -192,7 +210,7 @@ class DiscordAdapter(BaseSender):
     ) -> None:
         self.settings = settings
         self._clock = clock
-        self._redact = RedactSecrets(settings.token)
+        self._redact = RedactSecrets(settings.token, patterns=_INTERACTION_TOKENS)
         guard_logs(self._redact)
         # discord.py has no option for another server: these two class attributes are
         # where it builds its URLs from (one bot per process, so setting them is safe).
@@ -233,10 +251,13 @@ class DiscordAdapter(BaseSender):
         self._received: _Recent[int, ChannelKey] = _Recent(_REMEMBERED)
         #: message ids already handed to the runtime (redelivered events are dropped)
         self._seen: _Recent[int, None] = _Recent(_REMEMBERED)
-        #: the user message the next reply in a conversation answers: (channel, message)
-        self._reply_to: _Recent[ChannelKey, tuple[int, int]] = _Recent(_REMEMBERED)
-        #: slash commands waiting for the reply that answers them
-        self._interactions: dict[ChannelKey, discord.Interaction] = {}
+        #: the channel each recent user message was said in (replies reference it)
+        self._origin: _Recent[int, int] = _Recent(_REMEMBERED)
+        #: messages (and slash commands) whose first reply is out: later ones stand alone
+        self._answered: _Recent[str, None] = _Recent(_REMEMBERED)
+        #: slash commands waiting for their reply, by message id: the interaction, and
+        #: whether its "thinking…" acknowledgement went through
+        self._pending: dict[str, tuple[discord.Interaction, asyncio.Task[bool]]] = {}
         #: threads the bot opened for a conversation
         self._own_threads: _Recent[int, None] = _Recent(_REMEMBERED)
         self._typing = RateLimiter(_TYPING_RATE, burst=int(_TYPING_RATE))
@@ -364,33 +385,44 @@ class DiscordAdapter(BaseSender):
         incoming = self.command_message(interaction)
         if incoming is None:
             return
-        # Discord wants an answer within 3 s: "thinking…", replaced by the reply.
-        try:
-            await interaction.response.defer(thinking=True)
-        except discord.HTTPException as exc:
-            _log.warning("Discord: could not acknowledge a slash command (%s)", exc)
-        else:
-            previous = self._interactions.pop(incoming.key, None)
-            if previous is not None:
-                await self._drop_interaction(previous)
-            self._interactions[incoming.key] = interaction
-            asyncio.get_running_loop().call_later(
-                _INTERACTION_TTL, self._expire_interaction, incoming.key, interaction
-            )
+        # Queued before any await, in gateway order with the messages. Discord wants an
+        # answer within 3 s: "thinking…" now, replaced by the reply when it comes.
         self._queue.put_nowait(incoming)
-
-    def _expire_interaction(self, key: ChannelKey, interaction: discord.Interaction) -> None:
-        if self._interactions.get(key) is interaction:
-            del self._interactions[key]
-            task = asyncio.ensure_future(self._drop_interaction(interaction))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        deferred = asyncio.create_task(self._defer(interaction))
+        self._pending[incoming.message_id] = (interaction, deferred)
+        asyncio.get_running_loop().call_later(
+            _INTERACTION_TTL, self._expire_interaction, incoming.message_id
+        )
 
     @staticmethod
-    async def _drop_interaction(interaction: discord.Interaction) -> None:
+    async def _defer(interaction: discord.Interaction) -> bool:
+        try:
+            await interaction.response.defer(thinking=True)
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            _log.warning("Discord: could not acknowledge a slash command (%s)", exc)
+            return False
+        return True
+
+    def _expire_interaction(self, message_id: str) -> None:
+        self._spawn(self._drop_interaction(message_id))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drop_interaction(self, message_id: str) -> None:
         """Take away a "thinking…" no reply came for (a command that answers nothing)."""
-        with contextlib.suppress(discord.HTTPException):
-            await interaction.delete_original_response()
+        pending = self._pending.pop(message_id, None)
+        if pending is None:
+            return
+        interaction, deferred = pending
+        if await deferred and not interaction.is_expired():
+            with contextlib.suppress(discord.HTTPException, aiohttp.ClientError, OSError):
+                await interaction.delete_original_response()
+
+    async def handled(self, message: IncomingMessage) -> None:
+        await self._drop_interaction(message.message_id)
 
     async def _consume(self, runtime: Runtime) -> None:
         """Hand received messages to the runtime in order, a batch per commit."""
@@ -427,8 +459,7 @@ class DiscordAdapter(BaseSender):
         if incoming is not None:
             self._seen.remember(message.id, None)
             self._received.remember(message.id, incoming.key)
-            if incoming.key not in self._reply_to:  # the oldest unanswered message
-                self._reply_to.remember(incoming.key, (message.channel.id, message.id))
+            self._origin.remember(message.id, message.channel.id)
         return incoming
 
     async def to_incoming(self, message: discord.Message) -> IncomingMessage | None:
@@ -446,7 +477,7 @@ class DiscordAdapter(BaseSender):
             return None
         channel = message.channel
         name = author.display_name
-        if message.guild is None:
+        if not _in_server(message):
             key = ChannelKey("discord", str(channel.id))
         else:
             addressed, text = self._addressed(message, text)
@@ -567,8 +598,10 @@ class DiscordAdapter(BaseSender):
         if key is not None:
             return key
         try:
-            original = await message.channel.fetch_message(answered)
-        except discord.HTTPException:
+            async with asyncio.timeout(_LOOKUP_TIMEOUT):
+                original = await message.channel.fetch_message(answered)
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            _log.info("Discord: could not follow a reply chain (%r); the member's own", exc)
             return None
         return ChannelKey("discord", str(message.channel.id), None, str(original.author.id))
 
@@ -577,8 +610,9 @@ class DiscordAdapter(BaseSender):
             return None
         title = " ".join(text.split())[:80] or "Conversation"
         try:
-            thread = await message.create_thread(name=title)
-        except discord.HTTPException as exc:
+            async with asyncio.timeout(_LOOKUP_TIMEOUT):
+                thread = await message.create_thread(name=title)
+        except (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError) as exc:
             _log.warning("Discord: could not open a thread (%s); answering in the channel", exc)
             return None
         self._own_threads.remember(thread.id, None)
@@ -599,7 +633,8 @@ class DiscordAdapter(BaseSender):
         return platform_id(ids)
 
     async def typing(self, key: ChannelKey) -> None:
-        if key in self._interactions:
+        asked = answering.get()
+        if asked is not None and asked.message_id in self._pending:
             return  # the slash command's "thinking…" already says so
         # Only with spare capacity: a backlog of replies must not turn into a flood of
         # typing indicators (Discord allows a bot about 50 requests a second in all).
@@ -607,19 +642,32 @@ class DiscordAdapter(BaseSender):
             await self.client.http.send_typing(int(key.channel))
 
     async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
-        with _undeliverable():
-            return await self._stream(key, stream)
-
-    async def _stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
-        channel = int(key.channel)
         shown: list[tuple[discord.Message, str]] = []  # the messages on screen and their text
+        try:
+            with _undeliverable():
+                return await self._stream(key, stream, shown)
+        except asyncio.CancelledError:
+            # A stop outlasted its grace and abandoned the step: it is done again on the
+            # next start, whole. The previews go, so the reply is not read twice.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(_CLEANUP_TIMEOUT):
+                    for message, _ in shown:
+                        await message.delete()
+            raise
+
+    async def _stream(
+        self, key: ChannelKey, stream: AssistantStream, shown: list[tuple[discord.Message, str]]
+    ) -> str | None:
+        channel = int(key.channel)
         text = ""
         update: asyncio.Task[None] | None = None
         try:
             async for delta in stream:
                 text += delta
-                if update is not None and not update.done():
-                    continue  # the screen catches up when that edit is through
+                if update is not None:
+                    if not update.done():
+                        continue  # the screen catches up when that edit is through
+                    update.result()  # a refusal (403, 404) ends it here; blips were logged
                 now = self._clock()
                 if now < self._next_edit.get(channel, 0.0) or not text.strip():
                     continue
@@ -627,6 +675,10 @@ class DiscordAdapter(BaseSender):
                     self._next_edit = {c: t for c, t in self._next_edit.items() if t > now}
                 self._next_edit[channel] = now + self.settings.stream_interval
                 update = asyncio.create_task(self._show(key, shown, _parts(text, preview=True)))
+        except asyncio.CancelledError:
+            if update is not None:
+                update.cancel()  # the step is abandoned (see send_stream)
+            raise
         finally:
             if update is not None:
                 with contextlib.suppress(Exception):
@@ -681,36 +733,55 @@ class DiscordAdapter(BaseSender):
                 return
 
     async def _post(self, key: ChannelKey, text: str, *, first: bool) -> discord.Message:
-        """Post one message to ``key``'s channel: the first part of a reply answers the
-        pending slash command, or replies to the user's message."""
-        interaction = self._interactions.pop(key, None) if first else None
-        if interaction is not None and not interaction.is_expired():
-            try:
-                followup = await interaction.followup.send(
-                    text, allowed_mentions=_NO_PINGS, wait=True
-                )
-            except discord.NotFound:  # the interaction is gone: post to the channel
-                pass
-            else:
+        """Post one message to ``key``'s channel. The first part of the first reply to a
+        message (see :data:`~turbobot.runtime.answering`) answers its slash command, or
+        replies to it."""
+        asked = answering.get() if first else None
+        if asked is not None and (asked.key != key or asked.message_id in self._answered):
+            asked = None
+        if asked is not None:
+            followup = await self._follow_up(asked.message_id, text)
+            if followup is not None:
+                self._answered.remember(asked.message_id, None)
                 self._sent.remember(followup.id, key)
                 return followup
         channel_id = int(key.channel)
-        reference = None
-        if first:
-            target = self._reply_to.pop(key, None)
-            if target is not None and target[0] == channel_id:
-                reference = discord.MessageReference(
-                    message_id=target[1], channel_id=channel_id, fail_if_not_exists=False
-                )
         channel = self.client.get_partial_messageable(channel_id)
-        if reference is not None:
+        said = int(asked.message_id) if asked is not None and asked.message_id.isdigit() else 0
+        if said and self._origin.get(said) == channel_id:
+            # (a message that opened a thread was said in the channel above it)
+            reference = discord.MessageReference(
+                message_id=said, channel_id=channel_id, fail_if_not_exists=False
+            )
             message = await channel.send(
                 text, allowed_mentions=_NO_PINGS, reference=reference, mention_author=False
             )
         else:
             message = await channel.send(text, allowed_mentions=_NO_PINGS)
+        if asked is not None:
+            self._answered.remember(asked.message_id, None)
         self._sent.remember(message.id, key)
         return message
+
+    async def _follow_up(self, message_id: str, text: str) -> discord.Message | None:
+        """Answer the pending slash command ``message_id`` with ``text``, if there is one
+        that can still be answered (``None``: post to the channel instead)."""
+        pending = self._pending.pop(message_id, None)
+        if pending is None:
+            return None
+        interaction, deferred = pending
+        if not await deferred or interaction.is_expired():
+            return None
+        try:
+            followup: discord.Message = await interaction.followup.send(
+                text, allowed_mentions=_NO_PINGS, wait=True
+            )
+        except discord.NotFound:  # the interaction is gone
+            return None
+        except (discord.HTTPException, aiohttp.ClientError, OSError):
+            self._pending[message_id] = pending  # for a retry, or handled() takes it away
+            raise
+        return followup
 
     async def _retrying(self, request: Callable[[], Any], *, attempts: int = 5) -> Any:
         """``request()`` again after a 429 discord.py gave up on, or a 5xx / network blip."""
@@ -806,6 +877,12 @@ def _undeliverable() -> Iterator[None]:
         raise
 
 
+def _in_server(message: discord.Message) -> bool:
+    """Whether ``message`` was said in a server (also one discord.py has not cached:
+    its channel is then a partial one that knows only the server's id)."""
+    return message.guild is not None or getattr(message.channel, "guild_id", None) is not None
+
+
 def _attachment_kind(attachment: discord.Attachment) -> str:
     kind = (attachment.content_type or "").partition("/")[0]
     return {"image": "photo", "audio": "audio", "video": "video"}.get(kind, "document")
@@ -860,14 +937,15 @@ def _integer(text: str, source: str) -> int:
 def _shard_ids(text: str, source: str) -> tuple[int, ...]:
     """``0,2,4`` or ``0-3`` (or both mixed) as shard ids."""
     ids: list[int] = []
-    try:
-        for item in text.split(","):
-            low, dash, high = item.strip().partition("-")
-            ids.extend(range(int(low), int(high) + 1) if dash else [int(low)])
-    except ValueError:
-        raise ConfigurationError(
-            f"{source} must list shard numbers like 0,1 or 0-3, not {text!r}"
-        ) from None
+    for item in text.split(","):
+        low, dash, high = item.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ConfigurationError(
+                f"{source} must list shard numbers like 0,1 or 0-3, not {text!r}"
+            )
+        if dash and int(high) < int(low):
+            raise ConfigurationError(f"{source}: the range {item.strip()} is backwards")
+        ids.extend(range(int(low), int(high) + 1) if dash else [int(low)])
     return tuple(dict.fromkeys(ids))
 
 

@@ -106,6 +106,8 @@ _MEDIA = (
 )
 #: concurrent Bot API requests (and HTTP connections)
 _IN_FLIGHT = 16
+#: seconds to take a streaming preview away when a stop abandons its step
+_CLEANUP_TIMEOUT = 3.0
 _SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 GroupMode = Literal["per-user", "shared"]
 
@@ -563,6 +565,26 @@ class TelegramAdapter(BaseSender):
         self, chat_id: int, thread: int | None, stream: AssistantStream, text: str = ""
     ) -> str | None:
         """Show the reply in a message edited as it grows; ``text``: what came already."""
+        previews: list[int] = []  # the message showing it, once there is one
+        try:
+            return await self._edits(chat_id, thread, stream, text, previews)
+        except asyncio.CancelledError:
+            # A stop outlasted its grace and abandoned the step: it is done again on the
+            # next start, whole. The preview goes, so the reply is not read twice.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(_CLEANUP_TIMEOUT):
+                    for message_id in previews:
+                        await self.bot.delete_message(chat_id, message_id)
+            raise
+
+    async def _edits(
+        self,
+        chat_id: int,
+        thread: int | None,
+        stream: AssistantStream,
+        text: str,
+        previews: list[int],
+    ) -> str | None:
         message_id: int | None = None
         shown = ""
         next_at = time.monotonic() + self.settings.stream_interval / 2
@@ -581,6 +603,7 @@ class TelegramAdapter(BaseSender):
                         attempts=1,
                     )
                     message_id = sent.message_id
+                    previews.append(message_id)
                 else:
                     await self._call(
                         partial(
