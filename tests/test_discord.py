@@ -745,3 +745,28 @@ async def test_a_server_discord_py_has_not_cached_is_not_taken_for_a_dm(
         assert discord_fake.messages(general) == []  # not addressed: no answer
         await discord_fake.user_message(general, "now you", user_id=ALICE, mention_bot=True)
         assert await texts(discord_fake, general, 1) == ["echo: now you"]
+
+
+async def test_a_preview_inside_a_code_block_closes_it_before_the_ellipsis(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM, openai_server: FakeOpenAI
+) -> None:
+    code = "```python\n" + "".join(f"x{i} = {i}\n" for i in range(60)) + "```\nThat is all."
+    openai_server.script(Reply(content=code, chunk_delay=0.01))
+    dm = discord_fake.dm_channel(ALICE)
+    async with running(discord_fake, streamer, openai_llm, stream_interval=0.05):
+        await discord_fake.user_message(dm, "code please", user_id=ALICE)
+        await discord_fake.wait_for(lambda: texts_now(discord_fake, dm) == [code], timeout=10)
+    previews = [body["content"] for body in discord_fake.sent] + [
+        e.content for e in discord_fake.edits
+    ]
+    shown = [p for p in previews if p != code]
+    in_code = [p for p in shown if p.endswith("\n```\n…")]
+    assert in_code, "no preview was shown while the code was streaming"
+    # the block is closed before the ellipsis, so "…" is not shown as code; a preview
+    # past the block ends in " …" as usual
+    assert all(p.count("```") == 2 for p in in_code)
+    assert all(p.endswith(" …") and p.count("```") == 2 for p in shown if p not in in_code)
+
+
+def texts_now(fake: FakeDiscord, channel: int) -> list[str]:
+    return [m["content"] for m in fake.messages(channel)]

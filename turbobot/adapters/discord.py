@@ -96,6 +96,8 @@ _INTERACTION_TOKENS = (
     re.compile(r"/(?:webhooks|interactions)/\d+/([^/\s'\"?]+)"),
     re.compile(r"""["']token["']\s*:\s*["']([^"']+)["']"""),
 )
+#: what ends a preview that stops inside a code block
+_OPEN_CODE_MORE = "\n```\n…"
 #: message types that are something a person said (the rest are system messages)
 _SAID = (discord.MessageType.default, discord.MessageType.reply)
 Respond = Literal["mention", "always"]
@@ -897,11 +899,18 @@ def _readable_mentions(message: discord.Message, text: str) -> str:
 
 
 def _parts(text: str, *, preview: bool = False) -> list[str]:
-    """A reply as messages of at most 2,000 characters (a preview leaves room for " …")."""
-    if preview:
-        parts = split_markdown(text, MESSAGE_LIMIT - 2)
-        return [*parts[:-1], parts[-1] + " …"] if parts else []
-    return split_markdown(text, MESSAGE_LIMIT)
+    """A reply as messages of at most 2,000 characters; a preview ends in " …", after
+    the code block it is in (closed for the preview) rather than inside it."""
+    if not preview:
+        return split_markdown(text, MESSAGE_LIMIT)
+    parts = split_markdown(text, MESSAGE_LIMIT - len(_OPEN_CODE_MORE))
+    if not parts:
+        return []
+    last = parts[-1]
+    # as Discord reads code: each ``` opens a block the next closes (split_markdown
+    # closes and reopens the blocks it cuts, so a part's fences pair up but the last's)
+    more = _OPEN_CODE_MORE if last.count("```") % 2 else " …"
+    return [*parts[:-1], last + more]
 
 
 def settings_from(launch: Launch) -> DiscordSettings:
