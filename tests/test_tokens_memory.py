@@ -86,6 +86,20 @@ async def test_incremental_prompt_matches_the_reference_trim() -> None:
                 counter=counter, context_window=window, max_tokens=10
             )
             assert prompt == reference, (seed, window)
+        # prompted after every message, as a conversation does: the window slides
+        for window in (30, 120, 400):
+            memory = LocalMemory()
+            for n, message in enumerate(messages, 1):
+                await memory.append(message)
+                reference = [
+                    m.to_openai()
+                    for m in trim_to_window(messages[:n], budget=window - 10, counter=counter)
+                ]
+                fit_newest(reference, budget=window - 10, counter=counter)
+                prompt = await memory.prepare_prompt(
+                    counter=counter, context_window=window, max_tokens=10
+                )
+                assert prompt == reference, (seed, window, n)
     memory = LocalMemory([User("a")])
     await memory.clear()
     await memory.append(User("b"))

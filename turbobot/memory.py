@@ -132,15 +132,33 @@ class BaseMemory(ABC):
 
 
 class _TurnIndex:
-    """Where a memory's pinned messages and turns start; made by its first prompt."""
+    """Where a memory's pinned messages and turns start, and the window of the last
+    prompt; made by its first prompt, then kept up to date as messages are appended."""
 
-    __slots__ = ("count", "pinned", "turns")
+    __slots__ = (
+        "budget",
+        "count",
+        "counter",
+        "first_turn",
+        "pinned",
+        "turns",
+        "used",
+        "window_end",
+    )
 
     def __init__(self) -> None:
         self.pinned: list[int] = []
         self.turns: list[int] = []
         #: how many messages it covers
         self.count = 0
+        # The last prompt's window: turns ``first_turn`` on, ``used`` tokens with the
+        # pinned messages, counting messages up to ``window_end``; for this budget and
+        # counter (another budget starts afresh).
+        self.budget: int | None = None
+        self.counter: TokenCounter | None = None
+        self.first_turn = 0
+        self.used = 0
+        self.window_end = 0
 
 
 class LocalMemory(BaseMemory):
@@ -187,19 +205,30 @@ class LocalMemory(BaseMemory):
     async def prepare_prompt(
         self, *, counter: TokenCounter, context_window: int, max_tokens: int
     ) -> list[dict[str, Any]]:
-        # The same selection as trim_to_window, walking back from the newest turn.
+        # The same selection as trim_to_window (the newest turns that fit, the newest
+        # one always), kept as a sliding window: appended messages are added to it and
+        # the oldest turns leave it while it is over budget. Appending only ever moves
+        # the longest suffix of turns that fits forwards, so a turn that left never
+        # comes back, and a turn costs its new messages, not the window's length.
         index = self._indexed()
         messages, turns = self.messages, index.turns
         budget = context_window - max_tokens
-        used = TOKENS_REPLY_PRIMING + sum(_tokens(messages[i], counter) for i in index.pinned)
-        first = end = len(messages)
-        for n in range(len(turns) - 1, -1, -1):
-            start = turns[n]
-            cost = sum(_tokens(m, counter) for m in messages[start:end] if not m.pinned)
-            if end != len(messages) and used + cost > budget:
-                break
-            used += cost
-            first = end = start
+        if index.budget != budget or index.counter is not counter:
+            index.budget, index.counter = budget, counter
+            index.first_turn = index.window_end = 0
+            index.used = TOKENS_REPLY_PRIMING
+        used = index.used
+        for i in range(index.window_end, len(messages)):
+            # (a pinned message counts wherever it is: it is always in the prompt)
+            used += _tokens(messages[i], counter)
+        index.window_end = len(messages)
+        first_turn, last_turn = index.first_turn, len(turns) - 1
+        while used > budget and first_turn < last_turn:
+            start, stop = turns[first_turn], turns[first_turn + 1]
+            used -= sum(_tokens(m, counter) for m in messages[start:stop] if not m.pinned)
+            first_turn += 1
+        index.first_turn, index.used = first_turn, used
+        first = turns[first_turn] if turns else len(messages)
         prompt = [messages[i].to_openai() for i in index.pinned if i < first]
         prompt += [m.to_openai() for m in messages[first:]]
         if used > budget:  # the newest turn alone is too big
