@@ -496,3 +496,15 @@ async def test_owned_app_is_not_tracked_by_the_loop_and_still_cleans_up() -> Non
     await tracked.asend(None)
     assert len(loop._asyncgens) == before + 1  # type: ignore[attr-defined]
     await tracked.aclose()
+
+
+def test_a_message_made_from_user_input_holds_only_its_text() -> None:
+    """``yield User(text)`` with the ``UserInput`` a template received: the memory keeps
+    a plain string, not the whole incoming message (RAM per turn, issue 10)."""
+    from turbobot import ChannelKey, IncomingMessage, User
+    from turbobot.signals import UserInput
+
+    incoming = IncomingMessage(ChannelKey("console", "c"), "hi there", "m1", attachments=())
+    message = User(UserInput("hi there", incoming=incoming))
+    assert type(message.content) is str and message.content == "hi there"
+    assert not hasattr(message.content, "incoming")

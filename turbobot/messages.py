@@ -116,10 +116,14 @@ class Message:
             content = render_template(template, variables or {})
         if content is None:
             content = ""
-        if not isinstance(content, str):
-            raise TypeError(
-                f"{type(self).__name__}() content must be a str, got {type(content).__name__}"
-            )
+        if type(content) is not str:
+            if not isinstance(content, str):
+                raise TypeError(
+                    f"{type(self).__name__}() content must be a str, got {type(content).__name__}"
+                )
+            # a plain copy: a UserInput would keep its whole incoming message alive for
+            # as long as the memory keeps this message
+            content = str.__str__(content)
         self.content = content
         self.name = name
         self.forward = forward
