@@ -293,12 +293,23 @@ async def test_invalid_yield_names_template_and_value() -> None:
         await drain(sloppy().bind(llm=ScriptedLLM()))
 
 
-def test_non_generator_is_rejected() -> None:
+async def test_non_generator_is_rejected() -> None:
+    """A plain function is refused at once; an ``async def`` that never yields only when
+    its app starts (turbo-chat's README decorates such a sketch, which must import)."""
+
+    def not_async() -> None:
+        return None
+
     async def not_a_generator() -> None:
         return None
 
     with pytest.raises(TemplateError, match="async generator function"):
-        turbo(not_a_generator)
+        turbo(not_async)
+    sketch = turbo(not_a_generator)
+    assert sketch.problem is not None and "not_a_generator" in sketch.problem
+    app = sketch()
+    with pytest.raises(TemplateError, match="async generator function"):
+        await app.asend(None)
 
 
 async def test_message_template_and_variables() -> None:

@@ -25,12 +25,14 @@ from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.openai import OpenAILLM, RetryPolicy
 from turbobot.llm.scripted import ScriptedLLM
-from turbobot.memory import BaseMemory, LocalMemory
+from turbobot.memory import BaseMemory, ListMemory, LocalMemory
 from turbobot.messages import (
     Assistant,
+    Example,
     ExampleAssistant,
     ExampleUser,
     Message,
+    Messages,
     System,
     ToolCall,
     ToolMessage,
@@ -48,7 +50,19 @@ from turbobot.signals import (
     Step,
     UserInput,
 )
-from turbobot.template import App, AssistantStream, Template, run, turbo
+from turbobot.template import App, AssistantStream, Template, run, run_chat, turbo
+from turbobot.turbo_chat import (
+    BasePrefixMessageCollection,
+    GeneratorAlreadyExhaustedError,
+    InvalidValueYieldedError,
+    MessageRole,
+    PrefixMessage,
+    TurboGen,
+    TurboGenFn,
+    TurboGenTemplate,
+    TurboGenTemplateFn,
+    TurboModel,
+)
 
 __version__ = "0.1.0"
 
@@ -60,15 +74,19 @@ __all__ = [
     "Attachment",
     "BaseCache",
     "BaseMemory",
+    "BasePrefixMessageCollection",
     "ChannelKey",
     "ConfigurationError",
     "Delegate",
+    "Example",
     "ExampleAssistant",
     "ExampleUser",
     "Generate",
+    "GeneratorAlreadyExhaustedError",
     "GetInput",
     "GetUserInput",
     "IncomingMessage",
+    "InvalidValueYieldedError",
     "InvalidYieldError",
     "JournalEntry",
     "LLMError",
@@ -78,10 +96,14 @@ __all__ = [
     "LLMResponse",
     "LLMResponseError",
     "LLMUnavailableError",
+    "ListMemory",
     "LocalMemory",
     "Message",
+    "MessageRole",
+    "Messages",
     "OpenAILLM",
     "Patched",
+    "PrefixMessage",
     "ReplayDivergedError",
     "Result",
     "RetryPolicy",
@@ -96,11 +118,17 @@ __all__ = [
     "ToolCall",
     "ToolError",
     "ToolMessage",
+    "TurboGen",
+    "TurboGenFn",
+    "TurboGenTemplate",
+    "TurboGenTemplateFn",
+    "TurboModel",
     "TurbobotError",
     "UndeliverableError",
     "Usage",
     "User",
     "UserInput",
     "run",
+    "run_chat",
     "turbo",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 from turbobot.llm.base import LLMRequest, LLMResponse
 
-__all__ = ["BaseCache", "SimpleCache"]
+__all__ = ["BaseCache", "Cache", "SimpleCache"]
 
 
 class BaseCache(ABC):
@@ -60,3 +60,7 @@ class SimpleCache(BaseCache):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+#: the name turbo-chat's ``run_chat`` documentation uses
+Cache = SimpleCache

@@ -51,6 +51,13 @@ def load_template(ref: str) -> Template:
     Raises:
         ConfigurationError: nothing importable, or no single template in it.
     """
+    template = _find_template(ref)
+    if template.problem is not None:
+        raise ConfigurationError(f"{ref}: {template.problem}")
+    return template
+
+
+def _find_template(ref: str) -> Template:
     target, _, attr = ref.partition(":")
     if target.endswith(".py") or os.sep in target:
         if not os.path.isfile(target):

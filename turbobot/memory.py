@@ -7,7 +7,7 @@ is the interface (async, as in turbo-chat); ``LocalMemory`` keeps messages in RA
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Awaitable, Generator, Iterable
 from typing import Any
 
 from turbobot.messages import Message, User
@@ -18,7 +18,15 @@ from turbobot.tokens import (
     count_prompt_tokens,
 )
 
-__all__ = ["CUT_MARK", "BaseMemory", "LocalMemory", "fit_newest", "trim_to_window"]
+__all__ = [
+    "CUT_MARK",
+    "BaseMemory",
+    "ListMemory",
+    "LocalMemory",
+    "Memory",
+    "fit_newest",
+    "trim_to_window",
+]
 
 
 def _tokens(message: Message, counter: TokenCounter) -> int:
@@ -92,20 +100,33 @@ def fit_newest(prompt: list[dict[str, Any]], *, budget: int, counter: TokenCount
 class BaseMemory(ABC):
     """Where a conversation's messages live.
 
-    Implement :meth:`append`, :meth:`get` and :meth:`clear`; :meth:`extend` and
-    :meth:`prepare_prompt` are built on them.
+    Implement :meth:`append` and :meth:`clear`, and :meth:`get` for the prompt (it is
+    not abstract so that a memory sketched as in turbo-chat's README can be made, but
+    a ``Generate`` needs it); :meth:`init`, :meth:`extend` and :meth:`prepare_prompt`
+    have defaults. Given to ``@turbo(memory=...)`` as a class (made once per
+    conversation) or as an instance (copied once per conversation, then
+    :meth:`init` is called with the conversation's context).
     """
 
     # Every conversation has a memory: without this, each would carry a __dict__.
     __slots__ = ()
 
-    @abstractmethod
-    async def append(self, message: Message) -> None:
-        """Add a message at the end of the conversation."""
+    async def init(self, context: Any) -> None:
+        """Called once when a conversation starts (or is rebuilt after a restart, by
+        replaying its messages into this memory): ``context`` is what the template was
+        called with as its ``context``, else the runtime's :class:`TemplateContext`."""
+        return None  # nothing to set up by default
 
     @abstractmethod
+    def append(self, message: Message) -> Awaitable[None]:
+        """Add a message at the end of the conversation (``async def`` in subclasses)."""
+
     async def get(self) -> list[Message]:
         """Every message, oldest first."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.get() is not implemented: a memory must return its "
+            "messages (oldest first) for the model's prompt"
+        )
 
     @abstractmethod
     async def clear(self) -> None:
@@ -129,6 +150,25 @@ class BaseMemory(ABC):
         prompt = [m.to_openai() for m in trim_to_window(messages, budget=budget, counter=counter)]
         fit_newest(prompt, budget=budget, counter=counter)
         return prompt
+
+
+class _Done:
+    """An awaitable that is already done (what ``LocalMemory.append`` returns)."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # makes this a generator that ends at once
+
+
+_DONE = _Done()
+
+
+def _as_message(message: object) -> Message:
+    if isinstance(message, str):
+        return User(message)  # turbo-chat's ``memory.append(user_message)``
+    raise TypeError(f"memory.append() takes a message or a str, got {type(message).__name__}")
 
 
 class _TurnIndex:
@@ -192,8 +232,15 @@ class LocalMemory(BaseMemory):
         index.count = len(messages)
         return index
 
-    async def append(self, message: Message) -> None:
-        self.messages.append(message)
+    def append(self, message: Message | str) -> Awaitable[None]:
+        # Done at once, then awaitable: ``await memory.append(m)`` as everywhere, and
+        # also the bare ``memory.append("text")`` of turbo-chat's ``run_chat`` example.
+        self.messages.append(message if isinstance(message, Message) else _as_message(message))
+        return _DONE
+
+    def __copy__(self) -> LocalMemory:
+        # a copy of an instance given to @turbo(memory=...) starts with its own list
+        return type(self)(self.messages)
 
     async def get(self) -> list[Message]:
         return list(self.messages)
@@ -234,3 +281,8 @@ class LocalMemory(BaseMemory):
         if used > budget:  # the newest turn alone is too big
             fit_newest(prompt, budget=budget, counter=counter)
         return prompt
+
+
+#: turbo-chat's names for :class:`LocalMemory`
+ListMemory = LocalMemory
+Memory = LocalMemory

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 __all__ = [
     "Assistant",
+    "Example",
     "ExampleAssistant",
     "ExampleUser",
     "Message",
+    "Messages",
     "System",
     "ToolCall",
     "ToolMessage",
@@ -233,6 +235,36 @@ _TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (System, User, Assistant, ExampleUser, ExampleAssistant, ToolMessage)
 }
+
+
+class Messages(tuple[Message, ...]):
+    """Several messages yielded at once: each is appended to memory, in order.
+
+    :func:`~turbobot.run` returns one when a mixin it stepped ended without an output,
+    holding what the mixin added to its memory, so that ``yield output`` hands those
+    messages to the calling template (turbo-chat's mixin loop).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, messages: Iterable[Message] = ()) -> Messages:
+        items = tuple(messages)
+        for item in items:
+            if not isinstance(item, Message):
+                raise TypeError(f"Messages() holds messages, got {type(item).__name__}")
+        return super().__new__(cls, items)
+
+    def __repr__(self) -> str:
+        return f"Messages({list(self)!r})"
+
+
+class Example(Messages):
+    """turbo-chat's ``Example(user=..., assistant=...)``: an example exchange."""
+
+    __slots__ = ()
+
+    def __new__(cls, user: str, assistant: str) -> Example:
+        return tuple.__new__(cls, (ExampleUser(user), ExampleAssistant(assistant)))
 
 
 def message_from_dict(data: Mapping[str, Any]) -> Message:

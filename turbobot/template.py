@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import hashlib
 import inspect
 import logging
 import sys
+import typing
 import weakref
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, overload
 
@@ -43,7 +45,14 @@ from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.tools import call_tool, tool_schema
 from turbobot.memory import BaseMemory, LocalMemory
-from turbobot.messages import Assistant, Message, ToolMessage, message_from_dict
+from turbobot.messages import (
+    Assistant,
+    Example,
+    Message,
+    Messages,
+    ToolMessage,
+    message_from_dict,
+)
 from turbobot.signals import (
     Delegate,
     Generate,
@@ -64,6 +73,7 @@ __all__ = [
     "Output",
     "Template",
     "run",
+    "run_chat",
     "turbo",
 ]
 
@@ -88,29 +98,92 @@ class Template:
     __slots__ = ("__dict__", "fn", "ref", "settings")
 
     def __init__(self, fn: TemplateFn, settings: Mapping[str, Any]) -> None:
-        if not inspect.isasyncgenfunction(fn):
-            raise TemplateError(
-                f"@turbo needs an async generator function (async def with yield); "
-                f"{getattr(fn, '__qualname__', fn)!r} is not one"
-            )
+        # An ``async def`` without ``yield`` is refused when its app starts, not here: a
+        # sketch such as turbo-chat's ``async def app(): ...`` must still import.
+        if not inspect.isasyncgenfunction(fn) and not inspect.iscoroutinefunction(fn):
+            raise TemplateError(self._not_a_generator(fn))
         self.fn = fn
         self.settings: dict[str, Any] = dict(settings)
         self.ref = f"{_stable_module(fn.__module__)}:{fn.__qualname__}"
         functools.update_wrapper(self, fn)
 
-    def configure(self, **settings: Any) -> Template:
-        """A new template with these settings merged over the current ones (all kept)."""
-        return Template(self.fn, {**self.settings, **settings})
+    @staticmethod
+    def _not_a_generator(fn: Any) -> str:
+        return (
+            f"@turbo needs an async generator function (async def with yield); "
+            f"{getattr(fn, '__qualname__', fn)!r} is not one"
+        )
+
+    @property
+    def problem(self) -> str | None:
+        """Why this template cannot run (its function never yields), or ``None``."""
+        return None if inspect.isasyncgenfunction(self.fn) else self._not_a_generator(self.fn)
+
+    def configure(
+        self, new_settings: Mapping[str, Any] | None = None, /, **settings: Any
+    ) -> Template:
+        """A new template with these settings merged over the current ones (all kept).
+
+        Settings come as keywords, as a dict (turbo-chat's ``configure(new_settings)``),
+        or both (the keywords win).
+        """
+        return Template(self.fn, {**self.settings, **(new_settings or {}), **settings})
 
     @functools.cached_property
-    def _parameters(self) -> frozenset[str]:
-        return frozenset(inspect.signature(self.fn).parameters)
+    def _parameters(self) -> _Parameters:
+        return _Parameters.of(self.fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> App:
         return App(self, args, kwargs)
 
     def __repr__(self) -> str:
         return f"<Template {self.ref} {self.settings!r}>"
+
+
+@dataclass(frozen=True, slots=True)
+class _Parameters:
+    """What a template function declares, for what the engine passes it by name."""
+
+    #: the parameters a positional argument can fill, in order
+    positional: tuple[str, ...]
+    #: every parameter that has a name of its own (not ``*args`` or ``**kwargs``)
+    named: frozenset[str]
+    #: where the runtime's :class:`TemplateContext` goes: the parameter annotated
+    #: ``TemplateContext``, else one called ``context``
+    context: str | None
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _Parameters:
+        params = inspect.signature(fn).parameters.values()
+        named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        positional = tuple(
+            p.name for p in named if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+        annotated = [p.name for p in named if _is_context_annotation(p.annotation)]
+        context = annotated[0] if annotated else None
+        if context is None and any(p.name == "context" for p in named):
+            context = "context"
+        return cls(positional, frozenset(p.name for p in named), context)
+
+    def free(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+        """``name`` is a parameter the caller left for the engine to fill."""
+        return (
+            name in self.named and name not in kwargs and name not in self.positional[: len(args)]
+        )
+
+
+def _is_context_annotation(annotation: Any) -> bool:
+    """``TemplateContext``, ``TemplateContext | None`` or ``Optional[...]``, as a type
+    or as the string ``from __future__ import annotations`` leaves."""
+    if isinstance(annotation, str):
+        words = {
+            w.rpartition(".")[2]
+            for w in annotation.replace("|", " ").replace("[", " ").replace("]", " ").split()
+        }
+        return "TemplateContext" in words
+    if annotation is TemplateContext:
+        return True
+    return TemplateContext in typing.get_args(annotation)
 
 
 def _stable_module(module: str) -> str:
@@ -212,6 +285,8 @@ _STREAM = object()
 _FRESH = object()
 #: generation tasks stopped by ``App.cancel_generation`` (``/cancel``)
 _CANCELLED: weakref.WeakSet[asyncio.Future[Any]] = weakref.WeakSet()
+#: LLM clients an app made for itself (no ``llm`` bound); closed when it ends
+_MADE_BY_APPS: weakref.WeakSet[LLM] = weakref.WeakSet()
 #: ``App.replay_until`` of a replay that stopped waiting for input
 _UNTIL_WAITING = sys.maxsize
 #: the journal of every app that has not journaled anything yet; never appended to
@@ -392,6 +467,8 @@ class App:
         try:
             if self._pending is _FRESH:
                 self._pending = None
+                if type(self.memory).init is not BaseMemory.init:
+                    await self.memory.init(self._call_context())
                 self._gen = self._open_frame(self.template, self.args, self.kwargs)
             elif self._pending is _INPUT:
                 self._record(
@@ -415,10 +492,20 @@ class App:
             return await self._run()
         except StopAsyncIteration:
             self.done = True
+            await self._close_own_llm()
             raise
         except BaseException:
             await self.aclose()  # run the templates' finally blocks
             raise
+
+    async def _close_own_llm(self) -> None:
+        """Close the client the app made itself (a template stepped by hand, with no
+        ``llm`` bound): its connections would otherwise stay open until exit."""
+        llm = self.llm
+        if llm is not None and llm in _MADE_BY_APPS:
+            _MADE_BY_APPS.discard(llm)
+            self.llm = None
+            await llm.aclose()
 
     async def aclose(self) -> None:
         """Stop the template, running its ``finally`` blocks."""
@@ -434,6 +521,7 @@ class App:
         if self._gen is not None:
             gen, self._gen = self._gen, None
             await gen.aclose()
+        await self._close_own_llm()
 
     def structure(self) -> str:
         """Yielded by a template, an app is a sub-template: part of the structure."""
@@ -456,16 +544,29 @@ class App:
             settings.update(frame.template.settings)
         return settings
 
+    def _call_context(self) -> Any:
+        """The context the template was called with, else the runtime's."""
+        params, args, kwargs = self.template._parameters, self.args, self.kwargs
+        name = params.context
+        if name is None or params.free(name, args, kwargs):
+            return self.context
+        return kwargs[name] if name in kwargs else args[params.positional.index(name)]
+
     def _open_frame(
         self, template: Template, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncGenerator[Any, Any]:
+        # What the caller passed wins; the engine fills only the parameters left free
+        # (see README, "Writing templates").
+        problem = template.problem
+        if problem is not None:
+            raise TemplateError(problem)
         params = template._parameters
         injected = dict(kwargs)
-        if "memory" in params and "memory" not in injected:
+        if params.free("memory", args, kwargs):
             injected["memory"] = self.memory
-        if "context" in params and "context" not in injected:
-            injected["context"] = self.context
-        if "settings" in params and "settings" not in injected:
+        if params.context is not None and params.free(params.context, args, kwargs):
+            injected[params.context] = self.context
+        if params.free("settings", args, kwargs):
             injected["settings"] = self._settings()
         gen = template.fn(*args, **injected)
         if self._untracked:
@@ -589,6 +690,10 @@ class App:
                 await self.memory.append(item)
                 if isinstance(item, Assistant) and item.forward and self._live_output():
                     return item
+            elif type(item) in (Messages, Example, list, tuple) and all(
+                isinstance(m, Message) for m in item
+            ):
+                await self.memory.extend(item)
             elif isinstance(item, Generate):
                 try:
                     if item.stream and item.forward and self._live_output():
@@ -641,7 +746,7 @@ class App:
             else:
                 raise InvalidYieldError(
                     f"template {self._name()} yielded {item!r} ({type(item).__name__}), which "
-                    "is not a message or a signal; yield System/User/Assistant/Example*, "
+                    "is not a message or a signal; yield System/User/Assistant/Example*, Messages, "
                     "Generate, GetUserInput, Result, Step, Delegate or Return",
                     template=self._name(),
                     value=item,
@@ -753,38 +858,95 @@ class App:
         schemas: list[dict[str, Any]],
         stream: AssistantStream | None,
     ) -> LLMResponse:
-        llm = self.llm
-        if llm is None:
+        if self.llm is None:
             from turbobot.llm.openai import OpenAILLM
 
-            llm = self.llm = OpenAILLM()
-        model = str(settings.get("model") or "gpt-4o-mini")
-        max_tokens = settings.get("max_tokens")
-        window = int(
-            settings.get("context_window")
-            or getattr(llm, "context_window", None)
-            or context_window_for(model)
+            self.llm = OpenAILLM()
+            _MADE_BY_APPS.add(self.llm)
+        return await _complete(
+            self.memory,
+            self.llm,
+            self.cache,
+            settings,
+            schemas=schemas,
+            on_delta=stream.push if stream is not None else None,
+            name=self._name(),
         )
-        reserve = int(max_tokens) if max_tokens else min(1024, window // 4)
-        messages = await self.memory.prepare_prompt(
-            counter=token_counter_for(model), context_window=window, max_tokens=reserve
+
+
+async def _complete(
+    memory: BaseMemory,
+    llm: LLM,
+    cache: BaseCache | None,
+    settings: Mapping[str, Any],
+    *,
+    schemas: list[dict[str, Any]],
+    on_delta: Callable[[str], Awaitable[None]] | None,
+    name: str,
+) -> LLMResponse:
+    """One completion over ``memory``'s prompt (trimmed to the window), through the cache."""
+    model = str(settings.get("model") or "gpt-4o-mini")
+    max_tokens = settings.get("max_tokens")
+    window = int(
+        settings.get("context_window")
+        or getattr(llm, "context_window", None)
+        or context_window_for(model)
+    )
+    reserve = int(max_tokens) if max_tokens else min(1024, window // 4)
+    messages = await memory.prepare_prompt(
+        counter=token_counter_for(model), context_window=window, max_tokens=reserve
+    )
+    extra = {k: v for k, v in settings.items() if k not in ENGINE_SETTINGS and v is not None}
+    request = LLMRequest(messages=messages, model=model, settings=extra, tools=schemas)
+    if settings.get("debug"):
+        _log.debug("template %s prompt: %r", name, messages)
+    key = None
+    if cache is not None:
+        key = cache.to_key(request)
+        cached = await cache.get(key)
+        if cached is not None:
+            if on_delta is not None and cached.content:
+                await on_delta(cached.content)
+            return cached
+    response = await llm.complete(request, on_delta=on_delta)
+    if cache is not None and key is not None:
+        await cache.set(key, response)
+    return response
+
+
+async def run_chat(
+    memory: BaseMemory,
+    cache: BaseCache | None = None,
+    *,
+    llm: LLM | None = None,
+    **settings: Any,
+) -> Assistant:
+    """turbo-chat's ``run_chat``: the assistant's reply to the conversation in ``memory``.
+
+    The prompt is ``memory``'s (trimmed to the model's window); a reply found in
+    ``cache`` is used instead of calling the model, and a new one is cached. The reply
+    is appended to ``memory`` and returned. ``settings`` are model settings
+    (``model=``, ``temperature=``, ...). Without ``llm``, an :class:`OpenAILLM` is made
+    from the environment for this call and closed after it.
+
+    Outside a template nothing is journaled: this is a one-off call, not a durable
+    conversation (use a template run by the runtime for that).
+    """
+    owned = None
+    if llm is None:
+        from turbobot.llm.openai import OpenAILLM
+
+        llm = owned = OpenAILLM()
+    try:
+        response = await _complete(
+            memory, llm, cache, settings, schemas=[], on_delta=None, name="run_chat"
         )
-        extra = {k: v for k, v in settings.items() if k not in ENGINE_SETTINGS and v is not None}
-        request = LLMRequest(messages=messages, model=model, settings=extra, tools=schemas)
-        if settings.get("debug"):
-            _log.debug("template %s prompt: %r", self._name(), messages)
-        key = None
-        if self.cache is not None:
-            key = self.cache.to_key(request)
-            cached = await self.cache.get(key)
-            if cached is not None:
-                if stream is not None and cached.content:
-                    await stream.push(cached.content)
-                return cached
-        response = await llm.complete(request, on_delta=stream.push if stream else None)
-        if self.cache is not None and key is not None:
-            await self.cache.set(key, response)
-        return response
+    finally:
+        if owned is not None:
+            await owned.aclose()
+    message = response.to_message(forward=True)
+    await memory.append(message)
+    return message
 
 
 def _short_repr(value: Any, limit: int = 120) -> str:
@@ -796,10 +958,9 @@ def _make_memory(setting: Any) -> BaseMemory:
     if setting is None:
         return LocalMemory()
     if isinstance(setting, BaseMemory):
-        raise ConfigurationError(
-            "turbo(memory=...) takes a BaseMemory subclass or factory, not an instance: "
-            "an instance would be shared by every conversation"
-        )
+        # turbo-chat's ``@turbo(memory=RedisMemory())``: the instance is a prototype,
+        # each conversation gets its own copy (and its ``init(context)`` call)
+        return copy.copy(setting)
     memory = setting()
     if not isinstance(memory, BaseMemory):
         raise ConfigurationError(f"turbo(memory=...) made {memory!r}, which is not a BaseMemory")
@@ -856,16 +1017,28 @@ def _error_from_json(value: Mapping[str, Any]) -> LLMError:
         return LLMError(value.get("message", ""))
 
 
-async def run(app: App, input: str | None = None) -> tuple[Output | None, bool]:
+async def run(app: App, input: str | None = None) -> tuple[Output | Messages, bool]:
     """Step ``app`` by hand, as in turbo-chat: returns ``(output, done)``.
 
     The first call starts the app and runs it to its first ``GetUserInput`` (whose
     ``content`` is the question) or its end; if ``input`` is given on that first call,
     it answers the first ``GetUserInput``. Later calls send ``input`` and run to the
     next request for input. ``output`` is the ``GetUserInput`` when not done, else the
-    last message or result the app produced.
+    last message or result the app produced; if it produced none (a mixin that only
+    adds messages), the messages it added to its memory, as :class:`Messages`, which
+    a template can ``yield`` to add them to its own prompt.
     """
+    if app.done:
+        from turbobot.turbo_chat import GeneratorAlreadyExhaustedError
+
+        raise GeneratorAlreadyExhaustedError(
+            f"run(): the app of {app.template.ref} has already finished; call the "
+            "template again for a new one"
+        )
     last: Output | None = None
+    # what the app's memory held before this call: a mixin that ends without an output
+    # hands back the messages it added (see Messages)
+    before = len(await app.memory.get()) if app.started else 0
     try:
         if app.started:
             output, pending = await app.asend(input), None
@@ -885,4 +1058,6 @@ async def run(app: App, input: str | None = None) -> tuple[Output | None, bool]:
                 last = output
                 output = await app.asend(None)
     except StopAsyncIteration:
+        if last is None:
+            return Messages((await app.memory.get())[before:]), True
         return last, True
