@@ -24,7 +24,7 @@ from turbobot import (
 )
 from turbobot.runtime import RuntimeSettings
 from turbobot.store import OutgoingRecord, StepWrite, new_id
-from turbobot.testing import ChatHarness
+from turbobot.testing import ChatHarness, FakeClock
 
 
 @turbo()
@@ -49,12 +49,17 @@ async def run_session(
     texts: list[str],
     template: Any = counter_chat,
     channel: str = "chat",
+    expect_divergence: bool = False,
     **settings: Any,
 ) -> list[str]:
     """Open a store and a runtime, say ``texts``, close both: one process's life."""
     store = await make_store()
     async with ChatHarness(
-        template, llm=llm, store=store, settings=RuntimeSettings(**settings)
+        template,
+        llm=llm,
+        store=store,
+        settings=RuntimeSettings(**settings),
+        expect_divergence=expect_divergence,
     ) as h:
         replies: list[str] = []
         for text in texts:
@@ -135,19 +140,15 @@ async def patient():
 
 
 async def test_deadline_fires_after_restart(make_store: StoreFactory) -> None:
+    clock = FakeClock()
     store = await make_store()
-    async with ChatHarness(patient, llm=echo_llm(), store=store) as h:
+    async with ChatHarness(patient, llm=echo_llm(), store=store, clock=clock) as h:
         assert await h.say("hi") == ["Ready?"]
-    await asyncio.sleep(0.7)  # the deadline passes while nothing runs
+    clock.advance(0.7)  # the deadline passes while nothing runs
     store = await make_store()
-    async with ChatHarness(patient, llm=echo_llm(), store=store) as h:
-        await h.runtime.start()
-        for _ in range(50):
-            await asyncio.sleep(0.02)
-            if h.sender.texts():
-                break
-        await h.runtime.join()
-        assert h.sender.texts() == ["Too slow."]
+    async with ChatHarness(patient, llm=echo_llm(), store=store, clock=clock) as h:
+        await h.settle()  # start() armed the overdue deadline: it fires at once
+        assert h.texts() == ["Too slow."]
 
 
 async def test_deadline_after_eviction(make_store: StoreFactory) -> None:
@@ -155,11 +156,10 @@ async def test_deadline_after_eviction(make_store: StoreFactory) -> None:
     settings = RuntimeSettings(idle_evict_seconds=0.05)
     async with ChatHarness(patient, llm=echo_llm(), store=store, settings=settings) as h:
         assert await h.say("hi") == ["Ready?"]
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.15)  # idle eviction runs on the event loop's time
         assert h.runtime.live_count == 0
-        await asyncio.sleep(0.6)
-        await h.runtime.join()
-        assert h.sender.texts() == ["Ready?", "Too slow."]
+        assert await h.advance(0.6) == ["Too slow."]
+        assert h.texts() == ["Ready?", "Too slow."]
 
 
 async def test_changed_template_restarts_with_notice(make_store: StoreFactory) -> None:
@@ -179,7 +179,9 @@ async def test_changed_template_restarts_with_notice(make_store: StoreFactory) -
 
     v2.ref = v1.ref  # the same bot (module and name), redeployed with new code
     await run_session(make_store, echo_llm(), ["hi", "Ann"], template=v1)
-    replies = await run_session(make_store, echo_llm(), ["blue"], template=v2)
+    replies = await run_session(
+        make_store, echo_llm(), ["blue"], template=v2, expect_divergence=True
+    )
     assert replies == [
         "The bot was updated and could not resume our conversation, so it started a new one.",
         "What is your name?",

@@ -191,13 +191,11 @@ async def test_timeout_reaches_the_template() -> None:
 
     async with ChatHarness(patient, llm=echo_llm()) as h:
         assert await h.say("hi") == ["Ready?"]
-        await asyncio.sleep(0.4)
-        await h.runtime.join()
-        assert h.sender.texts()[-1] == "Too slow."
+        assert await h.advance(0.19) == []  # not due yet
+        assert await h.advance(0.01) == ["Too slow."]
         assert await h.say("hi again") == ["Ready?"]
         assert await h.say("yes") == ["Got yes."]
-        await asyncio.sleep(0.3)
-        assert h.sender.texts()[-1] == "Got yes."
+        assert await h.advance(1.0) == []  # answered: its deadline is gone
 
 
 async def test_failed_generation_apologises_then_retries_on_next_message() -> None:

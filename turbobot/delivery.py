@@ -12,13 +12,13 @@ start-up never waits on the platform.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from turbobot.chat import ChannelKey
+from turbobot.clock import SystemClock, TimerHandle
 from turbobot.exceptions import UndeliverableError
 from turbobot.store import BaseStore, OutgoingRecord, StepWrite
 
@@ -41,6 +41,8 @@ class Outbox:
         store: where a reply sent later is marked sent.
         retry_delays: seconds before each retry of a channel's kept replies; the last
             is repeated.
+        call_later: makes the retry timers (the runtime's clock's: a test's
+            :class:`~turbobot.clock.FakeClock` fires them without sleeping).
         wake: called with a channel when its kept replies are due (the runtime's
             worker then calls :meth:`resend` before anything else).
     """
@@ -52,14 +54,16 @@ class Outbox:
         *,
         retry_delays: Sequence[float],
         wake: Callable[[ChannelKey], None],
+        call_later: Callable[..., TimerHandle] | None = None,
     ) -> None:
         self.sender = sender
+        self._call_later = call_later or SystemClock().call_later
         self.store = store
         self.retry_delays = tuple(retry_delays) or (1.0,)
         self._wake = wake
         self._kept: dict[ChannelKey, deque[OutgoingRecord]] = {}
         self._attempts: dict[ChannelKey, int] = {}
-        self._timers: dict[ChannelKey, asyncio.TimerHandle] = {}
+        self._timers: dict[ChannelKey, TimerHandle] = {}
 
     def keep(self, outgoing: OutgoingRecord) -> None:
         """Keep a recorded reply to be sent by the channel's worker, as soon as it runs."""
@@ -133,8 +137,7 @@ class Outbox:
         attempt = self._attempts.get(key, 0)
         self._attempts[key] = attempt + 1
         delay = self.retry_delays[min(attempt, len(self.retry_delays) - 1)]
-        loop = asyncio.get_running_loop()
-        self._timers[key] = loop.call_later(delay, self._due, key)
+        self._timers[key] = self._call_later(delay, self._due, key)
 
     def _due(self, key: ChannelKey) -> None:
         self._timers.pop(key, None)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
+from turbobot.clock import Clock, SystemClock, TimerHandle
 from turbobot.codec import count, unwritable, writable_text
 from turbobot.commands import CommandCall, CommandRegistry, parse_command
 from turbobot.delivery import FAILED, Outbox
@@ -238,6 +239,10 @@ class _Live(ConversationRecord):
     used_at: float = 0.0
 
 
+def _loop_call_later(delay: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
+    return asyncio.get_running_loop().call_later(delay, callback, *args)
+
+
 class Runtime:
     """Runs a template in every channel that talks to the bot.
 
@@ -251,7 +256,10 @@ class Runtime:
         sender: how replies leave (the adapter).
         store: where inboxes and conversations live (in RAM by default).
         settings: runtime behaviour.
-        clock: the time source for deadlines (epoch seconds).
+        clock: epoch seconds, and the timers of deadlines and retries: a
+            :class:`~turbobot.clock.Clock` (a test's :class:`~turbobot.clock.FakeClock`
+            moves time without sleeping), or a plain function returning epoch
+            seconds (timers then run on the event loop's time).
         commands: the commands users can send (default: the built-in ones and the
             template's ``commands`` setting).
     """
@@ -264,7 +272,7 @@ class Runtime:
         sender: BaseSender,
         store: BaseStore | None = None,
         settings: RuntimeSettings | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] | None = None,
         commands: CommandRegistry | None = None,
     ) -> None:
         self.template = template
@@ -273,7 +281,9 @@ class Runtime:
         self.sender = sender
         self.store = store or InMemoryStore()
         self.settings = settings or RuntimeSettings()
-        self.clock = clock
+        self.clock: Callable[[], float] = clock or SystemClock()
+        timers = getattr(self.clock, "call_later", None)
+        self._call_later: Callable[..., TimerHandle] = timers or _loop_call_later
         # insertion order = least recently used first (a plain dict is half an OrderedDict)
         self._live: dict[ChannelKey, _Live] = {}
         #: channels with an active conversation in the store but not in RAM (a live one
@@ -281,9 +291,9 @@ class Runtime:
         self._stored_keys: set[ChannelKey] = set()
         self._queues: dict[ChannelKey, deque[InboxItem]] = {}
         self._workers = ChannelWorkers(self._work_once)
-        self._timers: dict[ChannelKey, asyncio.TimerHandle] = {}
+        self._timers: dict[ChannelKey, TimerHandle] = {}
         #: channels to try again after a store failure (see _retry_later)
-        self._retry_timers: dict[ChannelKey, asyncio.TimerHandle] = {}
+        self._retry_timers: dict[ChannelKey, TimerHandle] = {}
         #: deadlines of waiting conversations that are not in RAM
         self._deadlines: dict[ChannelKey, float] = {}
         #: channels whose conversation stopped mid-step and must be replayed to go on
@@ -295,6 +305,7 @@ class Runtime:
             self.store,
             retry_delays=self.settings.retry_delays,
             wake=self._wake_unless_closed,
+            call_later=self._call_later,
         )
         #: channels whose conversation's last generation failed, to be retried by the next
         #: message: the highest inbox seq already tried (commands do not trigger a retry)
@@ -604,12 +615,11 @@ class Runtime:
                 except Exception:
                     _log.exception("channel %s: template failed while being closed", key)
         if not self._closed:
-            loop = asyncio.get_running_loop()
             # its own timer: the channel's deadline timer (self._timers) stays armed
             previous = self._retry_timers.pop(key, None)
             if previous is not None:
                 previous.cancel()
-            self._retry_timers[key] = loop.call_later(delay, self._retry_due, key)
+            self._retry_timers[key] = self._call_later(delay, self._retry_due, key)
 
     async def _drain(self, key: ChannelKey) -> None:
         if self._outbox.has_kept(key):
@@ -726,7 +736,7 @@ class Runtime:
         if key not in self._live:
             self._deadlines[key] = deadline
         delay = max(0.0, deadline - self.clock())
-        self._timers[key] = asyncio.get_running_loop().call_later(delay, self._on_timer, key)
+        self._timers[key] = self._call_later(delay, self._on_timer, key)
 
     def _retry_due(self, key: ChannelKey) -> None:
         self._retry_timers.pop(key, None)

@@ -38,6 +38,8 @@ class ScriptedLLM:
         self.respond = respond
         self.chunk_size = chunk_size
         self.requests: list[LLMRequest] = []
+        #: why it failed, once it ran out of replies (the test kit fails the test)
+        self.exhausted: str | None = None
 
     @property
     def calls(self) -> int:
@@ -52,10 +54,12 @@ class ScriptedLLM:
         elif self.replies:
             reply = self.replies.pop(0)
         else:
-            raise AssertionError(
-                f"ScriptedLLM ran out of replies at request {len(self.requests)}; "
-                "script more replies"
+            self.exhausted = (
+                f"ScriptedLLM ran out of replies at request {len(self.requests)} (the bot "
+                f"generated once more than scripted); the prompt ended with "
+                f"{_last_words(request)}. Script more replies"
             )
+            raise AssertionError(self.exhausted)
         if isinstance(reply, LLMError):
             raise reply
         response = reply if isinstance(reply, LLMResponse) else LLMResponse(reply, (), None, "stop")
@@ -72,3 +76,11 @@ class ScriptedLLM:
     def tool_call(name: str, arguments: str, *, call_id: str = "call_1") -> LLMResponse:
         """A scripted reply in which the model calls tool ``name``."""
         return LLMResponse("", (ToolCall(call_id, name, arguments),), None, "tool_calls")
+
+
+def _last_words(request: LLMRequest) -> str:
+    if not request.messages:
+        return "nothing"
+    last = request.messages[-1]
+    text = str(last.get("content") or "")
+    return f"{last.get('role')}: {text[:80]!r}"
