@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from tests.test_console import clean_env, run_console
-from turbobot import LLMRequest, ToolError
+from turbobot import LLMCapabilityError, LLMRequest
 from turbobot.llm.local import LocalLLM
 
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ async def test_concurrent_requests_all_complete(local_llm: LocalLLM) -> None:
 @pytest.mark.asyncio(loop_scope="module")
 async def test_tools_are_refused_clearly(local_llm: LocalLLM) -> None:
     request = LLMRequest(messages=[], model="m", tools=[{"type": "function", "function": {}}])
-    with pytest.raises(ToolError, match="does not support tools"):
+    with pytest.raises(LLMCapabilityError, match="does not support tools"):
         await local_llm.complete(request)
 
 

@@ -10,6 +10,7 @@ from turbobot.chat import Attachment, ChannelKey, IncomingMessage, TemplateConte
 from turbobot.exceptions import (
     ConfigurationError,
     InvalidYieldError,
+    LLMCapabilityError,
     LLMError,
     LLMRateLimitedError,
     LLMRequestError,
@@ -89,6 +90,7 @@ __all__ = [
     "InvalidValueYieldedError",
     "InvalidYieldError",
     "JournalEntry",
+    "LLMCapabilityError",
     "LLMError",
     "LLMRateLimitedError",
     "LLMRequest",

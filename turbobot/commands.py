@@ -70,8 +70,9 @@ class Command:
     """A command users can send.
 
     ``handler`` answers it; a built-in command has none (the runtime handles it).
-    A bot's command answers outside the conversation: it is not input to the
-    template, and the template's state is unchanged::
+    A bot's command with a handler answers outside the conversation: it is not input
+    to the template, and the template's state is unchanged (``input=True`` instead
+    sends it to the template as input)::
 
         async def ping(call: CommandCall) -> str:
             return f"pong {call.args}"
@@ -84,8 +85,14 @@ class Command:
     description: str
     handler: CommandHandler | None = None
     aliases: tuple[str, ...] = ()
+    #: a command the template itself answers: listed in the platforms' menus, and sent
+    #: to the template as input (it reads the text, ``/summarize 5``), not handled by
+    #: the runtime
+    input: bool = False
 
     def __post_init__(self) -> None:
+        if self.input and self.handler is not None:
+            raise ValueError(f"command /{self.name}: give a handler or input=True, not both")
         for word in (self.name, *self.aliases):
             if not re.fullmatch(r"[a-z0-9_]{1,32}", word):
                 raise ValueError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "InvalidYieldError",
+    "LLMCapabilityError",
     "LLMError",
     "LLMRateLimitedError",
     "LLMRequestError",
@@ -129,3 +130,11 @@ class LLMRequestError(LLMError):
         if status is None:
             return True
         return 400 <= status < 500 and status not in (408, 409, 429)
+
+
+class LLMCapabilityError(LLMRequestError):
+    """The model cannot do what the request asks (tools on the offline local model).
+
+    Raised into the template at its ``Generate``, like every :class:`LLMError`: a bot
+    that needs a capable model catches it and says so.
+    """

@@ -701,7 +701,7 @@ class Runtime:
         while index < len(queue):
             message = queue[index].message
             call = self.commands.parse(message, self.settings.bot_username)
-            if call is None:
+            if call is None or self._template_command(call):
                 index += 1
                 continue
             if call.name in ("start", "reset"):  # (the registry names /new start)
@@ -785,7 +785,7 @@ class Runtime:
 
     async def _handle_message(self, key: ChannelKey, message: IncomingMessage) -> bool:
         call = self.commands.parse(message, self.settings.bot_username)
-        if call is not None:
+        if call is not None and not self._template_command(call):
             await self._command(key, call)
             return True
         notices = self.settings.notices
@@ -825,6 +825,11 @@ class Runtime:
             return True
         _log.error("channel %s: conversation %s is not waiting", key, live.id)
         return False
+
+    def _template_command(self, call: CommandCall) -> bool:
+        """A command the template answers (``Command(input=True)``): it is input."""
+        command = self.commands.get(call.name)
+        return command is not None and command.input
 
     async def _command(self, key: ChannelKey, call: CommandCall) -> None:
         """Handle a command (see turbobot.commands); it is never input to the template."""

@@ -21,7 +21,7 @@ import os
 from importlib.util import find_spec
 from typing import Any
 
-from turbobot.exceptions import ConfigurationError, ToolError
+from turbobot.exceptions import ConfigurationError, LLMCapabilityError
 from turbobot.llm.base import DeltaCallback, LLMRequest, LLMResponse
 from turbobot.llm.openai import OpenAILLM, RetryPolicy
 
@@ -135,7 +135,7 @@ class LocalLLM:
         self, request: LLMRequest, *, on_delta: DeltaCallback | None = None
     ) -> LLMResponse:
         if request.tools:
-            raise ToolError(
+            raise LLMCapabilityError(
                 "the offline local model does not support tools; remove tools= from "
                 "Generate or use an OpenAI-compatible endpoint (OPENAI_API_KEY / OPENAI_BASE_URL)"
             )
