@@ -12,6 +12,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from turbobot import __version__, platforms
@@ -404,6 +405,9 @@ def _parser() -> argparse.ArgumentParser:
         help="NAME (console), PLATFORM:CHANNEL[:THREAD], or as `conversations` prints it",
     )
     sub.add_parser("conversations", help="list conversations and their state", parents=[database])
+    new = sub.add_parser("new", help="write a new bot module and its test, to start from")
+    new.add_argument("name", help="the module name, e.g. tea_expert (writes tea_expert.py)")
+    new.add_argument("--directory", default=".", help="where to write (default: here)")
     return parser
 
 
@@ -538,6 +542,19 @@ def _log_level(flag: str | None, env: Mapping[str, str]) -> int:
     )
 
 
+def _new(args: argparse.Namespace) -> None:
+    from turbobot.scaffold import new_bot
+
+    bot_file, test_file = new_bot(args.name, Path(args.directory))
+    print(
+        f"Wrote {bot_file} and {test_file}.\n"
+        f"  chat with it:   turbobot run {bot_file}\n"
+        f"  test it:        python -m pytest {test_file}\n"
+        "Edit the system prompt and the loop in "
+        f"{bot_file.name}; the README's 'Writing templates' says what each yield does."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -567,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_transcript(args, env))
         elif args.command == "conversations":
             asyncio.run(_conversations(args, env))
+        elif args.command == "new":
+            _new(args)
     except ConfigurationError as exc:
         print(f"turbobot: {exc}", file=sys.stderr)
         return 2
