@@ -316,6 +316,33 @@ async def test_message_template_and_variables() -> None:
     assert User(template="Sign: {{ sign }}!", variables={"sign": "leo"}).content == "Sign: leo!"
     with pytest.raises(KeyError, match="sign"):
         User(template="{{sign}}")
+    # Jinja2: loops and filters; user text in a variable is never itself a template
+    listed = System(
+        template="Known: {% for s in signs %}{{ s | title }}{{ ', ' if not loop.last }}"
+        "{% endfor %}.",
+        variables={"signs": ["leo", "pisces"]},
+    )
+    assert listed.content == "Known: Leo, Pisces."
+    assert User(template="{{ t }}", variables={"t": "{{ 7*7 }}"}).content == "{{ 7*7 }}"
+
+
+async def test_a_missing_template_variable_fails_at_the_yield_naming_it() -> None:
+    from turbobot.messages import TemplateVariableError
+
+    @turbo()
+    async def forgetful():
+        yield System(
+            template="You are {{ persona }}, speaking to {{ name }}.", variables={"name": "Ann"}
+        )
+
+    with pytest.raises(TemplateVariableError) as caught:
+        await drain(forgetful().bind(llm=ScriptedLLM()))
+    assert "'persona' is undefined" in str(caught.value) and "['name']" in str(caught.value)
+    assert isinstance(caught.value, TemplateError)
+    with pytest.raises(TemplateError, match="is not valid"):
+        User(template="{% for %}")
+    with pytest.raises(Exception, match="unsafe"):  # the sandbox refuses Python internals
+        User(template="{{ x.__class__.__mro__ }}", variables={"x": 1})
 
 
 async def test_streaming_generate_yields_stream_then_message() -> None:

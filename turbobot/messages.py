@@ -5,16 +5,22 @@ it generates). ``Assistant`` messages are also sent to the user unless
 ``forward=False``. The template gets ``None`` back.
 
 ``content`` may be given directly, or as ``template=`` plus ``variables=`` in the
-turbo-chat style, where ``{{ name }}`` placeholders are replaced by the variables.
+turbo-chat style: a Jinja2 template (``{{ name }}``, loops, filters), rendered when the
+message is made, so a missing variable fails at the ``yield``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import jinja2
+import jinja2.sandbox
+
+from turbobot.exceptions import TemplateError
 
 __all__ = [
     "Assistant",
@@ -24,6 +30,7 @@ __all__ = [
     "Message",
     "Messages",
     "System",
+    "TemplateVariableError",
     "ToolCall",
     "ToolMessage",
     "Usage",
@@ -31,25 +38,39 @@ __all__ = [
     "render_template",
 ]
 
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+class TemplateVariableError(TemplateError, KeyError):
+    """A message template names a variable that was not given."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(template: str) -> jinja2.Template:
+    # Sandboxed: a template cannot reach Python internals through its variables;
+    # StrictUndefined: a missing variable is an error, not an empty string.
+    environment = jinja2.sandbox.SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
+    return environment.from_string(template)
 
 
 def render_template(template: str, variables: Mapping[str, object]) -> str:
-    """Replace ``{{ name }}`` placeholders with ``variables[name]``.
+    """Render a Jinja2 ``template`` (``{{ name }}``, ``{% for %}``, filters) with ``variables``.
 
     Raises:
-        KeyError: a placeholder names a variable that was not given.
+        TemplateVariableError: the template uses a variable that was not given.
+        TemplateError: the template is not valid Jinja2.
     """
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in variables:
-            raise KeyError(
-                f"template variable {name!r} was not given (variables: {sorted(variables)})"
-            )
-        return str(variables[name])
-
-    return _PLACEHOLDER.sub(substitute, template)
+    try:
+        return _compiled(template).render(variables)
+    except jinja2.UndefinedError as exc:
+        raise TemplateVariableError(
+            f"message template variable missing: {exc} (variables given: {sorted(variables)})"
+        ) from None
+    except jinja2.TemplateError as exc:
+        raise TemplateError(f"message template {template[:60]!r} is not valid: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
