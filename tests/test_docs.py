@@ -39,7 +39,9 @@ def test_the_docs_have_python_blocks() -> None:
 
 
 @pytest.mark.parametrize("code", blocks())
-async def test_python_block_runs(code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_python_block_runs(
+    code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # a block that writes files writes them here
     namespace: dict[str, Any] = {"__name__": "docs_block"}
     compiled = compile(code, "<docs>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
