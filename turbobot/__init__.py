@@ -26,7 +26,7 @@ from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.openai import OpenAILLM, RetryPolicy
 from turbobot.llm.scripted import ScriptedLLM
-from turbobot.memory import BaseMemory, ListMemory, LocalMemory
+from turbobot.memory import BaseMemory, ListMemory, LocalMemory, SummaryMemory
 from turbobot.messages import (
     Assistant,
     Example,
@@ -113,6 +113,7 @@ __all__ = [
     "ScriptedLLM",
     "SimpleCache",
     "Step",
+    "SummaryMemory",
     "System",
     "Template",
     "TemplateContext",

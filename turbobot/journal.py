@@ -14,7 +14,7 @@ __all__ = ["JOURNAL_KINDS", "JournalEntry"]
 
 #: what a journal entry records, by the yield that received the value
 JOURNAL_KINDS = frozenset(
-    {"input", "timeout", "generate", "tool", "step", "error", "patch", "cancelled"}
+    {"input", "timeout", "generate", "tool", "step", "error", "patch", "cancelled", "summary"}
 )
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "ListMemory",
     "LocalMemory",
     "Memory",
+    "SummaryMemory",
+    "SummaryPlan",
     "fit_newest",
     "trim_to_window",
 ]
@@ -286,3 +288,137 @@ class LocalMemory(BaseMemory):
 #: turbo-chat's names for :class:`LocalMemory`
 ListMemory = LocalMemory
 Memory = LocalMemory
+
+
+class SummaryPlan:
+    """What :meth:`SummaryMemory.plan` asks the engine to summarise: the request for
+    the model, and how many messages the summary will stand for once folded."""
+
+    __slots__ = ("messages", "upto")
+
+    def __init__(self, upto: int, messages: list[dict[str, Any]]) -> None:
+        self.upto = upto
+        self.messages = messages
+
+
+class SummaryMemory(LocalMemory):
+    """A memory that folds turns leaving the window into a rolling summary.
+
+    When the prompt would fill more than ``high`` of the window, the oldest turns are
+    summarised (the previous summary plus only those turns: never the whole history)
+    until it fills at most ``low``; the prompt is then the pinned messages (system
+    prompt, examples: never summarised), a system message holding the summary, and
+    the turns after it. The engine makes the summary call with the template's model
+    before a ``Generate`` and journals it, so a replay folds the same summary at the
+    same point without calling the model (docs/architecture.md, "Replay and its rules").
+
+    Args:
+        summary_tokens: the longest summary asked for.
+        high: the share of the window (after the reply's reserve) that starts a fold.
+        low: the share a fold brings the prompt down to.
+    """
+
+    __slots__ = ("folded", "high", "low", "summary", "summary_tokens")
+
+    #: what the summariser is told
+    INSTRUCTION = (
+        "You keep a running summary of a conversation between a user and an assistant. "
+        "Rewrite the summary so far to include the new lines: keep names, facts, "
+        "decisions and open questions; drop small talk. Reply with the summary only, "
+        "in at most {words} words."
+    )
+    #: how the summary is put before the turns it stands for
+    HEADER = "Summary of the earlier conversation:\n"
+
+    def __init__(
+        self,
+        messages: Iterable[Message] = (),
+        *,
+        summary_tokens: int = 256,
+        high: float = 0.8,
+        low: float = 0.5,
+    ) -> None:
+        super().__init__(messages)
+        if not 0 < low < high <= 1:
+            raise ValueError(f"SummaryMemory needs 0 < low < high <= 1, got {low}, {high}")
+        self.summary_tokens, self.high, self.low = summary_tokens, high, low
+        self.summary = ""
+        #: messages before this index are represented by the summary (pinned ones aside)
+        self.folded = 0
+
+    def __copy__(self) -> SummaryMemory:
+        return type(self)(
+            self.messages, summary_tokens=self.summary_tokens, high=self.high, low=self.low
+        )
+
+    async def clear(self) -> None:
+        await super().clear()
+        self.summary, self.folded = "", 0
+
+    def fold(self, upto: int, summary: str) -> None:
+        """The messages before ``upto`` are now represented by ``summary``."""
+        self.folded, self.summary = max(self.folded, upto), summary
+
+    def _summary_message(self) -> Message | None:
+        if not self.summary:
+            return None
+        from turbobot.messages import System
+
+        return System(self.HEADER + self.summary)
+
+    def _turn_starts(self) -> list[int]:
+        index = self._indexed()
+        return [i for i in index.turns if i >= self.folded]
+
+    def plan(
+        self, *, counter: TokenCounter, context_window: int, max_tokens: int
+    ) -> SummaryPlan | None:
+        """The summary call to make before the next prompt, or ``None`` if it fits."""
+        budget = context_window - max_tokens
+        messages = self.messages
+        starts = self._turn_starts()
+        if len(starts) < 2:
+            return None  # the newest turn is never summarised
+        pinned = sum(_tokens(m, counter) for m in messages if m.pinned)
+        summary = self.summary_tokens if self.summary else 0
+        costs = [
+            sum(_tokens(m, counter) for m in messages[start:stop] if not m.pinned)
+            for start, stop in zip(starts, [*starts[1:], len(messages)], strict=True)
+        ]
+        used = TOKENS_REPLY_PRIMING + pinned + summary + sum(costs)
+        if used <= budget * self.high:
+            return None
+        target = budget * self.low
+        folded = 0  # turns to fold
+        used += self.summary_tokens - summary  # a summary will be there
+        while folded < len(costs) - 1 and used > target:
+            used -= costs[folded]
+            folded += 1
+        upto = starts[folded]
+        lines = "\n".join(
+            f"{m.role}: {m.content}"
+            for m in messages[self.folded : upto]
+            if not m.pinned and m.content and m.role in ("user", "assistant")
+        )
+        words = max(20, self.summary_tokens * 3 // 4)
+        request = [
+            {"role": "system", "content": self.INSTRUCTION.format(words=words)},
+            {
+                "role": "user",
+                "content": f"Summary so far:\n{self.summary or '(none)'}\n\nNew lines:\n{lines}",
+            },
+        ]
+        return SummaryPlan(upto, request)
+
+    async def prepare_prompt(
+        self, *, counter: TokenCounter, context_window: int, max_tokens: int
+    ) -> list[dict[str, Any]]:
+        messages = self.messages
+        head = [m for m in messages[: self.folded] if m.pinned]
+        summary = self._summary_message()
+        kept = [*head, *([summary] if summary else []), *messages[self.folded :]]
+        budget = context_window - max_tokens
+        # a summary that came out longer than asked still leaves room: trim as usual
+        prompt = [m.to_openai() for m in trim_to_window(kept, budget=budget, counter=counter)]
+        fit_newest(prompt, budget=budget, counter=counter)
+        return prompt

@@ -44,7 +44,7 @@ from turbobot.exceptions import (
 from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM, LLMRequest, LLMResponse
 from turbobot.llm.tools import call_tool, tool_schema
-from turbobot.memory import BaseMemory, LocalMemory
+from turbobot.memory import BaseMemory, LocalMemory, SummaryMemory
 from turbobot.messages import (
     Assistant,
     Example,
@@ -823,6 +823,8 @@ class App:
         settings = {**self._settings(), **signal.settings}
         rounds = int(settings.get("max_tool_rounds", DEFAULT_MAX_TOOL_ROUNDS))
         schemas = [tool_schema(t) for t in signal.tools]
+        if isinstance(self.memory, SummaryMemory):
+            await self._summarise(self.memory, settings)
         for _ in range(rounds + 1):
             entry = self._take(("generate", "error", "cancelled"))
             if entry is not None:
@@ -851,6 +853,37 @@ class App:
             f"template {self._name()}: the model kept calling tools for {rounds} rounds; "
             "raise max_tool_rounds or check the tools' answers"
         )
+
+    async def _summarise(self, memory: SummaryMemory, settings: Mapping[str, Any]) -> None:
+        """Fold the oldest turns of a :class:`SummaryMemory` into its summary if the
+        prompt outgrew it: one journaled model call (a replay folds the recorded one)."""
+        replay = self._replay
+        if replay:
+            if replay[0].kind == "summary":
+                entry = self._take(("summary",))
+                assert entry is not None
+                memory.fold(int(entry.value["upto"]), str(entry.value["text"]))
+            return  # a replay folds where the journal did, never anywhere else
+        if self.llm is None:
+            from turbobot.llm.openai import OpenAILLM
+
+            self.llm = OpenAILLM()
+            _MADE_BY_APPS.add(self.llm)
+        model, window, reserve = _window(settings, self.llm)
+        plan = memory.plan(
+            counter=token_counter_for(model), context_window=window, max_tokens=reserve
+        )
+        if plan is None:
+            return
+        request = LLMRequest(
+            messages=plan.messages,
+            model=model,
+            settings={"max_tokens": memory.summary_tokens, "temperature": 0},
+        )
+        response = await self.llm.complete(request)
+        text = response.content.strip()
+        self._record("summary", {"upto": plan.upto, "text": text})
+        memory.fold(plan.upto, text)
 
     async def _complete(
         self,
@@ -885,14 +918,7 @@ async def _complete(
     name: str,
 ) -> LLMResponse:
     """One completion over ``memory``'s prompt (trimmed to the window), through the cache."""
-    model = str(settings.get("model") or "gpt-4o-mini")
-    max_tokens = settings.get("max_tokens")
-    window = int(
-        settings.get("context_window")
-        or getattr(llm, "context_window", None)
-        or context_window_for(model)
-    )
-    reserve = int(max_tokens) if max_tokens else min(1024, window // 4)
+    model, window, reserve = _window(settings, llm)
     messages = await memory.prepare_prompt(
         counter=token_counter_for(model), context_window=window, max_tokens=reserve
     )
@@ -912,6 +938,19 @@ async def _complete(
     if cache is not None and key is not None:
         await cache.set(key, response)
     return response
+
+
+def _window(settings: Mapping[str, Any], llm: LLM) -> tuple[str, int, int]:
+    """The model, its context window and the tokens reserved for the reply."""
+    model = str(settings.get("model") or "gpt-4o-mini")
+    max_tokens = settings.get("max_tokens")
+    window = int(
+        settings.get("context_window")
+        or getattr(llm, "context_window", None)
+        or context_window_for(model)
+    )
+    reserve = int(max_tokens) if max_tokens else min(1024, window // 4)
+    return model, window, reserve
 
 
 async def run_chat(
