@@ -1,7 +1,8 @@
 """Every Python block of the README and docs/ runs (issue 12: the docs cannot rot).
 
-Each ```python block runs on its own, as a script with top-level ``await``; the
-``test_*`` functions it defines are then called. A block that cannot run alone says
+Each ```python block runs on its own, as a script with top-level ``await``; each
+template it defines then holds a short conversation (a scripted model), and the
+``test_*`` functions it defines are called. A block that cannot run alone says
 so on the line before it: ``<!-- docs-test: skip, REASON -->``.
 """
 
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from turbobot import ScriptedLLM, Template
+from turbobot.testing import BotSession
 
 ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -49,6 +53,12 @@ async def test_python_block_runs(
     if asyncio.iscoroutine(result):
         await result
     for name, value in list(namespace.items()):
+        if isinstance(value, Template) and value.fn.__module__ == "docs_block":
+            # a template the block defines: it must hold a short conversation
+            session = BotSession(value, llm=ScriptedLLM(["Sure."] * 10))
+            async with session:
+                replies = [t for text in ("hi", "Ann", "yes") for t in await session.say(text)]
+            assert replies, f"{name} answered nothing"
         if name.startswith("test_") and callable(value):
             if inspect.iscoroutinefunction(value):
                 await value()
