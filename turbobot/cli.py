@@ -341,6 +341,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a bot", parents=[database])
     run.add_argument("bot", help="bots.horoscope, path/to/bot.py, or module:attribute")
     run.add_argument(
+        "--mode",
+        action="append",
+        default=[],
+        metavar="BOT",
+        help="also offer this bot (repeatable): users switch per chat with /mode NAME; "
+        "BOT is the default",
+    )
+    run.add_argument(
         "--platform",
         default="console",
         help="where the bot talks: console (stdin and stdout, the default), telegram, discord, or "
@@ -409,6 +417,23 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument("name", help="the module name, e.g. tea_expert (writes tea_expert.py)")
     new.add_argument("--directory", default=".", help="where to write (default: here)")
     return parser
+
+
+def _modes(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Template, ...]:
+    """The ``--mode`` bots (checked now: a wrong one fails before anything starts)."""
+    model = args.model or env.get("TURBOBOT_MODEL")
+    modes = []
+    for ref in args.mode:
+        template = load_template(ref)
+        modes.append(template.configure(model=model) if model else template)
+    if modes:
+        names = [_template(args, env).fn.__name__.lower()] + [t.fn.__name__.lower() for t in modes]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(
+                f"--mode: two bots have the same name ({', '.join(names)}); "
+                "each mode is named after its template function"
+            )
+    return tuple(modes)
 
 
 def _template(args: argparse.Namespace, env: Mapping[str, str]) -> Template:
@@ -576,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env=env,
                 settings=runtime_settings(env),
                 parts=lambda: _bot_parts(args, env),
+                modes=_modes(args, env),
             )
             asyncio.run(runner(launch))
         elif args.command == "db":

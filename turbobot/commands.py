@@ -89,6 +89,9 @@ class Command:
     #: to the template as input (it reads the text, ``/summarize 5``), not handled by
     #: the runtime
     input: bool = False
+    #: the values its argument may take, offered as choices where the platform can
+    #: (Discord's slash command options)
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.input and self.handler is not None:

@@ -44,6 +44,8 @@ class Launch:
     env: Mapping[str, str]
     settings: RuntimeSettings
     parts: Callable[[], AbstractAsyncContextManager[tuple[Template, BaseStore, LLM]]]
+    #: more personalities users may switch to with /mode (``--mode``); none: no /mode
+    modes: tuple[Template, ...] = ()
 
 
 PlatformRunner = Callable[[Launch], Coroutine[object, object, None]]

@@ -42,7 +42,7 @@ from typing import Any
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.clock import Clock, SystemClock, TimerHandle
 from turbobot.codec import count, unwritable, writable_text
-from turbobot.commands import CommandCall, CommandRegistry, parse_command
+from turbobot.commands import Command, CommandCall, CommandRegistry, parse_command
 from turbobot.delivery import FAILED, Outbox
 from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.journal import JournalEntry
@@ -167,6 +167,10 @@ class Notices:
         "this bot starts its own."
     )
     unknown_command: str = "I do not know the command /{command}. /help lists the ones I know."
+    #: the answer to /mode without a known name (``modes``: the names, the current marked)
+    modes: str = "Modes: {modes}. Send /mode NAME to switch."
+    mode_switched: str = "Switched to {mode}."
+    mode_same: str = "You are already talking to {mode}."
     #: to the sender of a message the store could not commit (it was not read)
     not_stored: str = (
         "Sorry, I could not store your message, so I have not read it. Please send it again."
@@ -239,6 +243,32 @@ class _Live(ConversationRecord):
     used_at: float = 0.0
 
 
+def _modes(default: Template, others: Sequence[Template]) -> dict[str, Template]:
+    """Modes by name (the template function's), the default first; empty if none."""
+    if not others:
+        return {}
+    modes: dict[str, Template] = {}
+    for template in (default, *others):
+        name = template.fn.__name__.lower()
+        if name in modes and modes[name].ref != template.ref:
+            raise ValueError(f"two modes are called {name!r}: rename one of their functions")
+        modes.setdefault(name, template)
+    return modes
+
+
+def _mode_commands(modes: dict[str, Template]) -> list[Command]:
+    """/mode, then every mode's own commands (each once)."""
+    names = ", ".join(modes)
+    commands = [Command("mode", f"Switch personality: {names}"[:100], choices=tuple(modes))]
+    seen = {"mode"}
+    for template in modes.values():
+        for command in template.settings.get("commands", ()):
+            if command.name not in seen:
+                seen.add(command.name)
+                commands.append(command)
+    return commands
+
+
 def _loop_call_later(delay: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
     return asyncio.get_running_loop().call_later(delay, callback, *args)
 
@@ -274,9 +304,15 @@ class Runtime:
         settings: RuntimeSettings | None = None,
         clock: Clock | Callable[[], float] | None = None,
         commands: CommandRegistry | None = None,
+        modes: Sequence[Template] = (),
     ) -> None:
         self.template = template
-        self.commands = commands or CommandRegistry(template.settings.get("commands", ()))
+        #: the personalities users may switch to with /mode, by name (the default first);
+        #: empty: one template, no /mode
+        self.modes: dict[str, Template] = _modes(template, modes)
+        self.commands = commands or CommandRegistry(
+            _mode_commands(self.modes) if self.modes else template.settings.get("commands", ())
+        )
         self.llm = llm
         self.sender = sender
         self.store = store or InMemoryStore()
@@ -289,6 +325,8 @@ class Runtime:
         #: channels with an active conversation in the store but not in RAM (a live one
         #: is active by definition: keeping its key here too would cost ~50 bytes)
         self._stored_keys: set[ChannelKey] = set()
+        #: with modes: each channel's personality, once known (see _mode_of)
+        self._mode: dict[ChannelKey, Template] = {}
         self._queues: dict[ChannelKey, deque[InboxItem]] = {}
         self._workers = ChannelWorkers(self._work_once)
         self._timers: dict[ChannelKey, TimerHandle] = {}
@@ -345,6 +383,19 @@ class Runtime:
         self._stored_keys = set(recovery.active)
         #: channels where another template has a conversation going (told once, on begin)
         self._others = recovery.others
+        for mode in self.modes.values():
+            if mode is self.template:
+                continue
+            # conversations of the other modes: the default's recovery has the inbox
+            # and the unsent replies already, only what is per template is taken here
+            other = await self.store.recovery(mode.ref)
+            for key in other.active:
+                self._mode[key] = mode
+            self._stored_keys |= other.active
+            self._others &= other.others
+            recovery.deadlines.extend(other.deadlines)
+            recovery.running.extend(other.running)
+        self._others -= self._stored_keys
         if recovery.unsent:
             _log.info("sending %d replies left unsent by the last run", len(recovery.unsent))
         for outgoing in recovery.unsent:
@@ -784,6 +835,7 @@ class Runtime:
         return handled
 
     async def _handle_message(self, key: ChannelKey, message: IncomingMessage) -> bool:
+        await self._recall_mode(key)  # commands too: /start starts the channel's mode
         call = self.commands.parse(message, self.settings.bot_username)
         if call is not None and not self._template_command(call):
             await self._command(key, call)
@@ -827,9 +879,17 @@ class Runtime:
         return False
 
     def _template_command(self, call: CommandCall) -> bool:
-        """A command the template answers (``Command(input=True)``): it is input."""
+        """A command the template answers (``Command(input=True)``): it is input.
+
+        With modes, only for the mode that declares it (another mode's is unknown here).
+        """
         command = self.commands.get(call.name)
-        return command is not None and command.input
+        if command is None or not command.input:
+            return False
+        if not self.modes:
+            return True
+        declared = self._template_of(call.message.key).settings.get("commands", ())
+        return any(c.name == command.name for c in declared)
 
     async def _command(self, key: ChannelKey, call: CommandCall) -> None:
         """Handle a command (see turbobot.commands); it is never input to the template."""
@@ -855,8 +915,10 @@ class Runtime:
                 await current.app.memory.clear()
             noted = await self._end(key, "reset", message)
             await self._send_standalone(key, notices.reset, consumed=None if noted else message)
+        elif name == "mode" and self.modes:
+            await self._switch_mode(key, call)
         elif name == "help":
-            await self._send_standalone(key, self._help(), consumed=message)
+            await self._send_standalone(key, self._help(key), consumed=message)
         elif name == "retry":
             await self._retry(key, message)
         elif name == "cancel":
@@ -880,7 +942,7 @@ class Runtime:
         if live is not None and live.app is not None:
             # A live app keeps only what it has not handed to the store: read the store.
             await self._commit(live, wait=True)
-            stored = await self.store.load_conversation(key, self.template.ref)
+            stored = await self.store.load_conversation(key, live.template_ref)
             journal = stored.journal if stored is not None else []
         elif live is not None:
             journal = live.journal
@@ -908,7 +970,7 @@ class Runtime:
         live.journal, live.saved = kept, cut
         live.status, live.deadline = "running", None
         await self._commit(live, wait=True)
-        live.app = self.template().bind(
+        live.app = self._template_by_ref(live.template_ref)().bind(
             llm=self.llm,
             context=context,
             replay=list(kept),
@@ -917,10 +979,63 @@ class Runtime:
         )
         await self._advance(key, live, None)
 
-    def _help(self) -> str:
-        doc = (self.template.fn.__doc__ or "").strip().split("\n\n", 1)[0].strip()
+    def _help(self, key: ChannelKey) -> str:
+        template = self._template_of(key)
+        doc = (template.fn.__doc__ or "").strip().split("\n\n", 1)[0].strip()
         listing = f"{self.settings.notices.help}\n{self.commands.help()}"
+        if self.modes:
+            listing += "\n\n" + self._mode_list(key)
         return f"{doc}\n\n{listing}" if doc else listing
+
+    # -- modes (several personalities, /mode) -------------------------------------------
+
+    def _template_of(self, key: ChannelKey) -> Template:
+        """The personality the channel talks to (its /mode, else the default)."""
+        return self._mode.get(key, self.template) if self.modes else self.template
+
+    def _template_by_ref(self, ref: str) -> Template:
+        for mode in self.modes.values():
+            if mode.ref == ref:
+                return mode
+        return self.template
+
+    async def _recall_mode(self, key: ChannelKey) -> None:
+        """Find the channel's mode after a restart: that of its newest conversation."""
+        if not self.modes or key in self._mode or key in self._live or key in self._stored_keys:
+            return
+        try:
+            records = await self.store.conversations(key)
+        except Exception as exc:
+            raise _InfrastructureError(f"reading the conversations of {key} failed") from exc
+        refs = {mode.ref: mode for mode in self.modes.values()}
+        newest = next((r for r in reversed(records) if r.template_ref in refs), None)
+        self._mode[key] = refs[newest.template_ref] if newest is not None else self.template
+
+    def _mode_list(self, key: ChannelKey) -> str:
+        current = self._template_of(key)
+        names = [f"{n} (current)" if t is current else n for n, t in self.modes.items()]
+        return self.settings.notices.modes.format(modes=", ".join(names))
+
+    async def _switch_mode(self, key: ChannelKey, call: CommandCall) -> None:
+        """``/mode NAME``: end the conversation and start one with that personality."""
+        message, notices = call.message, self.settings.notices
+        await self._recall_mode(key)
+        name = call.args.strip().lower()
+        target = self.modes.get(name)
+        if target is None:
+            await self._send_standalone(key, self._mode_list(key), consumed=message)
+            return
+        if target is self._template_of(key) and self.has_conversation(key):
+            text = notices.mode_same.format(mode=name)
+            await self._send_standalone(key, text, consumed=message)
+            return
+        await self._end(key, "restarted", None)
+        self._mode[key] = target
+        fresh = self._start(key, message)
+        self._note_user(fresh, message)
+        # committed with the new conversation: its template ref is the stored choice
+        await self._say(key, fresh, notices.mode_switched.format(mode=name))
+        await self._advance(key, fresh, None)
 
     def _touch(self, key: ChannelKey, live: _Live) -> None:
         # Conversations used within the same tick share one float (24 bytes each
@@ -943,7 +1058,7 @@ class Runtime:
         if key not in self._stored_keys:
             return None
         try:
-            record = await self.store.load_conversation(key, self.template.ref)
+            record = await self.store.load_conversation(key, self._template_of(key).ref)
         except Exception as exc:
             raise _InfrastructureError(f"loading the conversation of {key} failed") from exc
         self._stored_keys.discard(key)
@@ -962,8 +1077,9 @@ class Runtime:
             author_name=trigger.author_name,
             trigger=trigger,
         )
-        live = _Live(new_id(), key, self.template.ref, context.to_dict())
-        live.app = self.template().bind(llm=self.llm, context=context, owned=True)
+        template = self._template_of(key)
+        live = _Live(new_id(), key, template.ref, context.to_dict())
+        live.app = template().bind(llm=self.llm, context=context, owned=True)
         live.buffer = StepWrite(record=live, new_conversation=True)
         self._touch(key, live)
         return live
@@ -1023,7 +1139,7 @@ class Runtime:
         # Rebuilt from what the store loaded: an app that failed left RAM (see _advance).
         assert record.context is not _STORED_CONTEXT
         context = TemplateContext.from_dict(record.context)
-        live.app = self.template().bind(
+        live.app = self._template_by_ref(record.template_ref)().bind(
             llm=self.llm,
             context=context,
             replay=list(record.journal),
@@ -1184,7 +1300,7 @@ class Runtime:
         except _InfrastructureError:
             raise
         except Exception:
-            _log.exception("channel %s: template %s failed", key, self.template.ref)
+            _log.exception("channel %s: template %s failed", key, record.template_ref)
             record.status = "failed"
             await self._say(key, live, self.settings.notices.failure)
             sent = True

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -76,6 +76,7 @@ class BotSession:
             :meth:`advance`).
         expect_divergence: do not fail when a conversation cannot be rebuilt by
             replay (for testing what users see after an incompatible redeploy).
+        modes: more personalities users switch to with ``/mode NAME``.
     """
 
     def __init__(
@@ -88,8 +89,10 @@ class BotSession:
         platform: str = "test",
         clock: Any = None,
         expect_divergence: bool = False,
+        modes: Sequence[Template] = (),
     ) -> None:
         self.template = template
+        self.modes = tuple(modes)
         self.expect_divergence = expect_divergence
         self.llm: LLM = llm if llm is not None else ScriptedLLM()
         self.store = store if store is not None else InMemoryStore()
@@ -110,6 +113,7 @@ class BotSession:
             store=self.store,
             settings=self.settings,
             clock=self.clock,
+            modes=self.modes,
         )
 
     def key(self, channel: str = "chat") -> ChannelKey:

@@ -125,7 +125,12 @@ async def serve(launch: Launch, adapter: _Adapter, shown_as: str) -> None:
     async with adapter, launch.parts() as (template, store, llm):
         settings = dataclasses.replace(launch.settings, bot_username=adapter.username)
         async with Runtime(
-            template, llm=llm, sender=adapter, store=store, settings=settings
+            template,
+            llm=llm,
+            sender=adapter,
+            store=store,
+            settings=settings,
+            modes=launch.modes,
         ) as runtime:
             running = asyncio.create_task(adapter.run(runtime))
             ready = getattr(adapter, "wait_until_ready", None)

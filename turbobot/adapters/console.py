@@ -175,7 +175,12 @@ async def run_platform(launch: Launch) -> None:
         async with (
             launch.parts() as (template, store, llm),
             Runtime(
-                template, llm=llm, sender=adapter, store=store, settings=launch.settings
+                template,
+                llm=llm,
+                sender=adapter,
+                store=store,
+                settings=launch.settings,
+                modes=launch.modes,
             ) as runtime,
         ):
             await adapter.run(runtime)

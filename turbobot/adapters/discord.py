@@ -355,10 +355,17 @@ class DiscordAdapter(BaseSender):
                 "description": command.description[:100] or command.name,
                 "type": 1,
             }
-            if command.handler is not None:  # a bot's own command may take arguments
-                entry["options"] = [
-                    {"type": 3, "name": "text", "description": "arguments", "required": False}
-                ]
+            if command.handler is not None or command.input or command.choices:
+                # a bot's own command may take arguments; /mode offers the modes
+                option: dict[str, Any] = {
+                    "type": 3,
+                    "name": "text",
+                    "description": "arguments",
+                    "required": False,
+                }
+                if command.choices:
+                    option["choices"] = [{"name": c, "value": c} for c in command.choices[:25]]
+                entry["options"] = [option]
             payload.append(entry)
         application_id = self.client.application_id
         if application_id is None:
