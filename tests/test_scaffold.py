@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.test_console import clean_env, run_console
+from tests.test_testing_kit import assert_passes_alone
 from turbobot.scaffold import new_bot
 
 
@@ -28,15 +29,7 @@ def test_a_new_bot_passes_its_test_where_it_was_written(tmp_path: Path) -> None:
     assert "turbobot run tea_expert.py" in made.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tea_expert.py", "test_tea_expert.py"]
     # with plain pytest and no configuration, as in the author's own project
-    tested = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_tea_expert.py"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert tested.returncode == 0, tested.stdout + tested.stderr
-    assert "1 passed" in tested.stdout
+    assert_passes_alone(tmp_path, "test_tea_expert.py")
 
 
 async def test_a_new_bot_runs_in_the_console(tmp_path: Path, openai_server: FakeOpenAI) -> None:

@@ -129,9 +129,14 @@ def test_the_readme_example_passes_in_a_project_with_no_configuration(tmp_path: 
             """
         )
     )
+    assert_passes_alone(tmp_path, "test_mybot.py")
+
+
+def assert_passes_alone(directory: Path, test_file: str) -> None:
+    """``test_file`` passes with plain pytest run in ``directory`` (no config, one test)."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_mybot.py"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+        cwd=directory,
         capture_output=True,
         text=True,
         timeout=120,
