@@ -109,7 +109,7 @@ async def run(turns: int, store_kind: str, path: Path) -> None:
         f"({grown * 1024 / turns:.0f} B/turn); Python objects: {blocks / turns:.1f} "
         "blocks/turn"
     )
-    live = runtime._live.get(KEY)
+    live = runtime.conversations.live.get(KEY)
     if live is not None and live.app is not None:
         memory = getattr(live.app.memory, "messages", [])
         print(f"live conversation: {len(live.app.journal)} journal entries, {len(memory)} messages")

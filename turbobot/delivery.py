@@ -13,21 +13,62 @@ start-up never waits on the platform.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from turbobot.chat import ChannelKey
+from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.clock import SystemClock, TimerHandle
 from turbobot.exceptions import UndeliverableError
 from turbobot.store import BaseStore, OutgoingRecord, StepWrite
 
 if TYPE_CHECKING:
-    from turbobot.runtime import BaseSender
+    from turbobot.template import AssistantStream
 
-__all__ = ["FAILED", "Outbox"]
+__all__ = ["FAILED", "BaseSender", "Outbox", "answering"]
 
 _log = logging.getLogger(__name__)
+
+#: The incoming message the step now running answers, for a sender to reply to it (or
+#: to answer the slash command it was). ``None`` when no message asked for what is sent:
+#: a timeout, a kept reply sent again later, a step finished after a restart.
+answering: ContextVar[IncomingMessage | None] = ContextVar("turbobot_answering", default=None)
+
+
+class BaseSender(ABC):
+    """How the runtime talks back: an adapter implements this for its platform."""
+
+    @abstractmethod
+    async def send(self, key: ChannelKey, text: str) -> str | None:
+        """Send ``text`` to the channel; return the platform's message id if any."""
+
+    async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
+        """Show a reply while it is generated. The default waits and sends it whole.
+
+        If the generation breaks off (``stream.interrupted``), a sender that showed
+        part of it marks that part as interrupted (ending it with
+        :data:`~turbobot.template.INTERRUPTED`) and returns its id, or takes it away
+        and returns ``None``; the runtime records in the transcript what it says was
+        shown. The default shows nothing of it.
+        """
+        async for _ in stream:
+            pass
+        if stream.message is None or not stream.text:
+            return None
+        return await self.send(key, stream.text)
+
+    async def typing(self, key: ChannelKey) -> None:  # noqa: B027 - optional hook
+        """Show that the bot is working (called every few seconds while it is)."""
+
+    async def handled(self, message: IncomingMessage) -> None:  # noqa: B027 - optional hook
+        """``message`` is dealt with: every reply it asked for was sent (or kept).
+
+        A sender that acknowledged it on the platform (a slash command's "thinking…")
+        and has not answered it yet takes the acknowledgement away here.
+        """
+
 
 #: what :meth:`Outbox.deliver` returns when the reply was kept to be sent later
 FAILED: Any = object()
