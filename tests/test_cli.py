@@ -13,6 +13,7 @@ from turbobot import ConfigurationError
 from turbobot.cli import build_llm, choose_llm
 from turbobot.llm.local import LocalLLM
 from turbobot.llm.openai import OpenAILLM
+from turbobot.sql.migrate import head_revision
 
 
 def test_key_present_means_openai() -> None:
@@ -101,8 +102,8 @@ def test_db_transcript_and_conversations_commands(tmp_path: Path) -> None:
     env = clean_env(TURBOBOT_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
     created = turbobot("db", "upgrade", env=env)
     assert created.returncode == 0, created.stderr
-    assert created.stdout.strip() == "0001 (up to date)"
-    assert turbobot("db", "current", env=env).stdout.strip() == "0001 (up to date)"
+    assert created.stdout.strip() == f"{head_revision()} (up to date)"
+    assert turbobot("db", "current", env=env).stdout.strip() == f"{head_revision()} (up to date)"
 
     ran = turbobot(
         "run",

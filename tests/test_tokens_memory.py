@@ -134,3 +134,27 @@ class _ListOnly(LocalMemory):
         from turbobot.memory import BaseMemory
 
         return await BaseMemory.prepare_prompt(self, **kwargs)
+
+
+async def test_window_only_memory_stays_the_size_of_its_window() -> None:
+    """LocalMemory(window_only=True): the same prompts as keeping everything, while the
+    messages it holds stay bounded (the pinned system prompt and example kept)."""
+    counter = token_counter_for("gpt-4o")
+    pinned = [System("You are terse."), ExampleUser("ex q"), ExampleAssistant("ex a")]
+    full, windowed = LocalMemory(pinned), LocalMemory(pinned, window_only=True)
+    held = []
+    for turn in range(3_000):
+        for memory in (full, windowed):
+            await memory.append(User(f"question {turn} " + "word " * (turn % 7)))
+            await memory.append(Assistant(f"answer {turn}"))
+        expected = await full.prepare_prompt(counter=counter, context_window=400, max_tokens=50)
+        got = await windowed.prepare_prompt(counter=counter, context_window=400, max_tokens=50)
+        assert got == expected, turn
+        held.append(len(windowed.messages))
+    assert len(full.messages) == 6_003
+    assert max(held[100:]) < 200  # the window holds ~40 messages; dropped in batches
+    assert windowed.messages[:3] == pinned
+    # a copy (what @turbo(memory=...) makes per conversation) keeps the option
+    import copy
+
+    assert copy.copy(windowed).window_only

@@ -413,7 +413,9 @@ class Conversations:
 
     @staticmethod
     def _user_line(live: Live, message: IncomingMessage) -> TranscriptLine:
-        return TranscriptLine(live.id, "user", message.text, message.timestamp)
+        return TranscriptLine(
+            live.id, "user", message.text, message.timestamp, message_id=message.message_id
+        )
 
     def use_wake(self, live: Live) -> None:
         """Consume the waking message (if still pending) with the current step."""

@@ -209,15 +209,30 @@ class LocalMemory(BaseMemory):
     It indexes its turns (from its first prompt on, and incrementally after that), so
     preparing a prompt costs what the prompt holds (the newest turns that fit the
     window), not the conversation's whole length.
+
+    Args:
+        messages: what it starts with.
+        window_only: keep only what a prompt can still use: the pinned messages
+            (system prompt, examples) and the turns from the prompt window's oldest on.
+            Turns that left the window are dropped (in batches, as they leave), so a
+            live conversation's RAM stays the size of its window however long it
+            runs; ``get()`` and ``messages`` then hold that much, not the whole
+            history (the store's transcript keeps it). Default: keep everything, as
+            turbo-chat's memory does.
     """
 
     #: one slot for the index, ``None`` until the first prompt: a conversation that
     #: only waits pays 8 bytes for it
-    __slots__ = ("_index", "messages")
+    __slots__ = ("_index", "messages", "window_only")
 
-    def __init__(self, messages: Iterable[Message] = ()) -> None:
+    #: turns that left the window are dropped once at least this many messages (and as
+    #: many as the window holds) wait to be: the cost of dropping stays O(1) a message
+    DROP_AT_LEAST = 64
+
+    def __init__(self, messages: Iterable[Message] = (), *, window_only: bool = False) -> None:
         self.messages: list[Message] = list(messages)
         self._index: _TurnIndex | None = None
+        self.window_only = window_only
 
     def _indexed(self) -> _TurnIndex:
         messages = self.messages
@@ -242,7 +257,7 @@ class LocalMemory(BaseMemory):
 
     def __copy__(self) -> LocalMemory:
         # a copy of an instance given to @turbo(memory=...) starts with its own list
-        return type(self)(self.messages)
+        return type(self)(self.messages, window_only=self.window_only)
 
     async def get(self) -> list[Message]:
         return list(self.messages)
@@ -277,12 +292,32 @@ class LocalMemory(BaseMemory):
             used -= sum(_tokens(m, counter) for m in messages[start:stop] if not m.pinned)
             first_turn += 1
         index.first_turn, index.used = first_turn, used
+        if self.window_only and turns:
+            self._drop_before(index, turns[first_turn])
+            messages, turns, first_turn = self.messages, index.turns, index.first_turn
         first = turns[first_turn] if turns else len(messages)
         prompt = [messages[i].to_openai() for i in index.pinned if i < first]
         prompt += [m.to_openai() for m in messages[first:]]
         if used > budget:  # the newest turn alone is too big
             fit_newest(prompt, budget=budget, counter=counter)
         return prompt
+
+
+    def _drop_before(self, index: _TurnIndex, first: int) -> None:
+        """Drop the turns before message ``first`` (the window's oldest), pinned ones
+        kept, if enough of them wait; the index is shifted to match."""
+        messages = self.messages
+        pinned_before = [i for i in index.pinned if i < first]
+        dropped = first - len(pinned_before)
+        if dropped < max(self.DROP_AT_LEAST, len(messages) - first):
+            return
+        kept = [messages[i] for i in pinned_before]
+        messages[:first] = kept  # the same list: whoever holds it sees the change
+        index.pinned = [*range(len(kept)), *(i - dropped for i in index.pinned if i >= first)]
+        index.turns = [t - dropped for t in index.turns[index.first_turn :]]
+        index.first_turn = 0
+        index.count -= dropped
+        index.window_end -= dropped
 
 
 #: turbo-chat's names for :class:`LocalMemory`

@@ -145,18 +145,41 @@ class UserInput(str):
     (and the text empty) when the wait's timeout passed first.
     """
 
-    __slots__ = ("incoming", "timed_out")
+    __slots__ = ("_incoming", "timed_out")
 
-    incoming: IncomingMessage | None
+    _incoming: IncomingMessage | dict[str, Any] | None
     timed_out: bool
 
     def __new__(
-        cls, text: str = "", *, incoming: IncomingMessage | None = None, timed_out: bool = False
+        cls,
+        text: str = "",
+        *,
+        incoming: IncomingMessage | dict[str, Any] | None = None,
+        timed_out: bool = False,
     ) -> UserInput:
+        """``incoming`` may be the message's dict (``IncomingMessage.to_dict()``): it
+        is then built only if read. A replay hands thousands of inputs to a template
+        that, most often, reads only their text."""
         self = super().__new__(cls, text)
-        self.incoming = incoming
+        self._incoming = incoming
         self.timed_out = timed_out
         return self
+
+    @property
+    def incoming(self) -> IncomingMessage | None:
+        """The incoming message this input came in (``None`` for a plain string)."""
+        incoming = self._incoming
+        if type(incoming) is dict:
+            incoming = self._incoming = IncomingMessage.from_dict(incoming)
+        return incoming  # type: ignore[return-value]
+
+    def to_json(self) -> Any:
+        """The journal's value for this input: its text, with the message if any."""
+        incoming = self._incoming
+        if incoming is None:
+            return str(self)
+        data = incoming if type(incoming) is dict else incoming.to_dict()  # type: ignore[union-attr]
+        return {"text": str(self), "incoming": data}
 
     @classmethod
     def timeout(cls) -> UserInput:

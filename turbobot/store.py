@@ -114,6 +114,9 @@ class TranscriptLine:
     at: float
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: a user's line that is an inbox message: that message's id (a store may keep the
+    #: text once, with the message)
+    message_id: str | None = None
 
 
 @dataclass(slots=True)

@@ -473,7 +473,7 @@ class App:
             elif self._pending is _INPUT:
                 self._record(
                     "timeout" if given.timed_out else "input",
-                    None if given.timed_out else _input_to_json(given),
+                    None if given.timed_out else given.to_json(),
                 )
                 self._pending, self.waiting, self._send = None, None, given
             elif self._pending is _STREAM:
@@ -787,7 +787,7 @@ class App:
 
     async def _generate_cancellable(self, item: Generate) -> Assistant:
         if self._replay:  # from the journal: nothing to cancel, no task to pay for
-            return await self._generate(item, None)
+            return await self._generate_rounds(item, None)  # (no stream to close)
         self._task = task = asyncio.ensure_future(self._generate(item, None))
         try:
             return await task
@@ -820,12 +820,13 @@ class App:
                 stream.close(message)
 
     async def _generate_rounds(self, signal: Generate, stream: AssistantStream | None) -> Assistant:
-        settings = {**self._settings(), **signal.settings}
-        rounds = int(settings.get("max_tool_rounds", DEFAULT_MAX_TOOL_ROUNDS))
-        schemas = [tool_schema(t) for t in signal.tools]
+        # Built only when needed: a replay mostly reads the recorded reply and goes on.
+        settings: dict[str, Any] | None = None
         if isinstance(self.memory, SummaryMemory):
+            settings = {**self._settings(), **signal.settings}
             await self._summarise(self.memory, settings)
-        for _ in range(rounds + 1):
+        rounds_done = 0
+        while True:
             entry = self._take(("generate", "error", "cancelled"))
             if entry is not None:
                 if entry.kind == "error":
@@ -835,6 +836,9 @@ class App:
                 message = message_from_dict(entry.value)
                 assert isinstance(message, Assistant)
             else:
+                if settings is None:
+                    settings = {**self._settings(), **signal.settings}
+                schemas = [tool_schema(t) for t in signal.tools]
                 response = await self._complete(settings, schemas, stream)
                 message = response.to_message(forward=signal.forward)
                 self._record("generate", message.to_dict())
@@ -849,10 +853,15 @@ class App:
                     output = await call_tool(signal.tools, call.name, call.arguments)
                     self._record("tool", output)
                 await self.memory.append(ToolMessage(output, name=call.name, tool_call_id=call.id))
-        raise TemplateError(
-            f"template {self._name()}: the model kept calling tools for {rounds} rounds; "
-            "raise max_tool_rounds or check the tools' answers"
-        )
+            if settings is None:
+                settings = {**self._settings(), **signal.settings}
+            rounds = int(settings.get("max_tool_rounds", DEFAULT_MAX_TOOL_ROUNDS))
+            rounds_done += 1
+            if rounds_done > rounds:
+                raise TemplateError(
+                    f"template {self._name()}: the model kept calling tools for {rounds} "
+                    "rounds; raise max_tool_rounds or check the tools' answers"
+                )
 
     async def _summarise(self, memory: SummaryMemory, settings: Mapping[str, Any]) -> None:
         """Fold the oldest turns of a :class:`SummaryMemory` into its summary if the
@@ -1020,20 +1029,13 @@ def _as_input(value: Any) -> UserInput:
     raise TypeError(f"user input must be a str or IncomingMessage, got {type(value).__name__}")
 
 
-def _input_to_json(value: UserInput) -> Any:
-    if value.incoming is None:
-        return str(value)
-    return {"text": str(value), "incoming": value.incoming.to_dict()}
-
-
 def _input_from_json(entry: JournalEntry) -> UserInput:
     if entry.kind == "timeout":
         return UserInput.timeout()
     if isinstance(entry.value, str):
         return UserInput(entry.value)
-    return UserInput(
-        entry.value["text"], incoming=IncomingMessage.from_dict(entry.value["incoming"])
-    )
+    # the message is built from its dict only if the template reads it
+    return UserInput(entry.value["text"], incoming=entry.value["incoming"])
 
 
 class _ReplayedLLMError(LLMError):

@@ -64,6 +64,9 @@ journal = Table(
     Column("kind", String(16), nullable=False),
     Column("value", Text, nullable=False),
     Column("chain", String(32), nullable=False),
+    #: an input taken from the inbox: its value is that inbox row's payload, not
+    #: stored again (``value`` is then ``null``; see docs/architecture.md, "Storage")
+    Column("message_id", String(128), nullable=True),
 )
 
 inbox = Table(
@@ -90,6 +93,9 @@ messages = Table(
     Column("at", Float, nullable=False),
     Column("prompt_tokens", Integer, nullable=True),
     Column("completion_tokens", Integer, nullable=True),
+    #: a user's line that is an inbox message: its text is that message's, not stored
+    #: again (``text`` is then empty)
+    Column("message_id", String(128), nullable=True),
     Index(None, "channel", "id"),
     Index(None, "conversation_id"),
 )

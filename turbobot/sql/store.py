@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import (
+    and_,
     bindparam,
     delete,
     event,
@@ -79,8 +80,68 @@ def _dumps(value: Any) -> str:
         return to_json(value)
 
 
-#: the standard library's: orjson reads integers beyond 64 bits as floats
-_loads = json.loads
+#: maps every digit to "0", "-" to itself and any other byte to " " (see _long_number)
+_DIGITS = bytes(48 if 48 <= i <= 57 else 45 if i == 45 else 32 for i in range(256))
+
+
+def _long_number(text: str) -> bool:
+    """Whether ``text`` may hold an integer orjson reads wrongly (as a float): one of
+    20 digits or more, or of 19 after a minus (a snowflake id's 19 digits are fine).
+
+    Digits inside strings count too: the slower decoder is then used, correctly. A
+    translation and two substring searches in C: ~20 times faster than a regex.
+    """
+    shape = text.encode("utf-8", "surrogatepass").translate(_DIGITS)
+    return b"00000000000000000000" in shape or b"-0000000000000000000" in shape
+
+
+def _loads(text: str) -> Any:
+    """JSON written by this store, read back equal: orjson, ten times faster, where it can.
+
+    The standard library's decoder reads what orjson refuses (lone surrogate escapes)
+    or would change (integers beyond 64 bits).
+    """
+    if not _long_number(text):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
+
+
+def _loads_many(texts: list[str]) -> list[Any]:
+    """``[_loads(t) for t in texts]``, in one orjson call when it can (a long journal)."""
+    joined = "[" + ",".join(texts) + "]"
+    if not _long_number(joined):
+        try:
+            values: list[Any] = orjson.loads(joined)
+            return values
+        except orjson.JSONDecodeError:
+            pass
+    return [_loads(text) for text in texts]
+
+
+def _journal_row(
+    record: ConversationRecord, seq: int, entry: JournalEntry
+) -> tuple[str, int, str, str, str, str | None]:
+    """A journal row. An input from the channel's inbox refers to it, not a copy."""
+    value = entry.value
+    if entry.kind == "input" and type(value) is dict:
+        incoming = value.get("incoming")
+        if (
+            type(incoming) is dict
+            and incoming.get("text") == value.get("text")
+            and incoming.get("key") == record.key.to_dict()
+            and type(incoming.get("message_id")) is str
+        ):
+            message_id = writable_text(incoming["message_id"])
+            return (record.id, seq, entry.kind, "null", entry.chain, message_id)
+    return (record.id, seq, entry.kind, to_json(value), entry.chain, None)
+
+
+def _input_value(incoming: dict[str, Any]) -> dict[str, Any]:
+    """The value of an input journaled by reference, from its inbox row's payload."""
+    return {"text": incoming["text"], "incoming": incoming}
 
 
 # A step writes its channel several times in a row; 256 entries cover a few batches.
@@ -404,7 +465,7 @@ class SQLStore(BaseStore):
             if step.journal:
                 start = step.journal_start
                 op.journal = [
-                    (record.id, start + offset, entry.kind, to_json(entry.value), entry.chain)
+                    _journal_row(record, start + offset, entry)
                     for offset, entry in enumerate(step.journal)
                 ]
             if step.transcript:
@@ -413,10 +474,11 @@ class SQLStore(BaseStore):
                         line.conversation_id,
                         channel,
                         line.role,
-                        writable_text(line.text),
+                        "" if line.message_id is not None else writable_text(line.text),
                         line.at,
                         count(line.prompt_tokens),
                         count(line.completion_tokens),
+                        None if line.message_id is None else writable_text(line.message_id),
                     )
                     for line in step.transcript
                 ]
@@ -744,12 +806,22 @@ class SQLStore(BaseStore):
             if row is None:
                 return None
             record = _record(row._mapping)
+            by_reference = and_(
+                inbox.c.channel == channel_column(key), inbox.c.message_id == journal.c.message_id
+            )
             entries = await conn.execute(
-                select(journal.c.kind, journal.c.value, journal.c.chain)
+                select(journal.c.kind, journal.c.value, journal.c.chain, inbox.c.payload)
+                .select_from(journal.outerjoin(inbox, by_reference))
                 .where(journal.c.conversation_id == record.id)
                 .order_by(journal.c.seq)
             )
-            record.journal = [JournalEntry(e.kind, _loads(e.value), e.chain) for e in entries]
+            rows = entries.all()
+        # Each row's JSON: its value, or (an input stored by reference) its inbox payload.
+        values = _loads_many([v if p is None else p for _, v, _, p in rows])
+        record.journal = [
+            JournalEntry(kind, value if payload is None else _input_value(value), chain)
+            for (kind, _, chain, payload), value in zip(rows, values, strict=True)
+        ]
         return record
 
     async def inbox(self, key: ChannelKey) -> list[InboxItem]:
@@ -818,15 +890,25 @@ class SQLStore(BaseStore):
 
     async def transcript(self, key: ChannelKey) -> list[TranscriptLine]:
         await self.flush()
+        by_reference = and_(
+            inbox.c.channel == messages.c.channel, inbox.c.message_id == messages.c.message_id
+        )
         query = (
-            select(messages)
+            select(messages, inbox.c.payload)
+            .select_from(messages.outerjoin(inbox, by_reference))
             .where(messages.c.channel == channel_column(key))
             .order_by(messages.c.id)
         )
         async with self._engine().connect() as conn:
             return [
                 TranscriptLine(
-                    r.conversation_id, r.role, r.text, r.at, r.prompt_tokens, r.completion_tokens
+                    r.conversation_id,
+                    r.role,
+                    r.text if r.payload is None else _loads(r.payload)["text"],
+                    r.at,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    r.message_id,
                 )
                 for r in await conn.execute(query)
             ]
