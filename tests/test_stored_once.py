@@ -5,7 +5,6 @@ their own copies and load as before; a downgrade gives the copies back."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from alembic import command
@@ -105,10 +104,11 @@ async def test_an_input_is_stored_once_and_replays_from_its_inbox_row(store_url:
     ]
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 async def test_rows_from_before_0002_load_and_a_downgrade_restores_the_copies(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    url = store_url
     engine = create_async_engine(url)
     incoming = IncomingMessage(KEY, "old text", "old-1", timestamp=5.0).to_dict()
     payload = json.dumps(incoming)
@@ -120,13 +120,16 @@ async def test_rows_from_before_0002_load_and_a_downgrade_restores_the_copies(
             await conn.execute(
                 text(
                     "INSERT INTO conversations VALUES "
-                    "('c1', :ch, :ref, :ctx, 'waiting', 4, NULL, 0, 1.0, NULL)"
+                    "('c1', :ch, :ref, :ctx, 'waiting', 4, NULL, :no, 1.0, NULL)"
                 ),
-                {"ch": CHANNEL, "ref": echo_chat.ref, "ctx": context},
+                {"ch": CHANNEL, "ref": echo_chat.ref, "ctx": context, "no": False},
             )
             await conn.execute(
-                text("INSERT INTO inbox VALUES (1, :ch, 'old-1', :p, 5.0, 1)"),
-                {"ch": CHANNEL, "p": payload},
+                text(
+                    "INSERT INTO inbox (channel, message_id, payload, received_at, consumed) "
+                    "VALUES (:ch, 'old-1', :p, 5.0, :yes)"
+                ),
+                {"ch": CHANNEL, "p": payload, "yes": True},
             )
             value = json.dumps({"text": "old text", "incoming": incoming})
             await conn.execute(
@@ -134,8 +137,8 @@ async def test_rows_from_before_0002_load_and_a_downgrade_restores_the_copies(
             )
             await conn.execute(
                 text(
-                    "INSERT INTO messages VALUES "
-                    "(1, 'c1', :ch, 'user', 'old text', 5.0, NULL, NULL)"
+                    "INSERT INTO messages (conversation_id, channel, role, text, at) "
+                    "VALUES ('c1', :ch, 'user', 'old text', 5.0)"
                 ),
                 {"ch": CHANNEL},
             )
