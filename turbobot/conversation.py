@@ -413,8 +413,10 @@ class Conversations:
 
     @staticmethod
     def _user_line(live: Live, message: IncomingMessage) -> TranscriptLine:
+        # A message of this channel's inbox: a store may keep its text once, there.
+        message_id = message.message_id if message.key == live.key else None
         return TranscriptLine(
-            live.id, "user", message.text, message.timestamp, message_id=message.message_id
+            live.id, "user", message.text, message.timestamp, message_id=message_id
         )
 
     def use_wake(self, live: Live) -> None:

@@ -302,7 +302,6 @@ class LocalMemory(BaseMemory):
             fit_newest(prompt, budget=budget, counter=counter)
         return prompt
 
-
     def _drop_before(self, index: _TurnIndex, first: int) -> None:
         """Drop the turns before message ``first`` (the window's oldest), pinned ones
         kept, if enough of them wait; the index is shifted to match."""
