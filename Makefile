@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BOT ?= bots.horoscope
 
-.PHONY: chat test quick lint install postgres bench clean
+.PHONY: chat test quick crash lint install postgres bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: lint postgres  ## lint, type-check and run the whole suite
 
 quick: install  ## the suite without the slow tests (real local model)
 	$(VENV)/bin/python -m pytest -m "not slow"
+
+# The crash suite at full size (CI runs it reduced: 24 chats, 6 kills); CRASH_SEED
+# picks other kill points.
+crash: install postgres  ## 200 chats, 50 SIGKILLs, on SQLite and PostgreSQL
+	CRASH_CHATS=200 CRASH_KILLS=50 $(VENV)/bin/python -m pytest -s -p no:cacheprovider tests/test_crash.py
 
 bench: install  ## benchmarks (not tests): the two-step workload and durability figures
 	$(VENV)/bin/python bench/bench_turbobot.py 10000 memory

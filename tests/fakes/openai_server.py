@@ -49,6 +49,9 @@ class FakeOpenAI:
         self.replies: list[Reply] = []
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []
+        #: when each request's answer was written out whole (by index; absent if it
+        #: was not: an error, a cut, or a client that went away)
+        self.answered_at: dict[int, float] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -91,7 +94,11 @@ class FakeOpenAI:
             error = {"error": default if reply.error is None else reply.error}
             return web.json_response(error, status=reply.status, headers=reply.headers)
         if body.get("stream"):
-            return await self._stream(request, body, reply)
+            index = len(self.requests) - 1
+            streamed = await self._stream(request, body, reply)
+            if reply.cut_after is None and reply.end_after is None:
+                self.answered_at[index] = time.monotonic()
+            return streamed
         message: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
         if reply.tool_calls:
             message["tool_calls"] = [

@@ -1,0 +1,292 @@
+"""The crash suite: ``turbobot run --platform telegram`` killed with SIGKILL at seeded
+random points while many chats hold conversations, restarted each time.
+
+Every chat runs tests/crash_bot.py (a question, a greeting, streamed generations, a
+question with a timeout) against the fake Bot API and OpenAI servers on loopback; the
+database (SQLite file, or PostgreSQL started by the test run) survives the kills. At
+the end, for every chat:
+
+- the stored transcript equals the uninterrupted one (each input once, each reply once);
+- no input is lost or processed twice (the inbox holds nothing unconsumed);
+- the model was asked again for a turn only when a kill fell while that turn's
+  generation was in flight (an interrupted generation is redone, nothing else);
+- every reply reached the chat; a reply shown twice is counted: it happens only when a
+  kill falls between the platform accepting a reply and the bot committing that it
+  was sent (the Bot API has no idempotency key), see README "Guarantees".
+
+Size: ``CRASH_CHATS`` chats, ``CRASH_KILLS`` kills, ``CRASH_SEED`` (defaults: a reduced
+run for CI). Full size: ``make crash`` (200 chats, 50 kills, on SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import crash_bot as bot
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.fakes.telegram_server import FakeTelegram
+from tests.test_console import clean_env, spawn_turbobot
+from turbobot import ChannelKey
+from turbobot.sql import SQLStore
+
+pytestmark = pytest.mark.slow
+
+CHATS = int(os.environ.get("CRASH_CHATS", "24"))
+KILLS = int(os.environ.get("CRASH_KILLS", "6"))
+SEED = int(os.environ.get("CRASH_SEED", "20261204"))
+FIRST_CHAT = 7000
+ROOT = Path(__file__).resolve().parent.parent
+#: seconds within which the bot commits that a reply was sent once the chat shows it
+#: (generous: the event loop of a bot with many chats lags)
+COMMIT_MOMENT = 1.0
+#: seconds a request sent by a bot being killed may reach the fake after the kill
+SLACK = 0.5
+
+
+def user_messages(chat: int) -> list[str]:
+    """What the user of ``chat`` sends, in order."""
+    return ["hi", f"name{chat}", *(f"c{chat} t{turn}" for turn in range(1, bot.TURNS + 1))]
+
+
+def answer(text: str) -> str:
+    return f"Echo: {text.upper()}"
+
+
+def bot_lines(chat: int) -> list[str]:
+    """What the bot says in ``chat``, in order, uninterrupted."""
+    said = user_messages(chat)
+    return [
+        bot.QUESTION,
+        bot.greeting(said[1]),
+        *(answer(text) for text in said[2:]),
+        bot.ANYTHING_ELSE,
+        bot.TIMED_OUT,
+    ]
+
+
+def transcript(chat: int) -> list[tuple[str, str]]:
+    """The uninterrupted conversation, as the store's transcript keeps it."""
+    said, lines = user_messages(chat), bot_lines(chat)
+    expected = [("user", said[0]), ("assistant", lines[0]), ("user", said[1])]
+    expected.append(("assistant", lines[1]))
+    for text, reply in zip(said[2:], lines[2:], strict=False):
+        expected += [("user", text), ("assistant", reply)]
+    expected += [("assistant", bot.ANYTHING_ELSE), ("assistant", bot.TIMED_OUT)]
+    return expected
+
+
+def stream_reply(body: dict[str, Any]) -> Reply:
+    """A deterministic answer, streamed slowly enough for kills to land mid-stream."""
+    users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+    return Reply(content=answer(users[-1]), chunk_delay=0.03)
+
+
+@dataclass
+class Run:
+    """One crash run: the fakes, the bot process, the kills and what they hit."""
+
+    telegram: FakeTelegram
+    llm: FakeOpenAI
+    env: dict[str, str]
+    log: Path
+    proc: asyncio.subprocess.Process | None = None
+    kill_times: list[float] = field(default_factory=list)
+    starts: int = 0
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *(await _command()),
+                "--log-level",
+                "WARNING",
+                "run",
+                "tests.crash_bot:crash_chat",
+                "--platform",
+                "telegram",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+                cwd=ROOT,
+                env=self.env,
+            )
+        self.starts += 1
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.kill_times.append(time.monotonic())
+        assert await self.proc.wait() == -signal.SIGKILL, self.log.read_text()[-3000:]
+
+    async def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+    def events(self) -> int:
+        return len(self.telegram.calls) + len(self.llm.requests)
+
+
+async def _command() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "turbobot"]
+
+
+def progress(run: Run, chat: int) -> int:
+    """How many of the chat's expected bot lines are on screen, in order."""
+    expected, seen = bot_lines(chat), 0
+    for text in run.telegram.texts(chat, plain=True):
+        if seen < len(expected) and text == expected[seen]:
+            seen += 1
+    return seen
+
+
+async def drive(run: Run, chats: list[int], kills: int, rng: random.Random) -> None:
+    """Send each chat's messages as its replies arrive; kill and restart the bot at the
+    seeded points (the n-th user message pushed, then r more calls to the fakes)."""
+    total = sum(len(user_messages(c)) for c in chats)
+    points = sorted(rng.sample(range(1, int(total * 0.9)), kills))
+    delays = [rng.randrange(0, 25) for _ in points]
+    pushed = dict.fromkeys(chats, 0)
+    count = 0
+    armed: int | None = None  # the event count at which to kill
+    armed_at = 0.0
+    deadline = time.monotonic() + 120 + 6 * kills + CHATS
+    while True:
+        for chat in chats if armed is None else ():  # (no pushes while a kill is armed)
+            said = user_messages(chat)
+            # message k is sent once the reply to message k-1 is on screen
+            while pushed[chat] < len(said) and pushed[chat] <= progress(run, chat):
+                run.telegram.message(chat, said[pushed[chat]])
+                pushed[chat] += 1
+                count += 1
+                if points and count >= points[0]:
+                    points.pop(0)
+                    armed, armed_at = run.events() + delays.pop(0), time.monotonic()
+                    break
+            if armed is not None:
+                break
+        # (a bot with nothing left to do makes no calls: the kill then comes 2 s later)
+        if armed is not None and (run.events() >= armed or time.monotonic() - armed_at > 2):
+            armed = None
+            await run.kill()
+            await run.start()
+        if all(progress(run, c) == len(bot_lines(c)) for c in chats) and armed is None:
+            return
+        if time.monotonic() > deadline:
+            stuck = {c: progress(run, c) for c in chats if progress(run, c) < len(bot_lines(c))}
+            raise AssertionError(f"chats stuck (chat: lines shown): {stuck}")
+        with contextlib.suppress(TimeoutError):  # (woken by any call to the fake)
+            await run.telegram.wait_until(lambda: False, timeout=0.2)
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[FakeTelegram, FakeOpenAI]]:
+    llm = FakeOpenAI(stream_reply)
+    await llm.start()
+    try:
+        async with FakeTelegram() as telegram:
+            yield telegram, llm
+    finally:
+        await llm.stop()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_kills_at_random_points_lose_and_repeat_nothing(
+    store_url: str, fakes: tuple[FakeTelegram, FakeOpenAI], tmp_path: Path
+) -> None:
+    telegram, llm = fakes
+    env = clean_env(
+        TELEGRAM_BOT_TOKEN=telegram.token,
+        TELEGRAM_API_BASE_URL=telegram.base_url,
+        OPENAI_API_KEY="sk-crash-test",
+        OPENAI_BASE_URL=llm.base_url,
+        TURBOBOT_DATABASE_URL=store_url,
+    )
+    upgrade = await spawn_turbobot(env, "db", "upgrade", stdin=asyncio.subprocess.DEVNULL)
+    _, err = await upgrade.communicate()
+    assert upgrade.returncode == 0, err
+    run = Run(telegram, llm, env, tmp_path / "bot.log")
+    chats = [FIRST_CHAT + i for i in range(CHATS)]
+    await run.start()
+    await drive(run, chats, KILLS, random.Random(SEED))
+    assert await run.stop() == 0, run.log.read_text()[-3000:]
+    assert len(run.kill_times) == KILLS
+
+    store = SQLStore(store_url)
+    await store.open()
+    try:
+        lost, duplicated_inputs = [], []
+        for chat in chats:
+            key = ChannelKey("telegram", str(chat))
+            got = [(line.role, line.text) for line in await store.transcript(key)]
+            assert got == transcript(chat), chat
+            assert await store.inbox(key) == [], f"chat {chat}: inputs left unconsumed"
+            said = [text for role, text in got if role == "user"]
+            lost += [t for t in user_messages(chat) if t not in said]
+            duplicated_inputs += [t for t, n in Counter(said).items() if n > 1]
+        assert lost == [] and duplicated_inputs == []
+    finally:
+        await store.aclose()
+
+    # The model was asked again for a turn only if a kill fell while it was in flight.
+    # A turn is in flight from the request (received by the fake just after a kill if
+    # the dying bot had sent it) until its reply is shown in the chat and, a moment
+    # later, committed as sent. A turn asked again must have had a kill in that span.
+    def shown_at(chat: int, text: str, after: float) -> float | None:
+        times = [m.sent_at for m in telegram.sent(chat) if m.plain == text and m.sent_at >= after]
+        return min(times, default=None)
+
+    asked: dict[str, list[float]] = {}
+    for index, body in enumerate(llm.requests):
+        last = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        asked.setdefault(last, []).append(llm.request_times[index])
+    for text, tries in asked.items():
+        chat = int(text.split()[0].removeprefix("c"))
+        for start, again in itertools.pairwise(tries):
+            shown = shown_at(chat, answer(text), start)
+            assert any(
+                start - SLACK <= k <= again and (shown is None or k - shown < COMMIT_MOMENT)
+                for k in run.kill_times
+            ), (
+                f"the model was asked again for {text!r} though no kill interrupted it "
+                f"(asked at {start:.2f}, shown at {shown}, again at {again:.2f}; "
+                f"kills at {[round(k, 2) for k in run.kill_times]})"
+            )
+    extra_calls = sum(len(t) - 1 for t in asked.values())
+    assert len(asked) == CHATS * bot.TURNS
+
+    # Every reply reached its chat; count those shown twice.
+    duplicates = 0
+    kinds: Counter[str] = Counter()
+    for chat in chats:
+        shown = telegram.texts(chat, plain=True)
+        expected = bot_lines(chat)
+        assert progress(run, chat) == len(expected), chat
+        extra = Counter(shown) - Counter(expected)
+        assert set(extra) <= set(expected), f"chat {chat}: unexpected messages {extra}"
+        duplicates += sum(extra.values())
+        for text in extra:
+            times = [round(m.sent_at, 2) for m in telegram.sent(chat) if m.plain == text]
+            kinds[text.split(":")[0].split(",")[0]] += 1
+            print(f"shown twice in {chat}: {text!r} at {times}")
+    print(
+        f"\ncrash run ({store_url.split(':')[0]}): {CHATS} chats, {KILLS} kills, seed {SEED}: "
+        f"{sum(len(user_messages(c)) for c in chats)} inputs, 0 lost, 0 processed twice; "
+        f"{extra_calls} generations redone after a kill; {duplicates} replies shown twice "
+        f"({dict(kinds)}); kills at {[round(k, 2) for k in run.kill_times]}"
+    )
+    assert telegram.token.encode() not in run.log.read_bytes()
