@@ -44,6 +44,15 @@ async def test_build_llm_makes_the_chosen_backend() -> None:
         build_llm("openai", {})
 
 
+async def test_the_llm_timeout_comes_from_its_variable() -> None:
+    llm = build_llm("openai", {"OPENAI_API_KEY": "k", "TURBOBOT_LLM_TIMEOUT": "2.5"})
+    assert isinstance(llm, OpenAILLM) and llm._client.timeout == 2.5
+    await llm.aclose()
+    for bad in ("soon", "0", "-1", "nan", "inf"):
+        with pytest.raises(ConfigurationError, match=f"TURBOBOT_LLM_TIMEOUT .* got '{bad}'"):
+            build_llm("openai", {"OPENAI_API_KEY": "k", "TURBOBOT_LLM_TIMEOUT": bad})
+
+
 def test_missing_local_extra_names_the_install_command() -> None:
     # Hide xllamacpp from the import system, as on a machine without the extra.
     code = (

