@@ -245,3 +245,65 @@ async def test_first_receives_wait_for_recovery(make_store: StoreFactory) -> Non
             "echo: 3: new 1",
             "echo: 4: new 2",
         ]
+
+
+@turbo()
+async def streaming_chat():
+    while True:
+        text = yield GetUserInput()
+        yield User(text)
+        yield Generate(stream=True)
+
+
+async def test_a_finished_stream_is_not_generated_again_after_a_crash(
+    make_store: StoreFactory,
+) -> None:
+    """The process dies after the generation ended but before the adapter showed all of
+    it (say its last, paced send): the reply is stored, so the next start sends it
+    without asking the model again."""
+    from turbobot import ChannelKey, IncomingMessage
+    from turbobot.runtime import BaseSender, Runtime
+    from turbobot.template import AssistantStream
+
+    key = ChannelKey("console", "streamed")
+
+    class StuckAfterGenerating(BaseSender):
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+            self.generated = asyncio.Event()
+
+        async def send(self, key: ChannelKey, text: str) -> str | None:
+            self.sent.append(text)
+            return "id"
+
+        async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
+            async for _ in stream:
+                pass
+            self.generated.set()
+            await asyncio.Event().wait()  # the last send never returns: the process dies
+            return None
+
+    llm = ScriptedLLM(["the whole answer"])
+    store = await make_store()
+    sender = StuckAfterGenerating()
+    runtime = Runtime(
+        streaming_chat, llm=llm, sender=sender, store=store, settings=RuntimeSettings(stop_grace=0)
+    )
+    await runtime.start()
+    await runtime.receive(IncomingMessage(key, "question", "m1"))
+    await sender.generated.wait()
+    for _ in range(1000):  # until the runtime has committed the generation (each load flushes)
+        record = await store.load_conversation(key, streaming_chat.ref)
+        if record is not None and any(e.kind == "generate" for e in record.journal):
+            break
+        await asyncio.sleep(0)
+    else:
+        raise AssertionError("the finished generation was never committed")
+    await runtime.aclose()  # the step in flight is abandoned, as a crash leaves it
+
+    store = await make_store()
+    restarted = StuckAfterGenerating()
+    async with Runtime(streaming_chat, llm=llm, sender=restarted, store=store) as runtime:
+        await runtime.join()
+    assert restarted.sent == ["the whole answer"]
+    assert len(llm.requests) == 1

@@ -622,7 +622,7 @@ class Conversations:
                 pass
             platform_id = FAILED
         else:
-            platform_id = await self.outbox.attempt(key, self.sender.send_stream(key, stream))
+            platform_id = await self._show_stream(key, live, stream)
         if not stream.closed:
             async for _ in stream:  # the sender gave up early: let the generation finish
                 pass
@@ -639,6 +639,29 @@ class Conversations:
                 self.outbox.keep(outgoing)
             else:
                 self.step(live).sent.append((outgoing.id, platform_id))
+
+    async def _show_stream(self, key: ChannelKey, live: Live, stream: AssistantStream) -> Any:
+        """Let the adapter show the stream; once the generation is complete, commit it
+        while the adapter still finishes showing it (a last edit, a paced send).
+
+        A crash after that commit replays the recorded reply and sends it as a plain
+        message: a finished generation is never asked for again.
+        """
+        shown = self.outbox.attempt(key, self.sender.send_stream(key, stream))
+        showing = asyncio.ensure_future(shown)
+        generated = asyncio.ensure_future(stream.wait_closed())
+        try:
+            await asyncio.wait((showing, generated), return_when=asyncio.FIRST_COMPLETED)
+            if not showing.done() and stream.message is not None and stream.text:
+                await self.commit(live, wait=True, undelivered=1)
+            return await showing
+        except BaseException:
+            showing.cancel()  # (the adapter takes away what it showed of a stopped stream)
+            with contextlib.suppress(BaseException):
+                await showing
+            raise
+        finally:
+            generated.cancel()
 
     async def send_standalone(
         self, key: ChannelKey, text: str, *, consumed: IncomingMessage | None = None

@@ -248,6 +248,7 @@ class AssistantStream:
         self.parts: list[str] = []
         #: the generation is over (``message`` is ``None`` if it failed)
         self.closed = False
+        self._closed_event: asyncio.Event | None = None
 
     async def push(self, delta: str) -> None:
         self.parts.append(delta)
@@ -257,6 +258,15 @@ class AssistantStream:
         self.message = message
         self.closed = True
         self._queue.put_nowait(None)
+        if self._closed_event is not None:
+            self._closed_event.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until the generation is over, however far the stream was read."""
+        if not self.closed:
+            if self._closed_event is None:
+                self._closed_event = asyncio.Event()
+            await self._closed_event.wait()
 
     @property
     def text(self) -> str:
