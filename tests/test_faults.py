@@ -1,0 +1,205 @@
+"""Fault injection: the CLI bot on Telegram while the model server and the Bot API fail
+at a seeded rate, then stop failing.
+
+The fake OpenAI server answers a share ``FAULT_RATE`` of requests with a fault (a
+request that outlives the client's timeout, a connection reset, 429 with retry-after,
+500, malformed JSON, a stream cut mid-way, a very slow stream); the fake Bot API
+answers a share of sends, drafts, typing indicators and polls with 429 or 5xx. Each
+chat's user sends their next message once the bot answered their last one (with a
+reply or an apology), as people do. Then the faults stop; every conversation must
+finish: each input in the transcript once, in order, and every message the bot sent
+one of the template's lines, an echo of what the user said, or the apology (a clear
+message, never silence or a traceback). No channel is left stuck, and the process is
+the same one throughout (recovery without a restart).
+
+Size: ``FAULT_CHATS`` chats (default 16), ``FAULT_RATE`` (0.2), ``CRASH_SEED``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import crash_bot as bot
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.fakes.telegram_server import FakeTelegram
+from tests.test_console import clean_env
+from tests.test_crash import SEED, Run, answer
+from turbobot import ChannelKey
+from turbobot.runtime import Notices
+from turbobot.sql import SQLStore
+
+pytestmark = pytest.mark.slow
+
+CHATS = int(os.environ.get("FAULT_CHATS", "16"))
+RATE = float(os.environ.get("FAULT_RATE", "0.2"))
+FIRST_CHAT = 8000
+#: seconds the bot's requests to the model may take (TURBOBOT_LLM_TIMEOUT)
+LLM_TIMEOUT = 1.0
+APOLOGY = Notices().apology
+
+LLM_FAULTS = ("timeout", "reset", "429", "500", "malformed", "cut", "slow")
+PLATFORM_FAULTS = {
+    "sendMessage": (429, 502),
+    "sendMessageDraft": (500,),
+    "sendChatAction": (500,),
+    "getUpdates": (502,),
+}
+
+
+class FaultyModel:
+    """Answers like the crash suite's model, but a share of requests fail."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.rate = RATE
+        self.injected: Counter[str] = Counter()
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+        content = answer(users[-1])
+        if self.rng.random() >= self.rate:
+            return Reply(content=content, chunk_delay=0.01)
+        kind = self.rng.choice(LLM_FAULTS)
+        self.injected[kind] += 1
+        if kind == "timeout":
+            return Reply(content=content, delay=LLM_TIMEOUT * 3)
+        if kind == "reset":
+            return Reply(content=content, cut_after=0)
+        if kind == "429":
+            return Reply(status=429, headers={"retry-after": "1"})
+        if kind == "500":
+            return Reply(status=500)
+        if kind == "malformed":
+            return Reply(raw="{this is not json")
+        if kind == "cut":
+            return Reply(content=content, cut_after=2)
+        return Reply(content=content, chunk_delay=0.3)  # slow: ~2 s for an answer
+
+
+def ended(shown: list[str]) -> bool:
+    """The conversation's last line is on screen: the timeout's, or the goodbye to a
+    message sent before (or just after) "Anything else?" was shown."""
+    return any(text == bot.TIMED_OUT or text.startswith("Goodbye, ") for text in shown)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
+    store_url: str, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    model = FaultyModel(rng)
+    llm = FakeOpenAI(model)
+    await llm.start()
+    telegram = FakeTelegram()
+    await telegram.start()
+    platform_faults = []
+    for method, statuses in PLATFORM_FAULTS.items():
+        for status in statuses:
+            share = RATE / len(statuses)
+            platform_faults.append(
+                telegram.fail(
+                    method,
+                    status=status,
+                    times=None,
+                    when=lambda params, share=share: rng.random() < share,
+                )
+            )
+    env = clean_env(
+        TELEGRAM_BOT_TOKEN=telegram.token,
+        TELEGRAM_API_BASE_URL=telegram.base_url,
+        OPENAI_API_KEY="sk-fault-test",
+        OPENAI_BASE_URL=llm.base_url,
+        TURBOBOT_DATABASE_URL=store_url,
+        TURBOBOT_LLM_TIMEOUT=str(LLM_TIMEOUT),
+    )
+    run = Run(telegram, llm, env, tmp_path / "bot.log")
+    chats = [FIRST_CHAT + i for i in range(CHATS)]
+    said: dict[int, list[str]] = {c: [] for c in chats}
+    answered: dict[int, int] = dict.fromkeys(chats, 0)  # bot messages seen at the last send
+    try:
+        await run.start()
+        started = time.monotonic()
+        cleared = False
+        deadline = started + 240
+        while True:
+            for chat in chats:
+                shown = telegram.texts(chat, plain=True)
+                done = bot.ANYTHING_ELSE in shown or ended(shown)
+                if not done and (not said[chat] or len(shown) > answered[chat]):
+                    turn = len(said[chat])
+                    text = "hi" if turn == 0 else f"name{chat}" if turn == 1 else f"c{chat} m{turn}"
+                    telegram.message(chat, text)
+                    said[chat].append(text)
+                    answered[chat] = len(shown)
+            finished = [c for c in chats if ended(telegram.texts(c, plain=True))]
+            half_done = len(finished) >= len(chats) // 2
+            if not cleared and (half_done or time.monotonic() > started + 60):
+                # The faults stop: whatever waits or retries must now finish by itself.
+                cleared = True
+                model.rate = 0.0
+                for fault in platform_faults:
+                    telegram.faults.remove(fault)
+            if len(finished) == len(chats):
+                break
+            if time.monotonic() > deadline:
+                stuck = {c: telegram.texts(c, plain=True)[-2:] for c in chats if c not in finished}
+                raise AssertionError(f"chats stuck after the faults cleared: {stuck}")
+            with contextlib.suppress(TimeoutError):  # (woken by any call to the fake)
+                await telegram.wait_until(lambda: False, timeout=0.2)
+        assert run.proc is not None and run.proc.returncode is None, "the bot died"
+        assert await run.stop() == 0, run.log.read_text()[-3000:]
+        assert run.starts == 1
+    finally:
+        if run.proc is not None and run.proc.returncode is None:
+            run.proc.kill()
+            await run.proc.wait()
+        await telegram.stop()
+        await llm.stop()
+
+    store = SQLStore(store_url)
+    await store.open()
+    apologies = 0
+    try:
+        for chat in chats:
+            lines = await store.transcript(ChannelKey("telegram", str(chat)))
+            users = [line.text for line in lines if line.role == "user"]
+            assert users == said[chat], chat  # each input once, in order, none lost
+            # (a user who writes while a retried answer is on its way may end the
+            # conversation early and start another: also fine, as long as every line
+            # is one of these)
+            allowed = {
+                bot.QUESTION,
+                bot.greeting(f"name{chat}"),
+                *(bot.greeting(text) for text in said[chat]),
+                bot.ANYTHING_ELSE,
+                bot.TIMED_OUT,
+                APOLOGY,
+                *(answer(text) for text in said[chat]),
+                *(f"Goodbye, {text}!" for text in said[chat]),
+            }
+            shown = telegram.texts(chat, plain=True)
+            assert set(shown) <= allowed, (
+                f"chat {chat}: {set(shown) - allowed}; said {said[chat]}; shown {shown}; "
+                f"transcript {[(line.role, line.text) for line in lines]}"
+            )
+            echoes = [line.text for line in lines if line.text.startswith("Echo: ")]
+            assert len(echoes) >= bot.TURNS, (chat, echoes)  # the first conversation's
+            assert await store.inbox(ChannelKey("telegram", str(chat))) == [], chat
+            apologies += shown.count(APOLOGY)
+    finally:
+        await store.aclose()
+    hits = {f"{f.method} {f.status}": f.hits for f in platform_faults}
+    print(
+        f"\nfaults ({CHATS} chats, rate {RATE}, seed {SEED}): model {dict(model.injected)}; "
+        f"platform {hits}; {sum(len(s) for s in said.values())} inputs, 0 lost; "
+        f"{apologies} apologies; one process throughout"
+    )
+    assert sum(model.injected.values()) > 0 and sum(hits.values()) > 0
