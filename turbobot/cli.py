@@ -498,6 +498,10 @@ async def _db(args: argparse.Namespace, env: Mapping[str, str]) -> None:
             f"the database driver for {parsed.drivername} is missing ({exc.name}); "
             "install it, e.g. pip install 'turbobot[postgres]' for PostgreSQL"
         ) from exc
+    if parsed.get_backend_name() == "sqlite":
+        from turbobot.sql.store import configure_sqlite_engine
+
+        configure_sqlite_engine(engine)  # (an upgrade is one transaction, DDL included)
     try:
         conn = await _connect(engine, database)
         try:

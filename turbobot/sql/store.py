@@ -63,7 +63,7 @@ from turbobot.store import (
     TranscriptLine,
 )
 
-__all__ = ["SQLStore", "channel_column", "parse_channel_column"]
+__all__ = ["SQLStore", "channel_column", "configure_sqlite_engine", "parse_channel_column"]
 
 _log = logging.getLogger(__name__)
 
@@ -342,14 +342,7 @@ class SQLStore(BaseStore):
                 "install it, e.g. pip install 'turbobot[postgres]' for PostgreSQL"
             ) from exc
         if self.is_sqlite:
-            synchronous = self.sqlite_synchronous
-
-            @event.listens_for(engine.sync_engine, "connect")
-            def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-                cursor = dbapi_connection.cursor()
-                for pragma in _sqlite_pragmas(synchronous, busy_timeout_ms=10_000):
-                    cursor.execute(pragma)
-                cursor.close()
+            configure_sqlite_engine(engine, self.sqlite_synchronous)
 
         from turbobot.sql.migrate import check_schema, upgrade_schema
 
@@ -1071,6 +1064,28 @@ def _commit_waiting(raw: sqlite3.Connection) -> None:
             return
         time.sleep(pause)
     raw.commit()  # a last try, which raises if still locked
+
+
+def configure_sqlite_engine(engine: AsyncEngine, synchronous: str = "FULL") -> None:
+    """Pragmas on every connection, and transactions that hold DDL too.
+
+    The sqlite3 module begins a transaction only before DML, so each ``ALTER TABLE`` of a
+    migration committed on its own: a kill during ``db upgrade`` left a column added
+    with the revision not recorded, and every later upgrade failed on it. BEGIN is
+    emitted by hand instead (SQLAlchemy's documented recipe for pysqlite/aiosqlite).
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connected(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # no implicit BEGIN: ours, below
+        cursor = dbapi_connection.cursor()
+        for pragma in _sqlite_pragmas(synchronous, busy_timeout_ms=10_000):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
 
 
 def _sqlite_pragmas(synchronous: str, *, busy_timeout_ms: int) -> tuple[str, ...]:
