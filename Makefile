@@ -32,10 +32,12 @@ test: lint postgres  ## lint, type-check and run the whole suite
 quick: install  ## the suite without the slow tests (real local model)
 	$(VENV)/bin/python -m pytest -m "not slow"
 
-# The crash suite at full size (CI runs it reduced: 24 chats, 6 kills); CRASH_SEED
+# The crash suites at full size (CI runs them reduced: 24 chats, 6 kills, 10 power cuts,
+# 4 kills per database during a schema upgrade); CRASH_SEED
 # picks other kill points.
 crash: install postgres  ## 200 chats, 50 SIGKILLs, on SQLite and PostgreSQL
-	CRASH_CHATS=200 CRASH_KILLS=50 $(VENV)/bin/python -m pytest -s -p no:cacheprovider tests/test_crash.py
+	CRASH_CHATS=200 CRASH_KILLS=50 CRASH_POWER_CUTS=50 CRASH_UPGRADE_KILLS=20 \
+		$(VENV)/bin/python -m pytest -s -p no:cacheprovider tests/test_crash.py
 
 bench: install  ## benchmarks (not tests): the two-step workload and durability figures
 	$(VENV)/bin/python bench/bench_turbobot.py 10000 memory
