@@ -65,3 +65,22 @@ async def test_python_block_runs(
             else:
                 # a plain test may run its own event loop (BotTester): not inside ours
                 await asyncio.to_thread(value)
+
+
+def test_every_guarantee_names_tests_that_exist() -> None:
+    """The README's "Guarantees" cite tests by name: each named file and test exists."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    cited = 0
+    for row in section.splitlines():
+        current: str | None = None
+        for name, test in re.findall(r"`(test_\w+\.py)?(?:::(\w+))?`", row):
+            if name:
+                current = name
+                assert (ROOT / "tests" / name).is_file(), name
+            if test:
+                assert current is not None, row
+                source = (ROOT / "tests" / current).read_text()
+                assert re.search(rf"^(async )?def {test}\(", source, re.M), f"{current}::{test}"
+                cited += 1
+    assert cited >= 15
