@@ -105,13 +105,14 @@ class Run:
     proc: asyncio.subprocess.Process | None = None
     kill_times: list[float] = field(default_factory=list)
     starts: int = 0
+    log_level: str = "WARNING"
 
     async def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *(await _command()),
                 "--log-level",
-                "WARNING",
+                self.log_level,
                 "run",
                 "tests.crash_bot:crash_chat",
                 "--platform",
@@ -137,6 +138,31 @@ class Run:
 
     def events(self) -> int:
         return len(self.telegram.calls) + len(self.llm.requests)
+
+
+async def assert_no_secrets(url: str, log: Path, *secrets: str) -> None:
+    """No secret in any row of any table of the database, nor in the bot's log."""
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from turbobot.sql.schema import metadata
+
+    engine = create_async_engine(url)
+    rows = 0
+    try:
+        async with engine.connect() as conn:
+            for table in metadata.sorted_tables:
+                for row in await conn.execute(select(table)):
+                    rows += 1
+                    text = " ".join(str(value) for value in row)
+                    for secret in secrets:
+                        assert secret not in text, f"a secret is stored in {table.name}"
+    finally:
+        await engine.dispose()
+    assert rows > 0
+    logged = await asyncio.to_thread(log.read_bytes)
+    for secret in secrets:
+        assert secret.encode() not in logged, "a secret reached the log"
 
 
 async def _command() -> list[str]:
@@ -289,7 +315,7 @@ async def test_kills_at_random_points_lose_and_repeat_nothing(
         f"{extra_calls} generations redone after a kill; {duplicates} replies shown twice "
         f"({dict(kinds)}); kills at {[round(k, 2) for k in run.kill_times]}"
     )
-    assert telegram.token.encode() not in run.log.read_bytes()
+    await assert_no_secrets(store_url, run.log, telegram.token, "sk-crash-test")
 
 
 # -- a kill during a schema upgrade ----------------------------------------------------

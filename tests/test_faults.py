@@ -31,7 +31,7 @@ from tests import crash_bot as bot
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.telegram_server import FakeTelegram
 from tests.test_console import clean_env
-from tests.test_crash import SEED, Run, answer
+from tests.test_crash import SEED, Run, answer, assert_no_secrets
 from turbobot import ChannelKey
 from turbobot.runtime import Notices
 from turbobot.sql import SQLStore
@@ -120,7 +120,8 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
         TURBOBOT_DATABASE_URL=store_url,
         TURBOBOT_LLM_TIMEOUT=str(LLM_TIMEOUT),
     )
-    run = Run(telegram, llm, env, tmp_path / "bot.log")
+    # DEBUG: every request is logged, and none may show the token or the key
+    run = Run(telegram, llm, env, tmp_path / "bot.log", log_level="DEBUG")
     chats = [FIRST_CHAT + i for i in range(CHATS)]
     said: dict[int, list[str]] = {c: [] for c in chats}
     answered: dict[int, int] = dict.fromkeys(chats, 0)  # bot messages seen at the last send
@@ -203,3 +204,4 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
         f"{apologies} apologies; one process throughout"
     )
     assert sum(model.injected.values()) > 0 and sum(hits.values()) > 0
+    await assert_no_secrets(store_url, run.log, telegram.token, "sk-fault-test")

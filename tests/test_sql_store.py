@@ -98,3 +98,20 @@ async def test_a_writer_cancelled_during_commit_waits_for_it_and_commits_once(
     await store.aclose()
     async with SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'cancelled.db'}") as reopened:
         assert [o.text for o in (await reopened.recovery()).unsent] == ["committed once"]
+
+
+async def test_a_new_database_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    import stat
+
+    from turbobot import IncomingMessage
+
+    path = tmp_path / "private.db"
+    store = SQLStore(f"sqlite+aiosqlite:///{path}")
+    await store.open()
+    try:
+        await store.add_incoming(IncomingMessage(ChannelKey("console", "x"), "secret?", "1"))
+        for name in ("private.db", "private.db-wal", "private.db-shm"):
+            mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+            assert mode & 0o077 == 0, f"{name}: {oct(mode)}"
+    finally:
+        await store.aclose()

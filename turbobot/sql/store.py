@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -343,6 +344,7 @@ class SQLStore(BaseStore):
             ) from exc
         if self.is_sqlite:
             configure_sqlite_engine(engine, self.sqlite_synchronous)
+            _create_private(make_url(self.url).database)
 
         from turbobot.sql.migrate import check_schema, upgrade_schema
 
@@ -1064,6 +1066,21 @@ def _commit_waiting(raw: sqlite3.Connection) -> None:
             return
         time.sleep(pause)
     raw.commit()  # a last try, which raises if still locked
+
+
+def _create_private(path: str | None) -> None:
+    """Create a new SQLite database file readable by its owner only (conversations are
+    private); SQLite gives its -wal and -shm files the same permissions. An existing
+    file keeps the permissions its owner gave it."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # (a missing directory: the connection reports it, clearly, below)
+    os.close(fd)
 
 
 def configure_sqlite_engine(engine: AsyncEngine, synchronous: str = "FULL") -> None:
