@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 from turbobot import __version__, platforms
 from turbobot.chat import ChannelKey
 from turbobot.exceptions import ConfigurationError
+from turbobot.limits import Limits, parse_ids
 from turbobot.llm.base import LLM
 from turbobot.loader import load_template
 from turbobot.runtime import RuntimeSettings
@@ -303,20 +304,54 @@ async def _open_store(database: _Database) -> AsyncIterator[BaseStore]:
 
 
 def runtime_settings(env: Mapping[str, str]) -> RuntimeSettings:
-    """Eviction settings from ``TURBOBOT_IDLE_EVICT_SECONDS`` and ``TURBOBOT_MAX_LIVE``."""
+    """Eviction settings from ``TURBOBOT_IDLE_EVICT_SECONDS`` and ``TURBOBOT_MAX_LIVE``;
+    abuse limits from ``TURBOBOT_ALLOWED_USERS``, ``TURBOBOT_ALLOWED_CHATS``,
+    ``TURBOBOT_USER_RATE`` and ``TURBOBOT_USER_BURST`` (see turbobot.limits)."""
     try:
         idle = env.get("TURBOBOT_IDLE_EVICT_SECONDS")
         cap = env.get("TURBOBOT_MAX_LIVE")
-        return RuntimeSettings(
-            idle_evict_seconds=float(idle) if idle else 600.0,
-            max_live=int(cap) if cap else None,
-            # the command owns its process: see RuntimeSettings.gc_threshold
-            gc_threshold=10_000,
-        )
+        idle_evict_seconds = float(idle) if idle else 600.0
+        max_live = int(cap) if cap else None
     except ValueError as exc:
         raise ConfigurationError(
             f"TURBOBOT_IDLE_EVICT_SECONDS must be a number and TURBOBOT_MAX_LIVE an integer ({exc})"
         ) from exc
+    return RuntimeSettings(
+        idle_evict_seconds=idle_evict_seconds,
+        max_live=max_live,
+        # the command owns its process: see RuntimeSettings.gc_threshold
+        gc_threshold=10_000,
+        limits=_limits(env),
+    )
+
+
+def _limits(env: Mapping[str, str]) -> Limits:
+    users = env.get("TURBOBOT_ALLOWED_USERS", "").strip()
+    chats = env.get("TURBOBOT_ALLOWED_CHATS", "").strip()
+    rate = env.get("TURBOBOT_USER_RATE", "").strip()
+    burst = env.get("TURBOBOT_USER_BURST", "").strip()
+    try:
+        per_minute = float(rate) if rate else None
+        if per_minute is not None and not (math.isfinite(per_minute) and per_minute > 0):
+            raise ValueError
+    except ValueError:
+        raise ConfigurationError(
+            f"TURBOBOT_USER_RATE must be a positive number of messages per minute, got {rate!r}"
+        ) from None
+    try:
+        most = int(burst) if burst else None
+        if most is not None and most < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigurationError(
+            f"TURBOBOT_USER_BURST must be a whole number of messages, at least 1, got {burst!r}"
+        ) from None
+    return Limits(
+        users=parse_ids(users) if users else None,
+        chats=parse_ids(chats) if chats else None,
+        per_minute=per_minute,
+        burst=most,
+    )
 
 
 def parse_channel(text: str) -> ChannelKey:

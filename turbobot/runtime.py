@@ -47,6 +47,7 @@ from turbobot.commands import CommandRegistry, parse_command
 from turbobot.control import BuiltinCommands
 from turbobot.conversation import Conversations, InfrastructureError
 from turbobot.delivery import BaseSender, Outbox, answering
+from turbobot.limits import RateLimiter
 from turbobot.llm.base import LLM
 from turbobot.modes import Personalities
 from turbobot.scheduler import ChannelWorkers
@@ -151,6 +152,19 @@ class Runtime:
         self._told: set[tuple[ChannelKey, str]] = set()
         #: channels to try again after an infrastructure error, and how often they failed
         self._retries: dict[ChannelKey, int] = {}
+        limits = self.settings.limits
+        #: per-user token buckets (None: no rate limit)
+        self._rates = (
+            RateLimiter(limits.per_minute, limits.burst, self.clock)
+            if limits.per_minute is not None
+            else None
+        )
+        #: users the allowlists left out who were told so (this run)
+        self._refused_users: set[tuple[str, str]] = set()
+        #: channels told to slow down, until their next message goes through
+        self._slowed: set[ChannelKey] = set()
+        #: notices sent from receive (not awaited there), kept until done
+        self._notices: set[asyncio.Future[object]] = set()
         self._started = False
         self._start_lock = asyncio.Lock()
         self._closed = False
@@ -215,6 +229,8 @@ class Runtime:
         """
         self._closed = True
         self.conversations.stop_timers()
+        for notice in self._notices:
+            notice.cancel()
         for timer in self._retry_timers.values():
             timer.cancel()
         self._retry_timers.clear()
@@ -268,7 +284,8 @@ class Runtime:
             raise RuntimeError("the runtime is closed")
         if not self._started:
             await self.start()
-        wanted = [self._admit(m) for m in messages if not m.is_bot]
+        allowed = [not m.is_bot and self._allowed(m) for m in messages]
+        wanted = [self._admit(m) for m, ok in zip(messages, allowed, strict=True) if ok]
         failure: IncomingBatchError | None = None
         try:
             committed = await self.store.add_incoming_many(wanted) if wanted else []
@@ -278,12 +295,12 @@ class Runtime:
         seqs = iter(committed)
         admitted_messages = iter(wanted)
         accepted: list[bool] = []
-        for message in messages:
+        for message, ok in zip(messages, allowed, strict=True):
             seq = admitted = None
-            if not message.is_bot:
+            if ok:
                 seq, admitted = next(seqs), next(admitted_messages)
             accepted.append(seq is not None)
-            if seq is None and not message.is_bot:
+            if seq is None and ok:
                 _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
             elif seq is not None and admitted is not None and not self._closed:
                 # (once closed, the next start has it)
@@ -293,6 +310,30 @@ class Runtime:
         if failure is not None:
             await self._refused_incoming(wanted, failure)
         return accepted
+
+    def _allowed(self, message: IncomingMessage) -> bool:
+        """The allowlists (turbobot.limits): someone left out is told once per run."""
+        if self.settings.limits.allows(message):
+            return True
+        user = (message.key.platform, message.author_id)
+        if user not in self._refused_users:
+            if len(self._refused_users) >= 10_000:  # (a flood of new ids: forget, stay small)
+                self._refused_users.clear()
+            self._refused_users.add(user)
+            _log.info("ignoring %s: user %s is not on the allowlists", message.key, user[1])
+            notice = self.settings.notices.not_allowed
+            task = asyncio.ensure_future(
+                self._outbox.attempt(message.key, self.sender.send(message.key, notice))
+            )
+            self._notices.add(task)
+            task.add_done_callback(self._notices.discard)
+        return False
+
+    def _throttled(self, key: ChannelKey, message: IncomingMessage) -> float:
+        """Seconds the channel's next message must wait for its author's rate (0: none)."""
+        if self._rates is None:
+            return 0.0
+        return self._rates.take((key.platform, message.author_id))
 
     async def _refused_incoming(
         self, messages: Sequence[IncomingMessage], failure: IncomingBatchError
@@ -409,12 +450,7 @@ class Runtime:
         )
         self._reload.add(key)  # messages taken from the RAM queue may not have been used
         await self.conversations.drop(key)
-        if not self._closed:
-            # its own timer: the channel's deadline timer (self._timers) stays armed
-            previous = self._retry_timers.pop(key, None)
-            if previous is not None:
-                previous.cancel()
-            self._retry_timers[key] = self._call_later(delay, self._retry_due, key)
+        self._retry_at(key, delay)
 
     async def _drain(self, key: ChannelKey) -> None:
         conversations = self.conversations
@@ -443,6 +479,16 @@ class Runtime:
                     return  # nothing new to retry the failed generation with
             if not queue:
                 break
+            wait = self._throttled(key, queue[0].message)
+            if wait > 0:
+                # Its author is over their rate: the queue waits, in order, and is tried
+                # again when a token is back. Told once per slow-down.
+                if key not in self._slowed:
+                    self._slowed.add(key)
+                    notice = self.settings.notices.slow_down.format(seconds=max(1.0, wait))
+                    await conversations.send_standalone(key, notice)
+                self._retry_at(key, wait)
+                return
             if not await self._handle(key, queue[0].message):
                 # The retried generation failed again: keep this message and the rest.
                 conversations.stalled[key] = queue[-1].seq
@@ -452,6 +498,7 @@ class Runtime:
             if self._told:
                 self._told.discard((key, done.message.message_id))
         self._queues.pop(key, None)
+        self._slowed.discard(key)  # caught up: a later slow-down is told again
         deadline = conversations.deadline_of(key)
         if deadline is not None and self.clock() < deadline:
             # the timer ran early (or the clock stepped back)
@@ -518,6 +565,15 @@ class Runtime:
             await self._handle(key, message)
             if key not in conversations.stalled:
                 return
+
+    def _retry_at(self, key: ChannelKey, delay: float) -> None:
+        """Try the channel again in ``delay`` seconds (its own timer, not its deadline's)."""
+        if self._closed:
+            return
+        previous = self._retry_timers.pop(key, None)
+        if previous is not None:
+            previous.cancel()
+        self._retry_timers[key] = self._call_later(delay, self._retry_due, key)
 
     def _retry_due(self, key: ChannelKey) -> None:
         self._retry_timers.pop(key, None)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from turbobot.limits import Limits
+
 __all__ = ["Notices", "RuntimeSettings"]
 
 
@@ -56,6 +58,13 @@ class Notices:
         "Your message was too long: I read only its first {limit:,} characters. "
         "Send the rest in another message if it matters."
     )
+    #: to a user the allowlists leave out (once per user per run)
+    not_allowed: str = "Sorry, this bot is private."
+    #: when a user's messages outrun ``Limits.per_minute`` (once per slow-down)
+    slow_down: str = (
+        "You are sending messages faster than I can answer. I will answer them in order; "
+        "the next in about {seconds:.0f} s."
+    )
     #: sent before the answer to a message holding characters no store or model takes
     unreadable: str = (
         "Part of your message could not be read (invalid or control characters); "
@@ -99,3 +108,5 @@ class RuntimeSettings:
     #: seconds ``Runtime.aclose`` lets steps in flight finish before abandoning them
     stop_grace: float = 10.0
     gc_threshold: int | None = None
+    #: allowlists and the per-user rate (see turbobot.limits)
+    limits: Limits = field(default_factory=Limits)
