@@ -113,3 +113,10 @@ def test_the_command_reads_the_limits_from_its_environment() -> None:
     ]:
         with pytest.raises(ConfigurationError, match=f"{name} .* got '{bad}'"):
             runtime_settings({name: bad})
+
+
+async def test_the_notice_to_a_refused_user_goes_out_even_if_the_bot_stops_at_once() -> None:
+    session = BotSession(echo, settings=settings(users=frozenset({"alice"})))
+    async with session as bot:
+        await bot.send("hi", author="mallory")  # (no settle: the bot stops right away)
+    assert session.sender.texts() == [Notices().not_allowed]

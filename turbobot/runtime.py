@@ -164,7 +164,7 @@ class Runtime:
         #: channels told to slow down, until their next message goes through
         self._slowed: set[ChannelKey] = set()
         #: notices sent from receive (not awaited there), kept until done
-        self._notices: set[asyncio.Future[object]] = set()
+        self._notices: set[asyncio.Future[None]] = set()
         self._started = False
         self._start_lock = asyncio.Lock()
         self._closed = False
@@ -229,8 +229,10 @@ class Runtime:
         """
         self._closed = True
         self.conversations.stop_timers()
-        for notice in self._notices:
-            notice.cancel()
+        if self._notices:  # (notices to people the allowlists leave out)
+            _, late = await asyncio.wait(set(self._notices), timeout=self.settings.stop_grace)
+            for notice in late:
+                notice.cancel()
         for timer in self._retry_timers.values():
             timer.cancel()
         self._retry_timers.clear()
@@ -321,13 +323,14 @@ class Runtime:
                 self._refused_users.clear()
             self._refused_users.add(user)
             _log.info("ignoring %s: user %s is not on the allowlists", message.key, user[1])
-            notice = self.settings.notices.not_allowed
-            task = asyncio.ensure_future(
-                self._outbox.attempt(message.key, self.sender.send(message.key, notice))
-            )
+            task = asyncio.ensure_future(self._tell(message.key, self.settings.notices.not_allowed))
             self._notices.add(task)
             task.add_done_callback(self._notices.discard)
         return False
+
+    async def _tell(self, key: ChannelKey, text: str) -> None:
+        """Send a notice that is stored nowhere (its message was not stored either)."""
+        await self._outbox.attempt(key, self.sender.send(key, text))
 
     def _throttled(self, key: ChannelKey, message: IncomingMessage) -> float:
         """Seconds the channel's next message must wait for its author's rate (0: none)."""
