@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
 
@@ -34,8 +35,10 @@ async def spawn_turbobot(
     stdin: int = asyncio.subprocess.PIPE,
     stdout: int = asyncio.subprocess.PIPE,
     module: str = "turbobot",
+    stderr: int | IO[bytes] = asyncio.subprocess.PIPE,
 ) -> asyncio.subprocess.Process:
-    """``python -m turbobot ARGS`` from the repository root; its stderr is piped.
+    """``python -m turbobot ARGS`` from the repository root; its stderr is piped (or
+    written to ``stderr``, a file, for a long run whose log would fill a pipe).
 
     ``module="tests.fakes.faulty_cli"`` runs the same command with faults injected.
     """
@@ -46,7 +49,7 @@ async def spawn_turbobot(
         *args,
         stdin=stdin,
         stdout=stdout,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=stderr,
         cwd=ROOT,
         env=env,
     )

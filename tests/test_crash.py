@@ -48,7 +48,8 @@ CHATS = int(os.environ.get("CRASH_CHATS", "24"))
 KILLS = int(os.environ.get("CRASH_KILLS", "6"))
 SEED = int(os.environ.get("CRASH_SEED", "20261204"))
 FIRST_CHAT = 7000
-ROOT = Path(__file__).resolve().parent.parent
+#: the model server's API key the bots are given (never to be logged or stored)
+API_KEY = "sk-crash-test-key"
 #: seconds within which the bot commits that a reply was sent once the chat shows it
 #: (generous: the event loop of a bot with many chats lags)
 COMMIT_MOMENT = 1.0
@@ -109,8 +110,8 @@ class Run:
 
     async def start(self) -> None:
         with self.log.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                *(await _command()),
+            self.proc = await spawn_turbobot(
+                self.env,
                 "--log-level",
                 self.log_level,
                 "run",
@@ -120,8 +121,6 @@ class Run:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=log,
-                cwd=ROOT,
-                env=self.env,
             )
         self.starts += 1
 
@@ -163,12 +162,6 @@ async def assert_no_secrets(url: str, log: Path, *secrets: str) -> None:
     logged = await asyncio.to_thread(log.read_bytes)
     for secret in secrets:
         assert secret.encode() not in logged, "a secret reached the log"
-
-
-async def _command() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "turbobot"]
 
 
 def progress(run: Run, chat: int) -> int:
@@ -219,6 +212,21 @@ async def drive(run: Run, chats: list[int], kills: int, rng: random.Random) -> N
             await run.telegram.wait_until(lambda: False, timeout=0.2)
 
 
+def bot_env(
+    telegram: FakeTelegram, llm: FakeOpenAI, database_url: str, **extra: str
+) -> dict[str, str]:
+    """The environment of a bot on the fake Bot API and model server (keys: see the
+    secrets checks)."""
+    return clean_env(
+        TELEGRAM_BOT_TOKEN=telegram.token,
+        TELEGRAM_API_BASE_URL=telegram.base_url,
+        OPENAI_API_KEY=API_KEY,
+        OPENAI_BASE_URL=llm.base_url,
+        TURBOBOT_DATABASE_URL=database_url,
+        **extra,
+    )
+
+
 @pytest.fixture
 async def fakes() -> AsyncIterator[tuple[FakeTelegram, FakeOpenAI]]:
     llm = FakeOpenAI(stream_reply)
@@ -235,13 +243,7 @@ async def test_kills_at_random_points_lose_and_repeat_nothing(
     store_url: str, fakes: tuple[FakeTelegram, FakeOpenAI], tmp_path: Path
 ) -> None:
     telegram, llm = fakes
-    env = clean_env(
-        TELEGRAM_BOT_TOKEN=telegram.token,
-        TELEGRAM_API_BASE_URL=telegram.base_url,
-        OPENAI_API_KEY="sk-crash-test",
-        OPENAI_BASE_URL=llm.base_url,
-        TURBOBOT_DATABASE_URL=store_url,
-    )
+    env = bot_env(telegram, llm, store_url)
     upgrade = await spawn_turbobot(env, "db", "upgrade", stdin=asyncio.subprocess.DEVNULL)
     _, err = await upgrade.communicate()
     assert upgrade.returncode == 0, err
@@ -315,7 +317,7 @@ async def test_kills_at_random_points_lose_and_repeat_nothing(
         f"{extra_calls} generations redone after a kill; {duplicates} replies shown twice "
         f"({dict(kinds)}); kills at {[round(k, 2) for k in run.kill_times]}"
     )
-    await assert_no_secrets(store_url, run.log, telegram.token, "sk-crash-test")
+    await assert_no_secrets(store_url, run.log, telegram.token, API_KEY)
 
 
 # -- a kill during a schema upgrade ----------------------------------------------------
@@ -476,13 +478,7 @@ async def test_a_power_cut_leaves_a_sqlite_database_that_opens_consistent(
 
     telegram, llm = fakes
     path = tmp_path / "bot.db"
-    env = clean_env(
-        TELEGRAM_BOT_TOKEN=telegram.token,
-        TELEGRAM_API_BASE_URL=telegram.base_url,
-        OPENAI_API_KEY="sk-crash-test",
-        OPENAI_BASE_URL=llm.base_url,
-        TURBOBOT_DATABASE_URL=f"sqlite+aiosqlite:///{path}",
-    )
+    env = bot_env(telegram, llm, f"sqlite+aiosqlite:///{path}")
     rng = random.Random(SEED)
     run = Run(telegram, llm, env, tmp_path / "bot.log")
     chats = [FIRST_CHAT + i for i in range(CHATS)]

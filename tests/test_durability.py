@@ -262,19 +262,16 @@ async def test_a_finished_stream_is_not_generated_again_after_a_crash(
     it (say its last, paced send): the reply is stored, so the next start sends it
     without asking the model again."""
     from turbobot import ChannelKey, IncomingMessage
-    from turbobot.runtime import BaseSender, Runtime
+    from turbobot.runtime import Runtime
     from turbobot.template import AssistantStream
+    from turbobot.testing import RecordingSender
 
     key = ChannelKey("console", "streamed")
 
-    class StuckAfterGenerating(BaseSender):
+    class StuckAfterGenerating(RecordingSender):
         def __init__(self) -> None:
-            self.sent: list[str] = []
+            super().__init__()
             self.generated = asyncio.Event()
-
-        async def send(self, key: ChannelKey, text: str) -> str | None:
-            self.sent.append(text)
-            return "id"
 
         async def send_stream(self, key: ChannelKey, stream: AssistantStream) -> str | None:
             async for _ in stream:
@@ -305,5 +302,5 @@ async def test_a_finished_stream_is_not_generated_again_after_a_crash(
     restarted = StuckAfterGenerating()
     async with Runtime(streaming_chat, llm=llm, sender=restarted, store=store) as runtime:
         await runtime.join()
-    assert restarted.sent == ["the whole answer"]
+    assert restarted.texts() == ["the whole answer"]
     assert len(llm.requests) == 1

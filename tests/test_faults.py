@@ -30,8 +30,7 @@ import pytest
 from tests import crash_bot as bot
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.telegram_server import FakeTelegram
-from tests.test_console import clean_env
-from tests.test_crash import SEED, Run, answer, assert_no_secrets
+from tests.test_crash import API_KEY, SEED, Run, answer, assert_no_secrets, bot_env
 from turbobot import ChannelKey
 from turbobot.runtime import Notices
 from turbobot.sql import SQLStore
@@ -112,14 +111,7 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
                     when=lambda params, share=share: rng.random() < share,
                 )
             )
-    env = clean_env(
-        TELEGRAM_BOT_TOKEN=telegram.token,
-        TELEGRAM_API_BASE_URL=telegram.base_url,
-        OPENAI_API_KEY="sk-fault-test",
-        OPENAI_BASE_URL=llm.base_url,
-        TURBOBOT_DATABASE_URL=store_url,
-        TURBOBOT_LLM_TIMEOUT=str(LLM_TIMEOUT),
-    )
+    env = bot_env(telegram, llm, store_url, TURBOBOT_LLM_TIMEOUT=str(LLM_TIMEOUT))
     # DEBUG: every request is logged, and none may show the token or the key
     run = Run(telegram, llm, env, tmp_path / "bot.log", log_level="DEBUG")
     chats = [FIRST_CHAT + i for i in range(CHATS)]
@@ -204,4 +196,4 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
         f"{apologies} apologies; one process throughout"
     )
     assert sum(model.injected.values()) > 0 and sum(hits.values()) > 0
-    await assert_no_secrets(store_url, run.log, telegram.token, "sk-fault-test")
+    await assert_no_secrets(store_url, run.log, telegram.token, API_KEY)
