@@ -36,8 +36,9 @@ quick: install  ## the suite without the slow tests (real local model)
 # 4 kills per database during a schema upgrade); CRASH_SEED
 # picks other kill points.
 crash: install postgres  ## 200 chats, 50 SIGKILLs, on SQLite and PostgreSQL
-	CRASH_CHATS=200 CRASH_KILLS=50 CRASH_POWER_CUTS=50 CRASH_UPGRADE_KILLS=20 \
-		$(VENV)/bin/python -m pytest -s -p no:cacheprovider tests/test_crash.py
+	CRASH_CHATS=200 CRASH_KILLS=50 CRASH_POWER_CUTS=50 CRASH_UPGRADE_KILLS=20 CONSOLE_LINES=10000 \
+		$(VENV)/bin/python -m pytest -s -p no:cacheprovider tests/test_crash.py \
+		tests/test_console.py::test_lines_piped_in_at_once_are_all_answered_in_order_once
 
 bench: install  ## benchmarks (not tests): the two-step workload and durability figures
 	$(VENV)/bin/python bench/bench_turbobot.py 10000 memory

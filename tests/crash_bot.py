@@ -29,3 +29,13 @@ async def crash_chat():
         yield Generate(stream=True)
     last = yield GetUserInput(ANYTHING_ELSE, timeout=TIMEOUT)
     yield Result(TIMED_OUT if last.timed_out else f"Goodbye, {last}!")
+
+
+@turbo(model="gpt-4o-mini", context_window=1024, max_tokens=64)
+async def flood_chat():
+    """An assistant with a small window: each prompt costs the same however many lines
+    came before (the flood test measures order and exactly-once, not prompt size)."""
+    while True:
+        said = yield GetUserInput()
+        yield User(said)
+        yield Generate(stream=True)

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+import pytest
+
 from tests.fakes.openai_server import FakeOpenAI, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +202,22 @@ def test_in_a_terminal_the_console_greets_resumes_and_ends_its_line(tmp_path: Pa
     assert first.endswith("> \n")  # Ctrl-D: the prompt's line is ended
     again = session()
     assert "(resuming your conversation; /start begins a new one)" in again
+
+
+@pytest.mark.slow
+async def test_lines_piped_in_at_once_are_all_answered_in_order_once(
+    openai_server: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Issue 13's battery: thousands of lines at once into the console (CONSOLE_LINES,
+    default 2,000 in CI; 10,000 by `make crash`'s size): every one answered, in order,
+    exactly once, one model call each."""
+    count = int(os.environ.get("CONSOLE_LINES", "2000"))
+    env = clean_env(OPENAI_API_KEY="k", OPENAI_BASE_URL=openai_server.base_url)
+    database = f"sqlite+aiosqlite:///{tmp_path / 'flood.db'}"
+    lines = [f"line {n}" for n in range(count)]
+    proc = await spawn_turbobot(env, "run", "tests.crash_bot:flood_chat", "--database", database)
+    stdin = ("\n".join(lines) + "\n").encode()
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=60 + count / 20)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert out.decode().splitlines() == [f"echo: {line}" for line in lines]
+    assert len(openai_server.requests) == count

@@ -356,3 +356,25 @@ async def test_408_is_retried(openai_server: FakeOpenAI, openai_llm: OpenAILLM) 
     openai_server.script(Reply(status=408), "in time")
     response = await openai_llm.complete(request())
     assert response.content == "in time" and len(openai_server.requests) == 2
+
+
+async def test_the_prompt_goes_out_as_built_beside_a_callers_extra_body(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    """The prompt skips the client's per-message type walk (it travels in extra_body)
+    and still arrives whole and in order, beside a template's own extra_body."""
+    messages = [{"role": "user" if n % 2 else "assistant", "content": f"m{n}"} for n in range(500)]
+    openai_server.script("ok", "ok")
+    prompt = LLMRequest(
+        messages=messages, model="gpt-4o-mini", settings={"extra_body": {"seed_hint": 7}}
+    )
+    assert (await openai_llm.complete(prompt)).content == "ok"
+    assert openai_server.requests[0]["messages"] == messages
+    assert openai_server.requests[0]["seed_hint"] == 7
+    streamed = await openai_llm.complete(request("one"), on_delta=_ignore)
+    assert streamed.content == "ok"
+    assert openai_server.requests[1]["messages"] == [{"role": "user", "content": "one"}]
+
+
+async def _ignore(delta: str) -> None:
+    return None

@@ -81,3 +81,12 @@ async def test_the_console_switches_modes(openai_server: FakeOpenAI) -> None:
     assert "echo: hello" in out and "Switched to quiz." in out and "Right!" in out
     code, out, err = await run_console("hi\n", env, "bots.assistant", "--mode", "bots.assistant")
     assert code == 2 and "two bots have the same name" in err and "Traceback" not in err
+
+
+def test_the_runtime_still_lists_its_modes() -> None:
+    """From review: the split had removed the public ``Runtime.modes``."""
+    from turbobot.runtime import Runtime
+    from turbobot.testing import RecordingSender
+
+    runtime = Runtime(assistant.bot, llm=ScriptedLLM(), sender=RecordingSender(), modes=[quiz.bot])
+    assert list(runtime.modes) == [assistant.bot.fn.__name__, quiz.bot.fn.__name__]

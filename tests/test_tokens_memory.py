@@ -158,3 +158,44 @@ async def test_window_only_memory_stays_the_size_of_its_window() -> None:
     import copy
 
     assert copy.copy(windowed).window_only
+
+
+def test_window_only_prompts_do_not_depend_on_a_restart_when_budgets_change() -> None:
+    """From review: turns dropped under a small budget (a Generate with a large
+    max_tokens) were missing from the next, wider prompt, unlike after a restart."""
+    from turbobot import Generate, GetUserInput, ScriptedLLM, turbo
+    from turbobot.testing import BotTester
+
+    @turbo(memory=LocalMemory(window_only=True), context_window=400)
+    async def terse():
+        yield System("You are terse.")
+        while True:
+            said = yield GetUserInput()
+            yield User(said)
+            yield Generate(max_tokens=300 if said.startswith("long") else 50)
+
+    def last_prompt(restart: bool) -> list[dict[str, Any]]:
+        llm = ScriptedLLM(respond=lambda request: "ok")
+        with BotTester(terse, llm=llm) as chat:
+            for turn in range(150):
+                chat.say(f"question {turn}")
+            chat.say("long answer please")
+            if restart:
+                chat.restart()
+            chat.say("short question")
+        return llm.requests[-1].messages
+
+    assert last_prompt(False) == last_prompt(True)
+
+
+def test_a_memory_subclass_without_window_only_can_still_be_copied() -> None:
+    import copy
+
+    class TaggedMemory(LocalMemory):
+        __slots__ = ("tag",)
+
+        def __init__(self, messages: Any = (), tag: str = "x") -> None:
+            super().__init__(messages)
+            self.tag = tag
+
+    assert copy.copy(TaggedMemory([User("a")])).messages == [User("a")]

@@ -217,13 +217,16 @@ class LocalMemory(BaseMemory):
             Turns that left the window are dropped (in batches, as they leave), so a
             live conversation's RAM stays the size of its window however long it
             runs; ``get()`` and ``messages`` then hold that much, not the whole
-            history (the store's transcript keeps it). Default: keep everything, as
-            turbo-chat's memory does.
+            history (the store's transcript keeps it). Turns are dropped only outside
+            the window of the largest budget (context window minus ``max_tokens``)
+            seen so far; a later, larger window (another model) does not get them
+            back, while a conversation rebuilt by replay starts with all of them.
+            Default: keep everything, as turbo-chat's memory does.
     """
 
     #: one slot for the index, ``None`` until the first prompt: a conversation that
     #: only waits pays 8 bytes for it
-    __slots__ = ("_index", "messages", "window_only")
+    __slots__ = ("_index", "_widest", "messages", "window_only")
 
     #: turns that left the window are dropped once at least this many messages (and as
     #: many as the window holds) wait to be: the cost of dropping stays O(1) a message
@@ -233,6 +236,8 @@ class LocalMemory(BaseMemory):
         self.messages: list[Message] = list(messages)
         self._index: _TurnIndex | None = None
         self.window_only = window_only
+        #: the largest prompt budget seen: turns are dropped only outside its window
+        self._widest = 0
 
     def _indexed(self) -> _TurnIndex:
         messages = self.messages
@@ -257,7 +262,10 @@ class LocalMemory(BaseMemory):
 
     def __copy__(self) -> LocalMemory:
         # a copy of an instance given to @turbo(memory=...) starts with its own list
-        return type(self)(self.messages, window_only=self.window_only)
+        # (window_only passed only when set: a subclass's __init__ may not take it)
+        if self.window_only:
+            return type(self)(self.messages, window_only=True)
+        return type(self)(self.messages)
 
     async def get(self) -> list[Message]:
         return list(self.messages)
@@ -292,7 +300,10 @@ class LocalMemory(BaseMemory):
             used -= sum(_tokens(m, counter) for m in messages[start:stop] if not m.pinned)
             first_turn += 1
         index.first_turn, index.used = first_turn, used
-        if self.window_only and turns:
+        self._widest = max(self._widest, budget)
+        if self.window_only and turns and budget >= self._widest:
+            # Only at the widest budget seen: a turn outside its window is outside every
+            # narrower one too (a Generate with a larger max_tokens keeps fewer turns).
             self._drop_before(index, turns[first_turn])
             messages, turns, first_turn = self.messages, index.turns, index.first_turn
         first = turns[first_turn] if turns else len(messages)

@@ -171,6 +171,12 @@ class Runtime:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    @property
+    def modes(self) -> dict[str, Template]:
+        """The personalities users may switch to with /mode, by name (the default first);
+        empty: one template, no /mode."""
+        return self.personalities.modes
+
     async def start(self) -> None:
         """Recover from the store: resend unsent replies, requeue messages, arm deadlines."""
         async with self._start_lock:  # receivers wait: recovery must not race new messages

@@ -263,9 +263,16 @@ class OpenAILLM:
     def _params(self, request: LLMRequest) -> dict[str, Any]:
         params: dict[str, Any] = dict(request.settings)
         params["model"] = request.model
-        params["messages"] = request.messages
+        # The prompt and the tool schemas are plain JSON already. Given as ``messages=``
+        # the client walks every message against its type hints before sending (about
+        # 0.5 ms a message here: 7 answers a second at a few hundred messages); in
+        # ``extra_body`` they are merged into the JSON body as they are. ``messages=[]``
+        # stays for the client's required-argument check and is replaced by the merge.
+        extra = {"messages": request.messages}
         if request.tools:
-            params["tools"] = request.tools
+            extra["tools"] = request.tools
+        params["messages"] = []
+        params["extra_body"] = {**extra, **(params.get("extra_body") or {})}
         return params
 
     async def _complete_once(self, request: LLMRequest) -> LLMResponse:
