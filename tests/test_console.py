@@ -57,9 +57,25 @@ async def spawn_turbobot(
     )
 
 
+async def communicate(
+    proc: asyncio.subprocess.Process,
+    data: bytes | None = None,
+    timeout: float = 60.0,  # noqa: ASYNC109 - the kill on expiry is the point
+) -> tuple[bytes, bytes]:
+    """``proc.communicate(data)`` within ``timeout``; on a timeout (or any failure) the
+    process is killed, so that a failing test leaves no bot running behind it."""
+    try:
+        return await asyncio.wait_for(proc.communicate(data), timeout)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+
+
 async def run_console(stdin: str, env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await spawn_turbobot(env, "run", *args)
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), timeout=60)
+    out, err = await communicate(proc, stdin.encode())
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -128,7 +144,7 @@ async def test_a_hostile_console_session_loses_nothing(
         b"the normal line",
     ]
     proc = await spawn_turbobot(env, "run", "bots.assistant", "--database", database)
-    out, err = await asyncio.wait_for(proc.communicate(b"\n".join(lines) + b"\n"), timeout=120)
+    out, err = await communicate(proc, b"\n".join(lines) + b"\n", timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
     text = out.decode()
     assert text.rstrip("\n").endswith("echo: the normal line")
@@ -217,7 +233,18 @@ async def test_lines_piped_in_at_once_are_all_answered_in_order_once(
     lines = [f"line {n}" for n in range(count)]
     proc = await spawn_turbobot(env, "run", "tests.crash_bot:flood_chat", "--database", database)
     stdin = ("\n".join(lines) + "\n").encode()
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=60 + count / 20)
+    out, err = await communicate(proc, stdin, timeout=60 + count / 20)
     assert proc.returncode == 0, err.decode()[-3000:]
     assert out.decode().splitlines() == [f"echo: {line}" for line in lines]
     assert len(openai_server.requests) == count
+
+
+async def test_a_bot_that_outlives_its_test_is_killed() -> None:
+    """The helper the CLI tests wait with: a timeout kills the process (a timed-out
+    flood test once left two bots running, eating the CPU of later runs)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import time; time.sleep(60)", stdin=asyncio.subprocess.PIPE
+    )
+    with pytest.raises(TimeoutError):
+        await communicate(proc, b"", timeout=0.2)
+    assert proc.returncode is not None

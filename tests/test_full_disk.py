@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.openai_server import FakeOpenAI
-from tests.test_console import clean_env, spawn_turbobot
+from tests.test_console import clean_env, communicate, spawn_turbobot
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ async def test_a_full_disk_costs_no_input_and_needs_no_restart(
 
     proc.stdin.write(b"after\n")
     proc.stdin.close()
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = await communicate(proc)
     assert proc.returncode == 0, (warning + err).decode()[-3000:]
     assert out.decode().splitlines() == [
         *(f"echo: {line.decode()}" for line in lines),

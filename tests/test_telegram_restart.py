@@ -16,7 +16,7 @@ import pytest
 
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.telegram_server import FakeTelegram
-from tests.test_console import clean_env, spawn_turbobot
+from tests.test_console import clean_env, communicate, spawn_turbobot
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ async def test_cli_configuration_errors(telegram: FakeTelegram) -> None:
             *args,
             stdin=asyncio.subprocess.DEVNULL,
         )
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        _, err = await communicate(proc, timeout=30)
         assert proc.returncode is not None
         return proc.returncode, err.decode()
 
