@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 from tests.conftest import StoreFactory
+from tests.test_hardening import streaming_chat
 from tests.test_runtime import echo_llm
 from turbobot import (
     Generate,
@@ -245,14 +246,6 @@ async def test_first_receives_wait_for_recovery(make_store: StoreFactory) -> Non
             "echo: 3: new 1",
             "echo: 4: new 2",
         ]
-
-
-@turbo()
-async def streaming_chat():
-    while True:
-        text = yield GetUserInput()
-        yield User(text)
-        yield Generate(stream=True)
 
 
 async def test_a_finished_stream_is_not_generated_again_after_a_crash(

@@ -362,8 +362,7 @@ class Runtime:
                 type(cause).__name__,
                 cause,
             )
-            notice = self.settings.notices.not_stored
-            await self._outbox.attempt(message.key, self.sender.send(message.key, notice))
+            await self._tell(message.key, self.settings.notices.not_stored)
 
     def _admit(self, message: IncomingMessage) -> IncomingMessage:
         """The message as the template will see it: writable text, within the input cap.
