@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.discord_server import FakeDiscord
+from tests.fakes.discord_server import OWNER_ID, FakeDiscord
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.test_telegram import chat, streamer
 from turbobot import ChannelKey
@@ -27,8 +27,9 @@ from turbobot.adapters.console import ConsoleAdapter
 from turbobot.adapters.discord import MESSAGE_LIMIT, DiscordAdapter, DiscordSettings
 from turbobot.bots.horoscope import horoscope
 from turbobot.commands import Command, CommandCall
+from turbobot.limits import Limits
 from turbobot.llm.openai import OpenAILLM
-from turbobot.runtime import Runtime, RuntimeSettings
+from turbobot.runtime import Notices, Runtime, RuntimeSettings
 from turbobot.sql import SQLStore
 from turbobot.store import BaseStore, InMemoryStore
 from turbobot.template import INTERRUPTED, Template
@@ -55,6 +56,7 @@ async def running(
     store: BaseStore | None = None,
     *,
     stop_grace: float = 10.0,
+    limits: Limits | None = None,
     **overrides: Any,
 ) -> AsyncIterator[tuple[DiscordAdapter, Runtime]]:
     """The adapter connected to the fake gateway with a runtime behind it; stopped after."""
@@ -65,7 +67,10 @@ async def running(
     store = store or InMemoryStore()
     async with DiscordAdapter(settings) as adapter:
         runtime_settings = RuntimeSettings(
-            bot_username=adapter.username, typing_delay=0.2, stop_grace=stop_grace
+            bot_username=adapter.username,
+            typing_delay=0.2,
+            stop_grace=stop_grace,
+            limits=limits or Limits(),
         )
         async with Runtime(
             template, llm=llm, sender=adapter, store=store, settings=runtime_settings
@@ -110,6 +115,7 @@ async def test_a_dm_conversation_of_several_turns_matches_the_transcript(
             "reset",
             "retry",
             "cancel",
+            "usage",
             "help",
         ]
         await discord_fake.user_message(dm, "hi", user_id=ALICE)
@@ -188,6 +194,42 @@ async def test_shared_mode_prefixes_the_speaker(
         assert (await texts(discord_fake, general, 2))[1] == "echo: Bob: hi"
     users = [m["content"] for m in openai_server.requests[1]["messages"] if m["role"] == "user"]
     assert users == ["Ann: hello", "Bob: hi"]
+
+
+async def test_a_shared_conversation_is_reset_by_its_starter_or_a_server_admin(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    guild = discord_fake.add_guild()
+    general = guild.channels["general"]
+    reset, refused = Notices().reset, Notices().reset_not_yours
+    async with running(discord_fake, chat, openai_llm, group_mode="shared"):
+        say = discord_fake.user_message
+        await say(general, "hello", user_id=ALICE, username="Ann", mention_bot=True)
+        await say(general, "/reset", user_id=BOB, username="Bob")
+        assert await texts(discord_fake, general, 2) == ["echo: Ann: hello", refused]
+        # the server's owner has the Administrator permission; the starter may too
+        for resetter in (OWNER_ID, ALICE):
+            await say(general, "again", user_id=ALICE, username="Ann", mention_bot=True)
+            await say(general, "/reset", user_id=resetter, username="Mod")
+        shown = await texts(discord_fake, general, 6)
+    assert shown[2:] == ["echo: Ann: again", reset] * 2
+
+
+async def test_the_guild_allowlist_answers_only_in_listed_servers(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    listed, other = discord_fake.add_guild("listed"), discord_fake.add_guild("other")
+    dm = discord_fake.dm_channel(ALICE)
+    limits = Limits(guilds=frozenset({f"discord:{listed.id}"}))
+    async with running(discord_fake, chat, openai_llm, limits=limits) as (_adapter, runtime):
+        for channel in (listed.channels["general"], other.channels["general"]):
+            await discord_fake.user_message(channel, "hi", user_id=ALICE, mention_bot=True)
+        await discord_fake.user_message(dm, "hi", user_id=ALICE)
+        assert await texts(discord_fake, listed.channels["general"], 1) == ["echo: hi"]
+        assert await texts(discord_fake, dm, 1) == ["echo: hi"]  # DMs: the users list
+        assert await texts(discord_fake, other.channels["general"], 1) == [Notices().not_allowed]
+        unlisted = ChannelKey("discord", str(other.channels["general"]), None, str(ALICE))
+        assert await runtime.store.transcript(unlisted) == []
 
 
 async def test_threads_are_channels_of_their_own_and_can_be_opened_per_conversation(

@@ -27,7 +27,7 @@ from turbobot.adapters.telegram import MESSAGE_LIMIT, TelegramAdapter, TelegramS
 from turbobot.bots.horoscope import horoscope
 from turbobot.formatting import parse_markdown, utf16_len
 from turbobot.llm.openai import OpenAILLM
-from turbobot.runtime import Runtime, RuntimeSettings
+from turbobot.runtime import Notices, Runtime, RuntimeSettings
 from turbobot.sql import SQLStore
 from turbobot.store import BaseStore, InMemoryStore
 from turbobot.template import Template
@@ -108,6 +108,7 @@ async def test_two_turn_conversation_in_a_private_chat(
             "reset",
             "retry",
             "cancel",
+            "usage",
             "help",
         ]
         telegram.message(PRIVATE, "hi")
@@ -165,6 +166,26 @@ async def test_shared_group_mode_prefixes_speakers(
     # one conversation: the second request carries the first exchange
     users = [m["content"] for m in openai_server.requests[1]["messages"] if m["role"] == "user"]
     assert users == ["Ann: hello", "Bob: hi"]
+
+
+async def test_in_a_shared_group_only_the_starter_or_a_chat_admin_resets(
+    telegram: FakeTelegram, openai_llm: OpenAILLM
+) -> None:
+    telegram.admins[GROUP] = {7: "administrator", 8: "creator"}
+    reset, refused = Notices().reset, Notices().reset_not_yours
+    async with running(telegram, chat, openai_llm, group_mode="shared"):
+        telegram.message(GROUP, "@turbo_test_bot hello", user_id=1, first_name="Ann")
+        telegram.message(GROUP, "/reset", user_id=2, first_name="Bob")
+        assert await replies(telegram, GROUP, 2) == ["echo: Ann: hello", refused]
+        for admin in (7, 8):
+            telegram.message(GROUP, "@turbo_test_bot again", user_id=1, first_name="Ann")
+            telegram.message(GROUP, "/reset", user_id=admin, first_name="Mod")
+        telegram.message(GROUP, "@turbo_test_bot again", user_id=1, first_name="Ann")
+        telegram.message(GROUP, "/reset", user_id=1, first_name="Ann")
+        texts = await replies(telegram, GROUP, 8)
+    assert texts[2:] == ["echo: Ann: again", reset] * 3
+    asked = [c.params["user_id"] for c in telegram.calls_of("getChatMember")]
+    assert [int(user) for user in asked] == [2, 7, 8]  # never for the starter
 
 
 async def test_a_10000_character_reply_is_split_at_the_limit(

@@ -78,6 +78,8 @@ class IncomingMessage:
     #: the text as the user sent it, when ``text`` had to differ: cut to the input cap,
     #: or with characters no store or model takes replaced (see ``Runtime.receive``)
     raw_text: str | None = None
+    #: the server (Discord guild) the message was sent in; ``None`` elsewhere
+    guild: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -95,6 +97,8 @@ class IncomingMessage:
         }
         if self.raw_text is not None:
             data["raw_text"] = self.raw_text
+        if self.guild is not None:
+            data["guild"] = self.guild
         return data
 
     @classmethod

@@ -306,7 +306,8 @@ async def _open_store(database: _Database) -> AsyncIterator[BaseStore]:
 def runtime_settings(env: Mapping[str, str]) -> RuntimeSettings:
     """Eviction settings from ``TURBOBOT_IDLE_EVICT_SECONDS`` and ``TURBOBOT_MAX_LIVE``;
     abuse limits from ``TURBOBOT_ALLOWED_USERS``, ``TURBOBOT_ALLOWED_CHATS``,
-    ``TURBOBOT_USER_RATE`` and ``TURBOBOT_USER_BURST`` (see turbobot.limits)."""
+    ``TURBOBOT_ALLOWED_GUILDS``, ``TURBOBOT_USER_RATE``, ``TURBOBOT_USER_BURST``,
+    ``TURBOBOT_USER_TOKENS_PER_DAY`` and ``TURBOBOT_ADMINS`` (see turbobot.limits)."""
     try:
         idle = env.get("TURBOBOT_IDLE_EVICT_SECONDS")
         cap = env.get("TURBOBOT_MAX_LIVE")
@@ -328,8 +329,8 @@ def runtime_settings(env: Mapping[str, str]) -> RuntimeSettings:
 def _limits(env: Mapping[str, str]) -> Limits:
     users = env.get("TURBOBOT_ALLOWED_USERS", "").strip()
     chats = env.get("TURBOBOT_ALLOWED_CHATS", "").strip()
+    guilds = env.get("TURBOBOT_ALLOWED_GUILDS", "").strip()
     rate = env.get("TURBOBOT_USER_RATE", "").strip()
-    burst = env.get("TURBOBOT_USER_BURST", "").strip()
     try:
         per_minute = float(rate) if rate else None
         if per_minute is not None and not (math.isfinite(per_minute) and per_minute > 0):
@@ -338,20 +339,30 @@ def _limits(env: Mapping[str, str]) -> Limits:
         raise ConfigurationError(
             f"TURBOBOT_USER_RATE must be a positive number of messages per minute, got {rate!r}"
         ) from None
-    try:
-        most = int(burst) if burst else None
-        if most is not None and most < 1:
-            raise ValueError
-    except ValueError:
-        raise ConfigurationError(
-            f"TURBOBOT_USER_BURST must be a whole number of messages, at least 1, got {burst!r}"
-        ) from None
+    most = _whole(env, "TURBOBOT_USER_BURST", "messages")
     return Limits(
         users=parse_ids(users) if users else None,
         chats=parse_ids(chats) if chats else None,
         per_minute=per_minute,
         burst=most,
+        guilds=parse_ids(guilds) if guilds else None,
+        tokens_per_day=_whole(env, "TURBOBOT_USER_TOKENS_PER_DAY", "tokens"),
+        admins=parse_ids(env.get("TURBOBOT_ADMINS", "")),
     )
+
+
+def _whole(env: Mapping[str, str], name: str, unit: str) -> int | None:
+    """A setting that is a whole number, at least 1 (``None`` when unset)."""
+    text = env.get(name, "").strip()
+    try:
+        value = int(text) if text else None
+        if value is not None and value < 1:
+            raise ValueError
+    except ValueError:
+        raise ConfigurationError(
+            f"{name} must be a whole number of {unit}, at least 1, got {env[name]!r}"
+        ) from None
+    return value
 
 
 def parse_channel(text: str) -> ChannelKey:

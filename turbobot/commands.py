@@ -1,7 +1,7 @@
 """Commands: one parser and one registry for every platform.
 
 The runtime handles the built-in commands (``/start``, ``/new``, ``/reset``,
-``/retry``, ``/cancel``, ``/help``); a bot adds its own with ``@turbo(commands=[...])``
+``/retry``, ``/cancel``, ``/usage``, ``/help``); a bot adds its own with ``@turbo(commands=[...])``
 (see :class:`Command`). Adapters read :meth:`CommandRegistry.menu` to build their
 platform's command menu. See docs/architecture.md, "Conversations".
 """
@@ -109,6 +109,7 @@ BUILT_IN = (
     Command("reset", "End this conversation and forget it"),
     Command("retry", "Answer your last message again"),
     Command("cancel", "Stop the answer being written"),
+    Command("usage", "Your token use today"),
     Command("help", "What this bot does"),
 )
 

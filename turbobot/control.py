@@ -1,5 +1,5 @@
 """What the built-in commands do: ``/start`` (``/new``), ``/reset``, ``/help``, ``/retry``,
-``/cancel``, ``/mode``, and the handlers bots register.
+``/cancel``, ``/usage``, ``/mode``, and the handlers bots register.
 
 Parsing and the registry are in turbobot.commands; a command is never input to the
 template unless declared ``Command(input=True)`` (docs/architecture.md,
@@ -9,14 +9,22 @@ template unless declared ``Command(input=True)`` (docs/architecture.md,
 
 from __future__ import annotations
 
+import logging
+
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.commands import CommandCall, CommandRegistry
-from turbobot.conversation import Conversations
+from turbobot.conversation import Conversations, InfrastructureError
+from turbobot.limits import TokenBudget, duration
 from turbobot.modes import Personalities
 from turbobot.settings import RuntimeSettings
-from turbobot.store import StepWrite
+from turbobot.store import StepWrite, utc_day
 
-__all__ = ["BuiltinCommands"]
+__all__ = ["GENERATING", "BuiltinCommands"]
+
+_log = logging.getLogger("turbobot.runtime")
+
+#: built-in commands that may call the model (refused to a user over the token budget)
+GENERATING = frozenset({"start", "retry", "mode"})
 
 
 class BuiltinCommands:
@@ -28,8 +36,10 @@ class BuiltinCommands:
         conversations: Conversations,
         personalities: Personalities,
         settings: RuntimeSettings,
+        budget: TokenBudget | None = None,
     ) -> None:
         self.registry = registry
+        self._budget = budget
         self._conversations = conversations
         self._personalities = personalities
         self._settings = settings
@@ -87,6 +97,9 @@ class BuiltinCommands:
                 await conversations.say(key, fresh, notices.started)
                 await conversations.commit(fresh)
         elif name == "reset":
+            if not await self._may_reset(key, message):
+                await say(key, notices.reset_not_yours, consumed=message)
+                return
             current = conversations.live.get(key)
             if current is not None and current.app is not None:
                 await current.app.memory.clear()
@@ -96,6 +109,8 @@ class BuiltinCommands:
             await self._switch_mode(key, call)
         elif name == "help":
             await say(key, self._help(key), consumed=message)
+        elif name == "usage":
+            await say(key, await self._usage(message), consumed=message)
         elif name == "retry":
             live = await conversations.load(key)
             if live is None or not await conversations.rewind(key, live, message):
@@ -106,6 +121,55 @@ class BuiltinCommands:
             await say(key, text, consumed=message)
         else:
             await say(key, notices.unknown_command.format(command=name), consumed=message)
+
+    async def _may_reset(self, key: ChannelKey, message: IncomingMessage) -> bool:
+        """Whoever started the conversation may reset it, and so may admins (the
+        operator's ``Limits.admins``, the chat's own admins as the platform says)."""
+        live = await self._conversations.load(key)
+        if live is None:
+            return True
+        if live.app is not None:
+            starter = live.app.context.author_id
+        else:
+            starter = str(live.context.get("author_id") or "")
+        user = message.author_id
+        if not starter or user == starter:
+            return True
+        if self._settings.limits.is_admin(key.platform, user):
+            return True
+        try:
+            return await self._conversations.sender.is_admin(key, user)
+        except Exception as exc:  # the platform could not say: not an admin, this time
+            _log.warning("channel %s: could not learn whether %s is an admin: %s", key, user, exc)
+            return False
+
+    async def _usage(self, message: IncomingMessage) -> str:
+        """``/usage``: the sender's tokens today and over the last 7 days."""
+        conversations, notices = self._conversations, self._settings.notices
+        platform, user = message.key.platform, message.author_id
+        now = conversations.clock()
+        today = utc_day(now)
+        try:
+            days = await conversations.store.usage(platform, user, utc_day(now - 6 * 86_400))
+        except Exception as exc:
+            raise InfrastructureError(f"reading the usage of {user} failed") from exc
+        mine = [d for d in days if d.day == today]
+        text = notices.usage.format(
+            today=sum(d.tokens for d in mine),
+            prompt=sum(d.prompt_tokens for d in mine),
+            completion=sum(d.completion_tokens for d in mine),
+            calls=sum(d.generations for d in mine),
+            week=sum(d.tokens for d in days),
+        )
+        budget = self._budget
+        if budget is not None:
+            spent = max(await budget.spent(platform, user), sum(d.tokens for d in mine))
+            text += "\n" + notices.usage_budget.format(
+                limit=budget.per_day,
+                left=max(0, budget.per_day - spent),
+                renews=duration(budget.renews_in()),
+            )
+        return text
 
     def _help(self, key: ChannelKey) -> str:
         template = self._personalities.of(key)

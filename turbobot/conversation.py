@@ -24,7 +24,7 @@ from typing import Any
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.clock import TimerHandle
 from turbobot.codec import count
-from turbobot.delivery import FAILED, BaseSender, Outbox
+from turbobot.delivery import FAILED, BaseSender, Outbox, answering
 from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM
@@ -38,8 +38,10 @@ from turbobot.store import (
     ConversationStatus,
     OutgoingRecord,
     StepWrite,
+    TokenUsage,
     TranscriptLine,
     new_id,
+    utc_day,
 )
 from turbobot.template import INTERRUPTED, App, AssistantStream
 
@@ -71,6 +73,8 @@ def _refusal(exc: LLMError) -> str | None:
 
 #: a live conversation's journal: the entries are in the store (shared, never changed)
 _NO_JOURNAL: list[JournalEntry] = []
+#: journal entries that record a call of the model (their value may hold its "usage")
+_MODEL_CALLS = frozenset({"generate", "summary"})
 #: stands for a context already stored with its conversation (one shared empty dict,
 #: never changed: a new one per conversation would cost 64 bytes each)
 _STORED_CONTEXT: dict[str, Any] = {}
@@ -115,6 +119,7 @@ class Conversations:
         clock: Callable[[], float],
         call_later: Callable[..., TimerHandle],
         wake: Callable[[ChannelKey], None],
+        on_usage: Callable[[TokenUsage], None] | None = None,
     ) -> None:
         self.personalities = personalities
         self.llm = llm
@@ -125,6 +130,8 @@ class Conversations:
         self.clock = clock
         self._call_later = call_later
         self._wake = wake
+        #: told the tokens each written step used (the token budgets)
+        self._on_usage = on_usage
         # insertion order = least recently used first (a plain dict is half an OrderedDict)
         self.live: dict[ChannelKey, Live] = {}
         #: channels with an active conversation in the store but not in RAM (a live one
@@ -446,6 +453,8 @@ class Conversations:
             # memory window, not its whole history (the store has the journal).
             app.forget_journal()
             live.journal = _NO_JOURNAL
+            if step.journal:
+                self._count_usage(live, app, step)
         if state or step.journal or step.transcript or step.new_conversation:
             step.record = live
         else:
@@ -456,6 +465,29 @@ class Conversations:
             live.context = _STORED_CONTEXT
         if wait:
             await self.flush()
+
+    def _count_usage(self, live: Live, app: App, step: StepWrite) -> None:
+        """Add the tokens of the step's model calls to its user's day (``step.usage``).
+
+        The user is the one whose message is being answered, else (a deadline, a
+        resumed step) the one who started the conversation.
+        """
+        prompt = completion = calls = 0
+        for entry in step.journal:
+            if entry.kind in _MODEL_CALLS:
+                calls += 1
+                reported = entry.value.get("usage") if type(entry.value) is dict else None
+                if reported:
+                    prompt += count(reported[0]) or 0
+                    completion += count(reported[1]) or 0
+        if not calls:
+            return
+        message = answering.get()
+        user = message.author_id if message is not None else app.context.author_id
+        used = TokenUsage(live.key.platform, user, utc_day(self.clock()), prompt, completion, calls)
+        step.usage.append(used)
+        if self._on_usage is not None:
+            self._on_usage(used)
 
     async def write(self, step: StepWrite) -> None:
         try:

@@ -62,6 +62,11 @@ class BaseSender(ABC):
     async def typing(self, key: ChannelKey) -> None:  # noqa: B027 - optional hook
         """Show that the bot is working (called every few seconds while it is)."""
 
+    async def is_admin(self, key: ChannelKey, user_id: str) -> bool:
+        """Whether ``user_id`` administers the chat ``key`` is in (may ``/reset`` the
+        conversation someone else started there). The default: no one is."""
+        return False
+
     async def handled(self, message: IncomingMessage) -> None:  # noqa: B027 - optional hook
         """``message`` is dealt with: every reply it asked for was sent (or kept).
 

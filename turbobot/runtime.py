@@ -44,10 +44,10 @@ from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.clock import Clock, SystemClock, TimerHandle
 from turbobot.codec import unwritable, writable_text
 from turbobot.commands import CommandRegistry, parse_command
-from turbobot.control import BuiltinCommands
+from turbobot.control import GENERATING, BuiltinCommands
 from turbobot.conversation import Conversations, InfrastructureError
 from turbobot.delivery import BaseSender, Outbox, answering
-from turbobot.limits import RateLimiter
+from turbobot.limits import RateLimiter, TokenBudget, duration
 from turbobot.llm.base import LLM
 from turbobot.modes import Personalities
 from turbobot.scheduler import ChannelWorkers
@@ -131,6 +131,13 @@ class Runtime:
             wake=self._wake_unless_closed,
             call_later=self._call_later,
         )
+        limits = self.settings.limits
+        #: the token budgets (None: none; see turbobot.limits)
+        self._budget = (
+            TokenBudget(limits.tokens_per_day, self.store.usage, self.clock)
+            if limits.tokens_per_day is not None
+            else None
+        )
         #: the conversations and their steps (turbobot.conversation)
         self.conversations = Conversations(
             self.personalities,
@@ -142,9 +149,10 @@ class Runtime:
             clock=self.clock,
             call_later=self._call_later,
             wake=self._wake,
+            on_usage=self._budget.spend if self._budget is not None else None,
         )
         self._commands = BuiltinCommands(
-            self.commands, self.conversations, self.personalities, self.settings
+            self.commands, self.conversations, self.personalities, self.settings, self._budget
         )
         #: channels whose RAM queue is rebuilt from the store's inbox before their next try
         self._reload: set[ChannelKey] = set()
@@ -152,7 +160,6 @@ class Runtime:
         self._told: set[tuple[ChannelKey, str]] = set()
         #: channels to try again after an infrastructure error, and how often they failed
         self._retries: dict[ChannelKey, int] = {}
-        limits = self.settings.limits
         #: per-user token buckets (None: no rate limit)
         self._rates = (
             RateLimiter(limits.per_minute, limits.burst, self.clock)
@@ -623,6 +630,23 @@ class Runtime:
                 _log.debug("channel %s: the sender's handled() failed: %s", key, exc)
         return handled
 
+    async def _over_budget(self, key: ChannelKey, message: IncomingMessage) -> bool:
+        """If the author used today's tokens: say so, use the message up, ``True``."""
+        budget = self._budget
+        if budget is None:
+            return False
+        try:
+            exhausted = await budget.exhausted(key.platform, message.author_id)
+        except Exception as exc:
+            raise InfrastructureError(f"reading the usage of {message.author_id} failed") from exc
+        if not exhausted:
+            return False
+        text = self.settings.notices.over_budget.format(
+            limit=budget.per_day, renews=duration(budget.renews_in())
+        )
+        await self.conversations.send_standalone(key, text, consumed=message)
+        return True
+
     async def _handle_message(self, key: ChannelKey, message: IncomingMessage) -> bool:
         conversations = self.conversations
         if self.personalities and not (
@@ -635,7 +659,8 @@ class Runtime:
                 raise InfrastructureError(f"reading the conversations of {key} failed") from exc
         call = self._commands.parse(message)
         if call is not None:
-            await self._commands.run(key, call)
+            if call.name not in GENERATING or not await self._over_budget(key, message):
+                await self._commands.run(key, call)
             return True
         notices = self.settings.notices
         admission = self._admission_notice(message)
@@ -647,6 +672,8 @@ class Runtime:
             # Media without a caption: nothing for a template to read. The message
             # stays stored (in the inbox, with its attachments); it is answered, not used.
             await conversations.send_standalone(key, notices.text_only, consumed=message)
+            return True
+        if await self._over_budget(key, message):
             return True
         loaded = await conversations.load(key)
         if loaded is None:

@@ -65,6 +65,21 @@ class Notices:
         "You are sending messages faster than I can answer. I will answer them in order; "
         "the next in about {seconds:.0f} s."
     )
+    #: instead of an answer, to a user who used today's ``Limits.tokens_per_day``
+    over_budget: str = (
+        "You have used your {limit:,} tokens for today, so I cannot answer until the "
+        "budget renews at 00:00 UTC (in {renews}). /usage shows your use."
+    )
+    #: the answer to /usage (a ``usage_budget`` line follows when there is a budget)
+    usage: str = (
+        "Your use today (UTC): {today:,} tokens ({prompt:,} prompt, {completion:,} "
+        "completion) in {calls:,} model calls. Last 7 days: {week:,} tokens."
+    )
+    usage_budget: str = "Daily budget: {limit:,} tokens; {left:,} left, renewed in {renews}."
+    #: to someone who sent /reset in a shared chat whose conversation another started
+    reset_not_yours: str = (
+        "Only the person who started this conversation, or an admin of this chat, can reset it."
+    )
     #: sent before the answer to a message holding characters no store or model takes
     unreadable: str = (
         "Part of your message could not be read (invalid or control characters); "

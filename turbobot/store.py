@@ -42,8 +42,10 @@ __all__ = [
     "OutgoingRecord",
     "Recovery",
     "StepWrite",
+    "TokenUsage",
     "TranscriptLine",
     "new_id",
+    "utc_day",
 ]
 
 #: ``running``: between inputs; ``waiting``: at a GetUserInput; the others are final
@@ -56,6 +58,11 @@ _counter = itertools.count()
 
 
 _RANDOM = os.urandom(4).hex()
+
+
+def utc_day(epoch: float) -> str:
+    """The UTC day of ``epoch`` as ``YYYY-MM-DD`` (token budgets renew at 00:00 UTC)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch))
 
 
 def new_id() -> str:
@@ -119,6 +126,37 @@ class TranscriptLine:
     message_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """The tokens the model reported for one user's requests on one UTC day.
+
+    Counted from the generations a step journaled (tool rounds, summaries and
+    ``Generate(forward=False)`` included), when the step is written; a generation
+    interrupted by a crash before its step was written is not counted.
+    """
+
+    platform: str
+    user_id: str
+    #: ``YYYY-MM-DD``, UTC (see :func:`utc_day`)
+    day: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: model calls made (those whose server reported no usage included)
+    generations: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return replace(
+            self,
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            generations=self.generations + other.generations,
+        )
+
+
 @dataclass(slots=True)
 class OutgoingRecord:
     """A reply recorded before it is sent; ``platform_id`` is set once it was sent."""
@@ -157,6 +195,8 @@ class StepWrite:
     outgoing: list[OutgoingRecord] = field(default_factory=list)
     #: replies that were sent: (outgoing id, platform id)
     sent: list[tuple[str, str | None]] = field(default_factory=list)
+    #: tokens the step's generations used, added to the user's day
+    usage: list[TokenUsage] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -265,6 +305,11 @@ class BaseStore(ABC):
     async def transcript(self, key: ChannelKey) -> list[TranscriptLine]:
         """Every transcript line of the channel, across its conversations, in order."""
 
+    @abstractmethod
+    async def usage(self, platform: str, user_id: str, since: str) -> list[TokenUsage]:
+        """The user's token use per UTC day, from day ``since`` (``YYYY-MM-DD``) on,
+        oldest first; days without use are left out."""
+
 
 class InMemoryStore(BaseStore):
     """A store in RAM: nothing survives the process. Steps apply at once.
@@ -283,6 +328,7 @@ class InMemoryStore(BaseStore):
         self._active: dict[tuple[ChannelKey, str], str] = {}
         self._transcript: dict[ChannelKey, list[TranscriptLine]] = {}
         self._outbox: dict[str, OutgoingRecord] = {}
+        self._usage: dict[tuple[str, str, str], TokenUsage] = {}
 
     async def add_incoming(self, message: IncomingMessage) -> int | None:
         seen = (message.key, message.message_id)
@@ -324,6 +370,10 @@ class InMemoryStore(BaseStore):
             self._outbox[outgoing.id] = replace(outgoing)
         for outgoing_id, _platform_id in step.sent:
             self._outbox.pop(outgoing_id, None)
+        for used in step.usage:
+            day = (used.platform, used.user_id, used.day)
+            known = self._usage.get(day)
+            self._usage[day] = used if known is None else known + used
 
     async def flush(self) -> None:
         return None
@@ -376,3 +426,13 @@ class InMemoryStore(BaseStore):
 
     async def transcript(self, key: ChannelKey) -> list[TranscriptLine]:
         return list(self._transcript.get(key, ()))
+
+    async def usage(self, platform: str, user_id: str, since: str) -> list[TokenUsage]:
+        return sorted(
+            (
+                used
+                for (p, u, day), used in self._usage.items()
+                if p == platform and u == user_id and day >= since
+            ),
+            key=lambda used: used.day,
+        )

@@ -901,7 +901,10 @@ class App:
         )
         response = await self.llm.complete(request)
         text = response.content.strip()
-        self._record("summary", {"upto": plan.upto, "text": text})
+        summary: dict[str, Any] = {"upto": plan.upto, "text": text}
+        if response.usage is not None:  # counted in the user's token use
+            summary["usage"] = [response.usage.prompt_tokens, response.usage.completion_tokens]
+        self._record("summary", summary)
         memory.fold(plan.upto, text)
 
     async def _complete(

@@ -327,6 +327,9 @@ class FakeTelegram:
         """Messages built by :meth:`message` per chat, by message_id."""
         self.drafts: list[Draft] = []
         self.chats: dict[int, dict[str, Any]] = {}
+        self.admins: dict[int, dict[int, str]] = {}
+        """Per chat, its owner ("creator") and "administrator"s; getChatMember says "member"
+        for everyone else (the user in a private chat is its owner)."""
         self.files: dict[str, FakeFile] = {}
         self.commands: list[dict[str, Any]] = []
         self.webhook: Webhook | None = None
@@ -355,6 +358,7 @@ class FakeTelegram:
             "getMyCommands": lambda params: self.commands,
             "deleteMyCommands": self._delete_my_commands,
             "getFile": self._get_file,
+            "getChatMember": self._get_chat_member,
         }
         self._next_update_id = 1
         self._next_message_id: dict[int, int] = {}
@@ -1063,6 +1067,24 @@ class FakeTelegram:
         self.commands = []
         return True
 
+    def _get_chat_member(self, params: dict[str, Any]) -> dict[str, Any]:
+        chat_id = self._chat_id(params)
+        try:
+            user_id = int(params.get("user_id", ""))
+        except ValueError:
+            raise ApiError(400, "Bad Request: invalid user_id specified") from None
+        status = self.admins.get(chat_id, {}).get(user_id)
+        if status is None:
+            status = "creator" if chat_id == user_id else "member"
+        member: dict[str, Any] = {"status": status, "user": self.user(user_id)}
+        if status == "creator":
+            member["is_anonymous"] = False
+        elif status == "administrator":
+            member["is_anonymous"] = False
+            for right in _ADMIN_RIGHTS:
+                member[right] = True
+        return member
+
     def _get_file(self, params: dict[str, Any]) -> dict[str, Any]:
         fake = self.files.get(str(params.get("file_id")))
         if fake is None:
@@ -1764,3 +1786,19 @@ def parse_markdown(text: str) -> tuple[str, list[dict[str, Any]]]:
             out.add(char)
             i += 1
     return _finish(out, entities)
+
+
+#: the rights getChatMember lists for an administrator
+_ADMIN_RIGHTS = (
+    "can_be_edited",
+    "can_manage_chat",
+    "can_delete_messages",
+    "can_manage_video_chats",
+    "can_restrict_members",
+    "can_promote_members",
+    "can_change_info",
+    "can_invite_users",
+    "can_post_stories",
+    "can_edit_stories",
+    "can_delete_stories",
+)

@@ -506,6 +506,7 @@ class DiscordAdapter(BaseSender):
             reply_to=str(message.reference.message_id)
             if message.reference is not None and message.reference.message_id
             else None,
+            guild=_guild_of(message),
         )
 
     def command_message(self, interaction: discord.Interaction) -> IncomingMessage | None:
@@ -531,6 +532,7 @@ class DiscordAdapter(BaseSender):
             author_id=str(user.id),
             author_name=user.display_name,
             timestamp=interaction.created_at.timestamp(),
+            guild=None if interaction.guild_id is None else str(interaction.guild_id),
         )
 
     def _is_command(self, text: str) -> bool:
@@ -640,6 +642,16 @@ class DiscordAdapter(BaseSender):
                 shown = await self._retrying(post)
                 ids.append(str(shown.id))
         return platform_id(ids)
+
+    async def is_admin(self, key: ChannelKey, user_id: str) -> bool:
+        """Members with the Administrator permission (the server's owner has it), in
+        the server the channel belongs to; no one in direct messages."""
+        channel = self.client.get_channel(int(key.channel))
+        guild = getattr(channel, "guild", None)
+        if not isinstance(guild, discord.Guild):
+            return False
+        member = guild.get_member(int(user_id)) or await guild.fetch_member(int(user_id))
+        return member.guild_permissions.administrator
 
     async def typing(self, key: ChannelKey) -> None:
         asked = answering.get()
@@ -969,3 +981,11 @@ async def run_platform(launch: Launch) -> None:
     """``turbobot run --platform discord``: the gateway, until SIGINT/SIGTERM."""
     adapter = DiscordAdapter(settings_from(launch))
     await serve(launch, adapter, "{username} (Discord)")
+
+
+def _guild_of(message: discord.Message) -> str | None:
+    """The server ``message`` was sent in (for the guild allowlist), if any."""
+    guild_id = message.guild.id if message.guild is not None else None
+    if guild_id is None:
+        guild_id = getattr(message.channel, "guild_id", None)
+    return None if guild_id is None else str(guild_id)

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 os.environ.setdefault("PTB_TIMEDELTA", "true")
 
 try:
-    from telegram import Bot, Message, MessageEntity, Update
+    from telegram import Bot, ChatMember, Message, MessageEntity, Update
     from telegram.constants import ChatAction, ChatType, MessageEntityType
     from telegram.error import (
         BadRequest,
@@ -505,6 +505,13 @@ class TelegramAdapter(BaseSender):
         with _undeliverable():
             ids = [await self._send_part(chat_id, thread, part) for part in _parts(text)]
         return platform_id(ids)
+
+    async def is_admin(self, key: ChannelKey, user_id: str) -> bool:
+        """The chat's owner and administrators, as ``getChatMember`` says (asked only
+        when someone other than a conversation's starter sends ``/reset``)."""
+        chat_id, _ = self._target(key)
+        member = await self.bot.get_chat_member(chat_id, int(user_id))
+        return member.status in (ChatMember.OWNER, ChatMember.ADMINISTRATOR)
 
     async def typing(self, key: ChannelKey) -> None:
         chat_id, thread = self._target(key)

@@ -17,7 +17,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-__all__ = ["conversations", "inbox", "journal", "messages", "metadata", "outbox"]
+__all__ = ["conversations", "inbox", "journal", "messages", "metadata", "outbox", "usage"]
 
 metadata = MetaData(
     naming_convention={
@@ -111,4 +111,18 @@ outbox = Table(
     Column("platform_id", String(128), nullable=True),
     Column("sent_at", Float, nullable=True),
     Index(None, "sent", "id"),
+)
+
+#: tokens per user per UTC day (the token budgets and /usage; see docs/architecture.md,
+#: "Abuse limits"), added to by each step that generated
+usage = Table(
+    "usage",
+    metadata,
+    Column("platform", String(32), primary_key=True),
+    Column("user_id", String(128), primary_key=True),
+    #: YYYY-MM-DD, UTC
+    Column("day", String(10), primary_key=True),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("generations", Integer, nullable=False),
 )

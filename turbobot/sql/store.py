@@ -51,7 +51,7 @@ from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.codec import count, to_json, unwritable, writable_text
 from turbobot.exceptions import ConfigurationError
 from turbobot.journal import JournalEntry
-from turbobot.sql.schema import conversations, inbox, journal, messages, outbox
+from turbobot.sql.schema import conversations, inbox, journal, messages, outbox, usage
 from turbobot.store import (
     FINAL_STATUSES,
     BaseStore,
@@ -61,6 +61,7 @@ from turbobot.store import (
     OutgoingRecord,
     Recovery,
     StepWrite,
+    TokenUsage,
     TranscriptLine,
 )
 
@@ -191,6 +192,8 @@ class _Op:
     outgoing: _Rows = field(default_factory=lambda: _NONE)
     sent: _Rows = field(default_factory=lambda: _NONE)
     consumed: _Rows = field(default_factory=lambda: _NONE)
+    #: tokens to add: (platform, user id, day, prompt, completion, generations)
+    usage: _Rows = field(default_factory=lambda: _NONE)
     #: why the database refused this operation (it was dropped)
     failure: BaseException | None = None
     #: for a page of incoming messages: the positions of the rows that were refused
@@ -231,6 +234,8 @@ class _Merged:
     outgoing: _Rows
     sent: _Rows
     consumed: _Rows
+    #: one row per user and day (an upsert may not touch a row twice in one statement)
+    usage: _Rows
 
     @classmethod
     def of(cls, ops: Sequence[_Op]) -> _Merged:
@@ -246,8 +251,9 @@ class _Merged:
                 op.outgoing,
                 op.sent,
                 op.consumed,
+                _summed(op.usage) if len(op.usage) > 1 else op.usage,
             )
-        merged = cls([], [], [], [], [], [], [], [], [])
+        merged = cls([], [], [], [], [], [], [], [], [], [])
         states: dict[str, tuple[Any, ...]] = {}
         for op in ops:
             if op.incoming:
@@ -268,8 +274,27 @@ class _Merged:
                 merged.sent += op.sent
             if op.consumed:
                 merged.consumed += op.consumed
+            if op.usage:
+                merged.usage += op.usage
         merged.conversation_states = list(states.values())
+        if len(merged.usage) > 1:
+            merged.usage = _summed(merged.usage)
         return merged
+
+
+def _total(value: int) -> int:
+    """A usage count as a BIGINT column takes it (what is not a count is 0)."""
+    return value if type(value) is int and 0 <= value < 2**62 else 0
+
+
+def _summed(rows: _Rows) -> _Rows:
+    """Usage rows added up per (platform, user, day)."""
+    sums: dict[tuple[Any, ...], list[int]] = {}
+    for platform, user_id, day, *counts in rows:
+        total = sums.setdefault((platform, user_id, day), [0, 0, 0])
+        for i, value in enumerate(counts):
+            total[i] += value
+    return [(*day, *counts) for day, counts in sums.items()]
 
 
 # Column orders of the rows above; each statement is checked against its order once.
@@ -281,6 +306,7 @@ _MESSAGE_ROW = tuple(c.name for c in messages.c if c.name != "id")
 _OUTBOX_ROW = ("id", "channel", "text", "created_at", "sent")
 _SENT_ROW = ("b_platform_id", "b_sent_at", "b_id")
 _CONSUMED_ROW = ("b_channel", "b_message_id")
+_USAGE_ROW = tuple(c.name for c in usage.c)
 
 
 class SQLStore(BaseStore):
@@ -504,6 +530,18 @@ class SQLStore(BaseStore):
             ]
             if not op.channel:
                 op.channel = op.consumed[0][0]
+        if step.usage:
+            op.usage = [
+                (
+                    writable_text(used.platform),
+                    writable_text(used.user_id),
+                    used.day,
+                    _total(used.prompt_tokens),
+                    _total(used.completion_tokens),
+                    _total(used.generations),
+                )
+                for used in step.usage
+            ]
         self._batch.ops.append(op)
         self._queued()
 
@@ -659,6 +697,7 @@ class SQLStore(BaseStore):
                 (prepared.outgoing, batch.outgoing),
                 (prepared.sent, batch.sent),
                 (prepared.consumed, batch.consumed),
+                (prepared.usage, batch.usage),
             )
             if rows
         ]
@@ -908,6 +947,28 @@ class SQLStore(BaseStore):
                 for r in await conn.execute(query)
             ]
 
+    async def usage(self, platform: str, user_id: str, since: str) -> list[TokenUsage]:
+        await self.flush()
+        query = (
+            select(usage)
+            .where(usage.c.platform == platform)
+            .where(usage.c.user_id == user_id)
+            .where(usage.c.day >= since)
+            .order_by(usage.c.day)
+        )
+        async with self._engine().connect() as conn:
+            return [
+                TokenUsage(
+                    r.platform,
+                    r.user_id,
+                    r.day,
+                    int(r.prompt_tokens),
+                    int(r.completion_tokens),
+                    int(r.generations),
+                )
+                for r in await conn.execute(query)
+            ]
+
 
 class _Prepared:
     """A statement compiled once for the engine's dialect, run with plain tuples.
@@ -994,6 +1055,18 @@ class _Statements:
             .values(consumed=true()),
             dialect,
             _CONSUMED_ROW,
+        )
+        added = upsert(usage)
+        self.usage = _Prepared(
+            added.values(_binds(_USAGE_ROW)).on_conflict_do_update(
+                index_elements=["platform", "user_id", "day"],
+                set_={
+                    name: usage.c[name] + added.excluded[name]
+                    for name in ("prompt_tokens", "completion_tokens", "generations")
+                },
+            ),
+            dialect,
+            _USAGE_ROW,
         )
 
 
