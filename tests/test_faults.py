@@ -4,7 +4,8 @@ at a seeded rate, then stop failing.
 The fake OpenAI server answers a share ``FAULT_RATE`` of requests with a fault (a
 request that outlives the client's timeout, a connection reset, 429 with retry-after,
 500, malformed JSON, a stream cut mid-way, a very slow stream); the fake Bot API
-answers a share of sends, drafts, typing indicators and polls with 429 or 5xx. Each
+answers a share of sends, drafts, typing indicators and polls with 429 or 5xx, drops
+the connection, or (sends) carries the call out but answers too late. Each
 chat's user sends their next message once the bot answered their last one (with a
 reply or an apology), as people do. Then the faults stop; every conversation must
 finish: each input in the transcript once, in order, and every message the bot sent
@@ -29,7 +30,7 @@ import pytest
 
 from tests import crash_bot as bot
 from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.fakes.telegram_server import FakeTelegram
+from tests.fakes.telegram_server import DISCONNECT, TIMEOUT, FakeTelegram
 from tests.test_crash import API_KEY, SEED, Run, answer, assert_no_secrets, bot_env
 from turbobot import ChannelKey
 from turbobot.runtime import Notices
@@ -46,11 +47,15 @@ APOLOGY = Notices().apology
 
 LLM_FAULTS = ("timeout", "reset", "429", "500", "malformed", "cut", "slow")
 PLATFORM_FAULTS = {
-    "sendMessage": (429, 502),
-    "sendMessageDraft": (500,),
+    # TIMEOUT: sent, but answered after the client gave up (PTB waits 5 s): it sends
+    # again, and the user sees the reply twice (at-least-once replies, see the README)
+    "sendMessage": (429, 502, DISCONNECT, TIMEOUT),
+    "sendMessageDraft": (500, DISCONNECT),
     "sendChatAction": (500,),
-    "getUpdates": (502,),
+    "getUpdates": (502, DISCONNECT),
 }
+#: seconds a TIMEOUT answer is held back: longer than PTB's 5 s read timeout
+PLATFORM_TIMEOUT = 6.0
 
 
 class FaultyModel:
@@ -107,6 +112,7 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
                 telegram.fail(
                     method,
                     status=status,
+                    delay=PLATFORM_TIMEOUT,
                     times=None,
                     when=lambda params, share=share: rng.random() < share,
                 )
@@ -189,7 +195,8 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
             apologies += shown.count(APOLOGY)
     finally:
         await store.aclose()
-    hits = {f"{f.method} {f.status}": f.hits for f in platform_faults}
+    kinds = {DISCONNECT: "disconnect", TIMEOUT: "timeout"}
+    hits = {f"{f.method} {kinds.get(f.status, f.status)}": f.hits for f in platform_faults}
     print(
         f"\nfaults ({CHATS} chats, rate {RATE}, seed {SEED}): model {dict(model.injected)}; "
         f"platform {hits}; {sum(len(s) for s in said.values())} inputs, 0 lost; "

@@ -241,9 +241,15 @@ class Draft:
     time: float
 
 
+#: :meth:`FakeTelegram.fail` statuses that are not HTTP answers
+DISCONNECT = -1
+TIMEOUT = -2
+
+
 @dataclass
 class Fault:
-    """An injected error, see :meth:`FakeTelegram.fail`."""
+    """An injected error, see :meth:`FakeTelegram.fail`: an HTTP status, or
+    :data:`DISCONNECT` or :data:`TIMEOUT`."""
 
     method: str
     status: int
@@ -252,6 +258,8 @@ class Fault:
     parameters: dict[str, Any] | None = None
     when: Callable[[dict[str, Any]], bool] | None = None
     hits: int = 0
+    #: for TIMEOUT: seconds the answer is held back
+    delay: float = 0.0
 
     def matches(self, method: str, params: dict[str, Any]) -> bool:
         if self.method != "*" and self.method.lower() != method.lower():
@@ -494,6 +502,7 @@ class FakeTelegram:
         method: str,
         *,
         status: int = 400,
+        delay: float = 0.0,
         description: str | None = None,
         times: int | None = 1,
         retry_after: int | None = None,
@@ -502,7 +511,16 @@ class FakeTelegram:
     ) -> Fault:
         """The next ``times`` calls of ``method`` ("*" for any; ``times=None`` for ever)
         for which ``when(params)`` holds answer ``status``. A 429 carries
-        ``parameters.retry_after`` (default 1 s)."""
+        ``parameters.retry_after`` (default 1 s).
+
+        ``status=DISCONNECT``: the connection is closed before anything is done (the
+        client sees a reset). ``status=TIMEOUT``: the call is carried out, then its
+        answer waits ``delay`` seconds, longer than the client waits: the client cannot
+        tell whether it went through (a message it sends again is shown twice)."""
+        if status in (DISCONNECT, TIMEOUT):
+            fault = Fault(method, status, "", times, None, when, delay=delay)
+            self.faults.append(fault)
+            return fault
         params = dict(parameters or {})
         if status == 429:
             retry_after = 1 if retry_after is None else retry_after
@@ -734,11 +752,20 @@ class FakeTelegram:
                 raise ApiError(404, "Not Found")
             if self.latency and _is_sending(handler_name):
                 await asyncio.sleep(self.latency)
-            self._inject_fault(handler_name, params)
+            held = self._inject_fault(handler_name, params)
+            if held is not None and held.status == DISCONNECT:
+                call.status = DISCONNECT
+                if request.transport is not None:
+                    request.transport.abort()  # a reset: no answer at all
+                return web.Response(status=204)
             self._check_pace(handler_name, params, call.time)
             result = self._handlers[handler_name](params)
             if inspect.isawaitable(result):
                 result = await result
+            if held is not None:  # TIMEOUT: done, but the answer comes too late
+                call.status, call.result = TIMEOUT, result
+                self._notify()
+                await asyncio.sleep(held.delay)
         except ApiError as exc:
             call.status, call.description = exc.status, exc.description
             self._notify()
@@ -768,7 +795,8 @@ class FakeTelegram:
             {"ok": False, "error_code": 404, "description": "Not Found"}, status=404
         )
 
-    def _inject_fault(self, method: str, params: dict[str, Any]) -> None:
+    def _inject_fault(self, method: str, params: dict[str, Any]) -> Fault | None:
+        """Raises the injected error for this call; returns a DISCONNECT or TIMEOUT fault."""
         for fault in self.faults:
             if fault.matches(method, params):
                 fault.hits += 1
@@ -776,7 +804,10 @@ class FakeTelegram:
                     fault.times -= 1
                     if fault.times <= 0:
                         self.faults.remove(fault)
+                if fault.status in (DISCONNECT, TIMEOUT):
+                    return fault
                 raise ApiError(fault.status, fault.description, fault.parameters)
+        return None
 
     def _check_pace(self, method: str, params: dict[str, Any], now: float) -> None:
         if self._pace is None:
