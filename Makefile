@@ -32,12 +32,13 @@ test: lint postgres  ## lint, type-check and run the whole suite
 quick: install  ## the suite without the slow tests (real local model)
 	$(VENV)/bin/python -m pytest -m "not slow"
 
-# The crash suites at full size (CI runs them reduced: 24 chats, 6 kills, 10 power cuts,
+# The crash suites at full size (CI runs them reduced: 24 chats (16 on Discord), 6 kills, 10 power cuts,
 # 4 kills per database during a schema upgrade); CRASH_SEED
 # picks other kill points.
 crash: install postgres  ## 200 chats, 50 SIGKILLs, on SQLite and PostgreSQL
 	CRASH_CHATS=200 CRASH_KILLS=50 CRASH_POWER_CUTS=50 CRASH_UPGRADE_KILLS=20 CONSOLE_LINES=10000 \
 		$(VENV)/bin/python -m pytest -s -p no:cacheprovider tests/test_crash.py \
+		tests/test_crash_discord.py \
 		tests/test_console.py::test_lines_piped_in_at_once_are_all_answered_in_order_once
 
 bench: install  ## benchmarks (not tests): the two-step workload and durability figures
