@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 
-from tests import crash_bot as bot
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.openai_server import FakeOpenAI
 from tests.test_console import clean_env, spawn_turbobot
@@ -218,8 +217,7 @@ async def test_kills_on_discord_lose_and_repeat_nothing_committed(
                 assert any(line.startswith(text.rstrip(" …")) for line in expected), (user, text)
                 previews += n
     asked = Counter(
-        [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
-        for body in llm.requests
+        [m["content"] for m in body["messages"] if m["role"] == "user"][-1] for body in llm.requests
     )
     print(
         f"\ncrash run on Discord ({store_url.split(':')[0]}): {CHATS} chats, {KILLS} kills, "
