@@ -13,6 +13,9 @@ one of the template's lines, an echo of what the user said, or the apology (a cl
 message, never silence or a traceback). No channel is left stuck, and the process is
 the same one throughout (recovery without a restart).
 
+The same users and checks run on Discord too (in one process, with REST 429s and 5xx
+and dropped gateway connections).
+
 Size: ``FAULT_CHATS`` chats (default 16), ``FAULT_RATE`` (0.2), ``CRASH_SEED``.
 """
 
@@ -35,6 +38,7 @@ from tests.test_crash import API_KEY, SEED, Run, answer, assert_no_secrets, bot_
 from turbobot import ChannelKey
 from turbobot.runtime import Notices
 from turbobot.sql import SQLStore
+from turbobot.template import INTERRUPTED
 
 pytestmark = pytest.mark.slow
 
@@ -204,3 +208,116 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
     )
     assert sum(model.injected.values()) > 0 and sum(hits.values()) > 0
     await assert_no_secrets(store_url, run.log, telegram.token, API_KEY)
+
+
+# -- Discord ----------------------------------------------------------------------------
+
+#: REST faults on sending and editing messages (typing indicators too), by status
+DISCORD_FAULTS = (429, 500, 502)
+
+
+async def test_faults_of_the_model_and_discord_end_well_without_a_restart(tmp_path: Path) -> None:
+    """The same users and checks on Discord, in one process: the model fails as above;
+    Discord answers bursts of 429s and 5xx to sends, edits and typing, and drops the
+    gateway connection (the client resumes and gets what it missed)."""
+    from tests.conftest import fast_llm
+    from tests.fakes.discord_server import FakeDiscord
+    from tests.test_discord import running
+
+    rng = random.Random(SEED)
+    model = FaultyModel(rng)
+    server = FakeOpenAI(model)
+    await server.start()
+    users = [FIRST_CHAT + 500 + i for i in range(CHATS)]
+    said: dict[int, list[str]] = {u: [] for u in users}
+    answered = dict.fromkeys(users, 0)
+    rest_faults: Counter[int] = Counter()
+    drops = 0
+    try:
+        async with (
+            FakeDiscord() as discord,
+            fast_llm(server) as llm,
+            SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as store,
+            running(discord, bot.crash_chat, llm, store) as (_adapter, runtime),
+        ):
+            dms = {u: discord.dm_channel(u) for u in users}
+
+            def shown(user: int) -> list[str]:
+                return [m["content"] for m in discord.messages(dms[user])]
+
+            started = time.monotonic()
+            cleared = False
+            while True:
+                if not cleared:
+                    if rng.random() < 2 * RATE:  # the next 2 such requests fail
+                        status = rng.choice(DISCORD_FAULTS)
+                        discord.fail(
+                            "*", r"/channels/\d+/(messages(/\d+)?|typing)", status=status, times=2
+                        )
+                        rest_faults[status] += 2
+                    if rng.random() < RATE / 2:
+                        await discord.disconnect(1006)  # a dropped TCP connection
+                        drops += 1
+                for user in users:
+                    seen = shown(user)
+                    done = bot.ANYTHING_ELSE in seen or ended(seen)
+                    if not done and (not said[user] or len(seen) > answered[user]):
+                        turn = len(said[user])
+                        text = (
+                            "hi"
+                            if turn == 0
+                            else f"name{user}"
+                            if turn == 1
+                            else f"c{user} m{turn}"
+                        )
+                        await discord.user_message(dms[user], text, user_id=user)
+                        said[user].append(text)
+                        answered[user] = len(seen)
+                finished = [u for u in users if ended(shown(u))]
+                if not cleared and (
+                    len(finished) >= len(users) // 2 or time.monotonic() > started + 60
+                ):
+                    cleared = True
+                    model.rate = 0.0
+                    discord.faults.clear()
+                if len(finished) == len(users):
+                    break
+                if time.monotonic() > started + 240:
+                    stuck = {u: shown(u)[-2:] for u in users if u not in finished}
+                    raise AssertionError(f"chats stuck after the faults cleared: {stuck}")
+                with contextlib.suppress(TimeoutError):
+                    await discord.wait_for(lambda: False, timeout=0.2)
+            await runtime.join()
+            apologies = 0
+            for user in users:
+                key = ChannelKey("discord", str(dms[user]))
+                lines = await store.transcript(key)
+                assert [line.text for line in lines if line.role == "user"] == said[user], user
+                allowed = {
+                    bot.QUESTION,
+                    bot.greeting(f"name{user}"),
+                    *(bot.greeting(text) for text in said[user]),
+                    bot.ANYTHING_ELSE,
+                    bot.TIMED_OUT,
+                    APOLOGY,
+                    *(answer(text) for text in said[user]),
+                    *(f"Goodbye, {text}!" for text in said[user]),
+                }
+                # a stream the model broke off stays on screen, marked (the apology follows)
+                cut = {
+                    text
+                    for text in shown(user)
+                    if text.endswith(INTERRUPTED)
+                    and any(line.startswith(text.removesuffix(INTERRUPTED)) for line in allowed)
+                }
+                assert set(shown(user)) - cut <= allowed, (user, set(shown(user)) - allowed)
+                assert await store.inbox(key) == [], user
+                apologies += shown(user).count(APOLOGY)
+    finally:
+        await server.stop()
+    print(
+        f"\nfaults on Discord ({CHATS} chats, rate {RATE}, seed {SEED}): model "
+        f"{dict(model.injected)}; REST {dict(rest_faults)}; {drops} dropped connections; "
+        f"{sum(len(s) for s in said.values())} inputs, 0 lost; {apologies} apologies"
+    )
+    assert sum(model.injected.values()) > 0 and sum(rest_faults.values()) > 0 and drops > 0
