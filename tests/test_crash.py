@@ -28,7 +28,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,40 @@ def progress(run: Run, chat: int) -> int:
     return seen
 
 
+def assert_redone_only_when_interrupted(
+    llm: FakeOpenAI,
+    kill_times: list[float],
+    shown_at: Callable[[int, str, float], float | None],
+    chats: int,
+) -> int:
+    """The model was asked again for a turn only if a kill fell while it was in flight;
+    returns how many generations were redone.
+
+    A turn is in flight from the request (received by the fake just after a kill if the
+    dying bot had sent it) until its reply is shown in the chat (``shown_at(chat, text,
+    after)``: when ``text`` was first shown there after ``after``) and, a moment later,
+    committed as sent. A turn asked again must have had a kill in that span.
+    """
+    asked: dict[str, list[float]] = {}
+    for index, body in enumerate(llm.requests):
+        last = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        asked.setdefault(last, []).append(llm.request_times[index])
+    for text, tries in asked.items():
+        chat = int(text.split()[0].removeprefix("c"))
+        for start, again in itertools.pairwise(tries):
+            shown = shown_at(chat, answer(text), start)
+            assert any(
+                start - SLACK <= k <= again and (shown is None or k - shown < COMMIT_MOMENT)
+                for k in kill_times
+            ), (
+                f"the model was asked again for {text!r} though no kill interrupted it "
+                f"(asked at {start:.2f}, shown at {shown}, again at {again:.2f}; "
+                f"kills at {[round(k, 2) for k in kill_times]})"
+            )
+    assert len(asked) == chats * bot.TURNS
+    return sum(len(t) - 1 for t in asked.values())
+
+
 async def drive(run: Run, chats: list[int], kills: int, rng: random.Random) -> None:
     """Send each chat's messages as its replies arrive; kill and restart the bot at the
     seeded points (the n-th user message pushed, then r more calls to the fakes)."""
@@ -270,32 +304,11 @@ async def test_kills_at_random_points_lose_and_repeat_nothing(
     finally:
         await store.aclose()
 
-    # The model was asked again for a turn only if a kill fell while it was in flight.
-    # A turn is in flight from the request (received by the fake just after a kill if
-    # the dying bot had sent it) until its reply is shown in the chat and, a moment
-    # later, committed as sent. A turn asked again must have had a kill in that span.
     def shown_at(chat: int, text: str, after: float) -> float | None:
         times = [m.sent_at for m in telegram.sent(chat) if m.plain == text and m.sent_at >= after]
         return min(times, default=None)
 
-    asked: dict[str, list[float]] = {}
-    for index, body in enumerate(llm.requests):
-        last = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
-        asked.setdefault(last, []).append(llm.request_times[index])
-    for text, tries in asked.items():
-        chat = int(text.split()[0].removeprefix("c"))
-        for start, again in itertools.pairwise(tries):
-            shown = shown_at(chat, answer(text), start)
-            assert any(
-                start - SLACK <= k <= again and (shown is None or k - shown < COMMIT_MOMENT)
-                for k in run.kill_times
-            ), (
-                f"the model was asked again for {text!r} though no kill interrupted it "
-                f"(asked at {start:.2f}, shown at {shown}, again at {again:.2f}; "
-                f"kills at {[round(k, 2) for k in run.kill_times]})"
-            )
-    extra_calls = sum(len(t) - 1 for t in asked.values())
-    assert len(asked) == CHATS * bot.TURNS
+    extra_calls = assert_redone_only_when_interrupted(llm, run.kill_times, shown_at, CHATS)
 
     # Every reply reached its chat; count those shown twice.
     duplicates = 0

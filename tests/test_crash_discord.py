@@ -37,6 +37,7 @@ from tests.test_crash import (
     KILLS,
     SEED,
     assert_no_secrets,
+    assert_redone_only_when_interrupted,
     bot_lines,
     stream_reply,
     transcript,
@@ -216,14 +217,26 @@ async def test_kills_on_discord_lose_and_repeat_nothing_committed(
             else:  # a streamed reply's preview, left by a killed process
                 assert any(line.startswith(text.rstrip(" …")) for line in expected), (user, text)
                 previews += n
-    asked = Counter(
-        [m["content"] for m in body["messages"] if m["role"] == "user"][-1] for body in llm.requests
-    )
+
+    def shown_at(user: int, text: str, after: float) -> float | None:
+        """When ``text`` was first on screen in the user's DM: posted whole, or the edit
+        that completed a streamed preview."""
+        channel = discord.dm_channel(user)
+        posted = [
+            call.at
+            for call in discord.calls_to("POST", f"/channels/{channel}/messages")
+            if call.status == 200 and (call.body or {}).get("content") == text
+        ]
+        mine = {int(m["id"]) for m in discord.messages(channel)}
+        edited = [edit.at for edit in discord.edits if edit[0] in mine and edit[1] == text]
+        return min((t for t in posted + edited if t >= after), default=None)
+
+    redone = assert_redone_only_when_interrupted(llm, run.kill_times, shown_at, CHATS)
     print(
         f"\ncrash run on Discord ({store_url.split(':')[0]}): {CHATS} chats, {KILLS} kills, "
         f"seed {SEED}: {sum(len(user_messages(u)) for u in users)} inputs, 0 lost, 0 "
         f"processed twice; {resent} sent again (never committed by a killed process); "
-        f"{sum(asked.values()) - len(asked)} generations redone; {duplicates} replies shown "
+        f"{redone} generations redone after a kill; {duplicates} replies shown "
         f"twice; {previews} previews left"
     )
     await assert_no_secrets(store_url, run.log, discord.token, API_KEY)
