@@ -92,6 +92,29 @@ class FaultyModel:
         return Reply(content=content, chunk_delay=0.3)  # slow: ~2 s for an answer
 
 
+def next_message(chat: int, turn: int) -> str:
+    """What the user of ``chat`` sends as their ``turn``-th message."""
+    return "hi" if turn == 0 else f"name{chat}" if turn == 1 else f"c{chat} m{turn}"
+
+
+def allowed_lines(chat: int, said: list[str]) -> set[str]:
+    """Every line the bot may show in ``chat`` after the user said ``said``.
+
+    (A user who writes while a retried answer is on its way may end the conversation
+    early and start another: also fine, as long as every line is one of these.)
+    """
+    return {
+        bot.QUESTION,
+        bot.greeting(f"name{chat}"),
+        *(bot.greeting(text) for text in said),
+        bot.ANYTHING_ELSE,
+        bot.TIMED_OUT,
+        APOLOGY,
+        *(answer(text) for text in said),
+        *(f"Goodbye, {text}!" for text in said),
+    }
+
+
 def ended(shown: list[str]) -> bool:
     """The conversation's last line is on screen: the timeout's, or the goodbye to a
     message sent before (or just after) "Anything else?" was shown."""
@@ -137,8 +160,7 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
                 shown = telegram.texts(chat, plain=True)
                 done = bot.ANYTHING_ELSE in shown or ended(shown)
                 if not done and (not said[chat] or len(shown) > answered[chat]):
-                    turn = len(said[chat])
-                    text = "hi" if turn == 0 else f"name{chat}" if turn == 1 else f"c{chat} m{turn}"
+                    text = next_message(chat, len(said[chat]))
                     telegram.message(chat, text)
                     said[chat].append(text)
                     answered[chat] = len(shown)
@@ -175,19 +197,7 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
             lines = await store.transcript(ChannelKey("telegram", str(chat)))
             users = [line.text for line in lines if line.role == "user"]
             assert users == said[chat], chat  # each input once, in order, none lost
-            # (a user who writes while a retried answer is on its way may end the
-            # conversation early and start another: also fine, as long as every line
-            # is one of these)
-            allowed = {
-                bot.QUESTION,
-                bot.greeting(f"name{chat}"),
-                *(bot.greeting(text) for text in said[chat]),
-                bot.ANYTHING_ELSE,
-                bot.TIMED_OUT,
-                APOLOGY,
-                *(answer(text) for text in said[chat]),
-                *(f"Goodbye, {text}!" for text in said[chat]),
-            }
+            allowed = allowed_lines(chat, said[chat])
             shown = telegram.texts(chat, plain=True)
             assert set(shown) <= allowed, (
                 f"chat {chat}: {set(shown) - allowed}; said {said[chat]}; shown {shown}; "
@@ -262,14 +272,7 @@ async def test_faults_of_the_model_and_discord_end_well_without_a_restart(tmp_pa
                     seen = shown(user)
                     done = bot.ANYTHING_ELSE in seen or ended(seen)
                     if not done and (not said[user] or len(seen) > answered[user]):
-                        turn = len(said[user])
-                        text = (
-                            "hi"
-                            if turn == 0
-                            else f"name{user}"
-                            if turn == 1
-                            else f"c{user} m{turn}"
-                        )
+                        text = next_message(user, len(said[user]))
                         await discord.user_message(dms[user], text, user_id=user)
                         said[user].append(text)
                         answered[user] = len(seen)
@@ -293,16 +296,7 @@ async def test_faults_of_the_model_and_discord_end_well_without_a_restart(tmp_pa
                 key = ChannelKey("discord", str(dms[user]))
                 lines = await store.transcript(key)
                 assert [line.text for line in lines if line.role == "user"] == said[user], user
-                allowed = {
-                    bot.QUESTION,
-                    bot.greeting(f"name{user}"),
-                    *(bot.greeting(text) for text in said[user]),
-                    bot.ANYTHING_ELSE,
-                    bot.TIMED_OUT,
-                    APOLOGY,
-                    *(answer(text) for text in said[user]),
-                    *(f"Goodbye, {text}!" for text in said[user]),
-                }
+                allowed = allowed_lines(user, said[user])
                 # a stream the model broke off stays on screen, marked (the apology follows)
                 cut = {
                     text
