@@ -154,8 +154,9 @@ class BuiltinCommands:
         except Exception as exc:
             raise InfrastructureError(f"reading the usage of {user} failed") from exc
         mine = [d for d in days if d.day == today]
+        used = sum(d.tokens for d in mine)
         text = notices.usage.format(
-            today=sum(d.tokens for d in mine),
+            today=used,
             prompt=sum(d.prompt_tokens for d in mine),
             completion=sum(d.completion_tokens for d in mine),
             calls=sum(d.generations for d in mine),
@@ -163,7 +164,8 @@ class BuiltinCommands:
         )
         budget = self._budget
         if budget is not None:
-            spent = max(await budget.spent(platform, user), sum(d.tokens for d in mine))
+            # (the budget may know of steps written but not committed yet)
+            spent = max(await budget.spent(platform, user), used)
             text += "\n" + notices.usage_budget.format(
                 limit=budget.per_day,
                 left=max(0, budget.per_day - spent),
