@@ -237,9 +237,12 @@ async def test_in_a_shared_chat_only_the_starter_or_an_admin_may_reset() -> None
     async with AdminSession(group_echo, settings=limits, admins={"mod"}) as bot:
         assert await bot.say("plan", author="ann", channel="g") == ["noted plan"]
         assert await bot.say("more", author="bob", channel="g") == ["noted more"]
-        refused = [Notices().reset_not_yours]
+        refused = [Notices().not_yours]
         assert await bot.say("/reset", author="bob", channel="g") == refused
         assert await bot.say("/reset", author="broken", channel="g") == refused
+        # nor under another name: what ends or rewrites the conversation is the same
+        for other in ("/new", "/start", "/retry"):
+            assert await bot.say(other, author="bob", channel="g") == refused
         assert bot.runtime.has_conversation(bot.key("g"))
         assert await bot.say("still", author="bob", channel="g") == ["noted still"]
         for resetter in ("ann", "mod", "op"):
@@ -247,7 +250,7 @@ async def test_in_a_shared_chat_only_the_starter_or_an_admin_may_reset() -> None
             assert not bot.runtime.has_conversation(bot.key("g"))
             await bot.say(f"by {resetter}", author="bob", channel="g")  # bob starts anew
         # the starter is asked about only when it is not the requester
-        assert [user for _, user in bot.asked] == ["bob", "broken", "mod"]
+        assert [user for _, user in bot.asked] == ["bob", "broken", "bob", "bob", "bob", "mod"]
         # nothing going: anyone may reset (nothing is lost)
         assert await bot.say("/reset", author="zed", channel="empty") == [Notices().reset]
 
@@ -256,9 +259,9 @@ async def test_the_starter_of_an_evicted_conversation_is_known_from_the_store() 
     async with AdminSession(group_echo, admins=set()) as bot:
         await bot.say("plan", author="ann", channel="g")
         assert await bot.runtime.evict(bot.key("g"))
-        assert await bot.say("/reset", author="bob", channel="g") == [Notices().reset_not_yours]
+        assert await bot.say("/reset", author="bob", channel="g") == [Notices().not_yours]
         await bot.restart()
-        assert await bot.say("/reset", author="bob", channel="g") == [Notices().reset_not_yours]
+        assert await bot.say("/reset", author="bob", channel="g") == [Notices().not_yours]
         assert await bot.say("/reset", author="ann", channel="g") == [Notices().reset]
 
 
@@ -284,3 +287,52 @@ async def test_the_guild_allowlist_leaves_direct_messages_to_the_user_list() -> 
         assert await bot.store.inbox(bot.key("other")) == []
         stored = (await bot.store.transcript(bot.key("ok")))[0]
         assert stored.text == "hi"
+
+
+@turbo()
+async def other_echo():
+    while True:
+        said = yield GetUserInput()
+        yield Result(f"other {said}")
+
+
+async def test_mode_switching_a_shared_conversation_is_the_starters_too() -> None:
+    async with AdminSession(group_echo, admins=set(), modes=[other_echo]) as bot:
+        assert await bot.say("plan", author="ann", channel="g") == ["noted plan"]
+        assert await bot.say("/mode other_echo", author="bob", channel="g") == [Notices().not_yours]
+        assert await bot.say("more", author="bob", channel="g") == ["noted more"]
+        switched = Notices().mode_switched.format(mode="other_echo")
+        assert await bot.say("/mode other_echo", author="ann", channel="g") == [switched]
+
+
+@pytest.mark.parametrize("store_url", ["memory", "sqlite", "postgres"], indirect=True)
+async def test_hostile_user_ids_are_counted_and_block_no_one(make_store: StoreFactory) -> None:
+    """Ids no column takes as they are (NUL, a lone surrogate, 200 characters): their
+    usage is stored and read back, their budget applies, and no step is lost."""
+    clock = FakeClock(MIDNIGHT + 3600)
+    store = await make_store()
+    limits = settings(tokens_per_day=50)
+    hostile = ["a\x00b", "x\ud800", "u" * 200, "u" * 199 + "v"]
+    session = BotSession(thrifty, llm=priced(10, 5), store=store, settings=limits, clock=clock)
+    async with session as bot:
+        for n, user in enumerate(hostile):
+            assert await bot.say("hi", author=user, channel=f"h{n}") == ["ok"]
+            assert await bot.say("/usage", author=user, channel=f"h{n}") == [
+                Notices().usage.format(today=45, prompt=30, completion=15, calls=3, week=45)
+                + "\n"
+                + Notices().usage_budget.format(limit=50, left=5, renews="23 h 0 min")
+            ]
+        await bot.restart()  # read from the store again
+        for n, user in enumerate(hostile):
+            assert await bot.say("again", author=user, channel=f"h{n}") == ["ok"]  # 45 < 50
+            assert await bot.say("more", author=user, channel=f"h{n}") == [
+                over_budget(50, "23 h 0 min")
+            ]
+            lines = await bot.transcript(f"h{n}")
+            assert lines == [
+                ("user", "hi"),
+                ("assistant", "ok"),
+                ("user", "again"),
+                ("assistant", "ok"),
+            ]
+        assert await bot.say("hi", author="ann", channel="plain") == ["ok"]

@@ -201,7 +201,7 @@ async def test_a_shared_conversation_is_reset_by_its_starter_or_a_server_admin(
 ) -> None:
     guild = discord_fake.add_guild()
     general = guild.channels["general"]
-    reset, refused = Notices().reset, Notices().reset_not_yours
+    reset, refused = Notices().reset, Notices().not_yours
     async with running(discord_fake, chat, openai_llm, group_mode="shared"):
         say = discord_fake.user_message
         await say(general, "hello", user_id=ALICE, username="Ann", mention_bot=True)

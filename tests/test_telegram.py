@@ -172,7 +172,7 @@ async def test_in_a_shared_group_only_the_starter_or_a_chat_admin_resets(
     telegram: FakeTelegram, openai_llm: OpenAILLM
 ) -> None:
     telegram.admins[GROUP] = {7: "administrator", 8: "creator"}
-    reset, refused = Notices().reset, Notices().reset_not_yours
+    reset, refused = Notices().reset, Notices().not_yours
     async with running(telegram, chat, openai_llm, group_mode="shared"):
         telegram.message(GROUP, "@turbo_test_bot hello", user_id=1, first_name="Ann")
         telegram.message(GROUP, "/reset", user_id=2, first_name="Bob")

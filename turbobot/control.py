@@ -25,6 +25,9 @@ _log = logging.getLogger("turbobot.runtime")
 
 #: built-in commands that may call the model (refused to a user over the token budget)
 GENERATING = frozenset({"start", "retry", "mode"})
+#: built-in commands that end or rewrite the conversation: in a shared chat, only its
+#: starter or an admin may send them (``/mode`` too, when it switches)
+ENDING = frozenset({"start", "reset", "retry"})
 
 
 class BuiltinCommands:
@@ -83,6 +86,10 @@ class BuiltinCommands:
         message, name = call.message, call.name
         say = conversations.send_standalone
         command = self.registry.get(name)
+        built_in = command is None or command.handler is None
+        if built_in and name in ENDING and not await self._may_end(key, message):
+            await say(key, notices.not_yours, consumed=message)
+            return
         if command is not None and command.handler is not None:
             reply = await command.handler(call)
             if reply:
@@ -97,9 +104,6 @@ class BuiltinCommands:
                 await conversations.say(key, fresh, notices.started)
                 await conversations.commit(fresh)
         elif name == "reset":
-            if not await self._may_reset(key, message):
-                await say(key, notices.reset_not_yours, consumed=message)
-                return
             current = conversations.live.get(key)
             if current is not None and current.app is not None:
                 await current.app.memory.clear()
@@ -122,8 +126,8 @@ class BuiltinCommands:
         else:
             await say(key, notices.unknown_command.format(command=name), consumed=message)
 
-    async def _may_reset(self, key: ChannelKey, message: IncomingMessage) -> bool:
-        """Whoever started the conversation may reset it, and so may admins (the
+    async def _may_end(self, key: ChannelKey, message: IncomingMessage) -> bool:
+        """Whoever started the conversation may end or rewrite it, and so may admins (the
         operator's ``Limits.admins``, the chat's own admins as the platform says)."""
         live = await self._conversations.load(key)
         if live is None:
@@ -194,6 +198,9 @@ class BuiltinCommands:
         if target is personalities.of(key) and conversations.has_conversation(key):
             text = notices.mode_same.format(mode=name)
             await conversations.send_standalone(key, text, consumed=message)
+            return
+        if not await self._may_end(key, message):
+            await conversations.send_standalone(key, notices.not_yours, consumed=message)
             return
         await conversations.end(key, "restarted", None)
         personalities.choose(key, target)

@@ -76,9 +76,11 @@ class Notices:
         "completion) in {calls:,} model calls. Last 7 days: {week:,} tokens."
     )
     usage_budget: str = "Daily budget: {limit:,} tokens; {left:,} left, renewed in {renews}."
-    #: to someone who sent /reset in a shared chat whose conversation another started
-    reset_not_yours: str = (
-        "Only the person who started this conversation, or an admin of this chat, can reset it."
+    #: to someone who sent /reset, /start, /retry or /mode in a shared chat whose
+    #: conversation another started
+    not_yours: str = (
+        "Only the person who started this conversation, or an admin of this chat, can "
+        "reset, restart or retry it."
     )
     #: sent before the answer to a message holding characters no store or model takes
     unreadable: str = (

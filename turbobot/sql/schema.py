@@ -115,11 +115,14 @@ outbox = Table(
 
 #: tokens per user per UTC day (the token budgets and /usage; see docs/architecture.md,
 #: "Abuse limits"), added to by each step that generated
+#: the longest platform name and user id the usage table keys (longer ones are hashed)
+PLATFORM_SIZE, USER_ID_SIZE = 32, 128
+
 usage = Table(
     "usage",
     metadata,
-    Column("platform", String(32), primary_key=True),
-    Column("user_id", String(128), primary_key=True),
+    Column("platform", String(PLATFORM_SIZE), primary_key=True),
+    Column("user_id", String(USER_ID_SIZE), primary_key=True),
     #: YYYY-MM-DD, UTC
     Column("day", String(10), primary_key=True),
     Column("prompt_tokens", BigInteger, nullable=False),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +52,16 @@ from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.codec import count, to_json, unwritable, writable_text
 from turbobot.exceptions import ConfigurationError
 from turbobot.journal import JournalEntry
-from turbobot.sql.schema import conversations, inbox, journal, messages, outbox, usage
+from turbobot.sql.schema import (
+    PLATFORM_SIZE,
+    USER_ID_SIZE,
+    conversations,
+    inbox,
+    journal,
+    messages,
+    outbox,
+    usage,
+)
 from turbobot.store import (
     FINAL_STATUSES,
     BaseStore,
@@ -280,6 +290,16 @@ class _Merged:
         if len(merged.usage) > 1:
             merged.usage = _summed(merged.usage)
         return merged
+
+
+def _usage_key(text: str, size: int) -> str:
+    """A platform or user id as the ``usage`` table keys it: writable, and at most
+    ``size`` characters (a longer id is stood for by its hash). The same on writes and
+    reads, so a hostile id is counted like any other and never fails a step."""
+    text = writable_text(text)
+    if len(text) <= size:
+        return text
+    return "#" + hashlib.sha256(text.encode()).hexdigest()[: size - 1]
 
 
 def _total(value: int) -> int:
@@ -533,8 +553,8 @@ class SQLStore(BaseStore):
         if step.usage:
             op.usage = [
                 (
-                    writable_text(used.platform),
-                    writable_text(used.user_id),
+                    _usage_key(used.platform, PLATFORM_SIZE),
+                    _usage_key(used.user_id, USER_ID_SIZE),
                     used.day,
                     _total(used.prompt_tokens),
                     _total(used.completion_tokens),
@@ -951,16 +971,16 @@ class SQLStore(BaseStore):
         await self.flush()
         query = (
             select(usage)
-            .where(usage.c.platform == platform)
-            .where(usage.c.user_id == user_id)
+            .where(usage.c.platform == _usage_key(platform, PLATFORM_SIZE))
+            .where(usage.c.user_id == _usage_key(user_id, USER_ID_SIZE))
             .where(usage.c.day >= since)
             .order_by(usage.c.day)
         )
         async with self._engine().connect() as conn:
             return [
                 TokenUsage(
-                    r.platform,
-                    r.user_id,
+                    platform,
+                    user_id,
                     r.day,
                     int(r.prompt_tokens),
                     int(r.completion_tokens),
