@@ -13,8 +13,9 @@ one of the template's lines, an echo of what the user said, or the apology (a cl
 message, never silence or a traceback). No channel is left stuck, and the process is
 the same one throughout (recovery without a restart).
 
-The same users and checks run on Discord too (in one process, with REST 429s and 5xx
-and dropped gateway connections).
+Meanwhile the database's disk is full for 8 s (a tmpfs of its own, where the test
+may mount one: as root, as CI runs). The same users and checks run on Discord too (in
+one process, with REST 429s and 5xx and dropped gateway connections).
 
 Size: ``FAULT_CHATS`` chats (default 16), ``FAULT_RATE`` (0.2), ``CRASH_SEED``.
 """
@@ -32,6 +33,7 @@ from typing import Any
 import pytest
 
 from tests import crash_bot as bot
+from tests.conftest import fill
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.telegram_server import DISCONNECT, TIMEOUT, FakeTelegram
 from tests.test_crash import API_KEY, SEED, Run, answer, assert_no_secrets, bot_env
@@ -60,6 +62,8 @@ PLATFORM_FAULTS = {
 }
 #: seconds a TIMEOUT answer is held back: longer than PTB's 5 s read timeout
 PLATFORM_TIMEOUT = 6.0
+#: seconds the database's disk is full (from when every chat had its first answer)
+DISK_FULL_FOR = 8.0
 
 
 class FaultyModel:
@@ -115,16 +119,27 @@ def allowed_lines(chat: int, said: list[str]) -> set[str]:
     }
 
 
+def _filling(filler: Path | None) -> bool:
+    """The disk is full now (the other faults clear only after it was freed)."""
+    return filler is not None and filler.exists()
+
+
 def ended(shown: list[str]) -> bool:
     """The conversation's last line is on screen: the timeout's, or the goodbye to a
     message sent before (or just after) "Anything else?" was shown."""
     return any(text == bot.TIMED_OUT or text.startswith("Goodbye, ") for text in shown)
 
 
-@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
-    store_url: str, tmp_path: Path
+    tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
+    try:  # the database on a disk of its own, full for a while (where it can be mounted)
+        disk: Path | None = request.getfixturevalue("small_disk")
+    except pytest.skip.Exception:
+        disk = None
+    store_url = f"sqlite+aiosqlite:///{(disk or tmp_path) / 'bot.db'}"
+    filler = disk / "filler" if disk is not None else None
+    full_for = 0.0
     rng = random.Random(SEED)
     model = FaultyModel(rng)
     llm = FakeOpenAI(model)
@@ -166,7 +181,15 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
                     answered[chat] = len(shown)
             finished = [c for c in chats if ended(telegram.texts(c, plain=True))]
             half_done = len(finished) >= len(chats) // 2
-            if not cleared and (half_done or time.monotonic() > started + 60):
+            now = time.monotonic()
+            running = all(len(said[c]) >= 2 for c in chats)  # (a bot that has started)
+            if filler is not None and not full_for and running:
+                fill(filler)  # the disk is full for a while: nothing can be committed
+                full_for = now
+            if filler is not None and filler.exists() and now > full_for + DISK_FULL_FOR:
+                filler.unlink()
+                full_for = now - full_for
+            if not cleared and (half_done or now > started + 60) and not _filling(filler):
                 # The faults stop: whatever waits or retries must now finish by itself.
                 cleared = True
                 model.rate = 0.0
@@ -213,10 +236,15 @@ async def test_faults_of_the_model_and_the_platform_end_well_without_a_restart(
     hits = {f"{f.method} {kinds.get(f.status, f.status)}": f.hits for f in platform_faults}
     print(
         f"\nfaults ({CHATS} chats, rate {RATE}, seed {SEED}): model {dict(model.injected)}; "
-        f"platform {hits}; {sum(len(s) for s in said.values())} inputs, 0 lost; "
+        f"platform {hits}; disk full for {full_for:.1f} s; "
+        f"{sum(len(s) for s in said.values())} inputs, 0 lost; "
         f"{apologies} apologies; one process throughout"
     )
     assert sum(model.injected.values()) > 0 and sum(hits.values()) > 0
+    if disk is not None:  # the store met the full disk, and went on once it had room
+        logged = run.log.read_text()
+        assert full_for > 0 and "database or disk is full" in logged
+        assert "commits go through again" in logged
     await assert_no_secrets(store_url, run.log, telegram.token, API_KEY)
 
 
@@ -265,7 +293,9 @@ async def test_faults_of_the_model_and_discord_end_well_without_a_restart(tmp_pa
                             "*", r"/channels/\d+/(messages(/\d+)?|typing)", status=status, times=2
                         )
                         rest_faults[status] += 2
-                    if rng.random() < RATE / 2:
+                    # at least once, when every user is talking; then at random
+                    talking = all(len(said[u]) >= 2 for u in users)
+                    if talking and (not drops or rng.random() < RATE / 2):
                         await discord.disconnect(1006)  # a dropped TCP connection
                         drops += 1
                 for user in users:
