@@ -207,6 +207,7 @@ async def test_kills_on_discord_lose_and_repeat_nothing_committed(
         await store.aclose()
 
     duplicates = previews = 0
+    kinds: Counter[str] = Counter()
     for user in users:
         expected = bot_lines(user)
         assert run.progress(user) == len(expected), user
@@ -214,6 +215,7 @@ async def test_kills_on_discord_lose_and_repeat_nothing_committed(
         for text, n in extra.items():
             if text in expected:
                 duplicates += n
+                kinds[text.split(":")[0].split(",")[0]] += n
             else:  # a streamed reply's preview, left by a killed process
                 assert any(line.startswith(text.rstrip(" …")) for line in expected), (user, text)
                 previews += n
@@ -237,6 +239,6 @@ async def test_kills_on_discord_lose_and_repeat_nothing_committed(
         f"seed {SEED}: {sum(len(user_messages(u)) for u in users)} inputs, 0 lost, 0 "
         f"processed twice; {resent} sent again (never committed by a killed process); "
         f"{redone} generations redone after a kill; {duplicates} replies shown "
-        f"twice; {previews} previews left"
+        f"twice ({dict(kinds)}); {previews} previews left"
     )
     await assert_no_secrets(store_url, run.log, discord.token, API_KEY)

@@ -24,9 +24,10 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.test_telegram import chat, streamer
 from turbobot import ChannelKey
 from turbobot.adapters.console import ConsoleAdapter
-from turbobot.adapters.discord import MESSAGE_LIMIT, DiscordAdapter, DiscordSettings
+from turbobot.adapters.discord import MESSAGE_LIMIT, DiscordAdapter, DiscordSettings, _nonce, _parts
 from turbobot.bots.horoscope import horoscope
 from turbobot.commands import Command, CommandCall
+from turbobot.delivery import delivering
 from turbobot.limits import Limits
 from turbobot.llm.openai import OpenAILLM
 from turbobot.runtime import Notices, Runtime, RuntimeSettings
@@ -213,6 +214,37 @@ async def test_a_shared_conversation_is_reset_by_its_starter_or_a_server_admin(
             await say(general, "/reset", user_id=resetter, username="Mod")
         shown = await texts(discord_fake, general, 6)
     assert shown[2:] == ["echo: Ann: again", reset] * 2
+
+
+async def test_a_reply_sent_again_is_shown_once(
+    discord_fake: FakeDiscord, openai_llm: OpenAILLM
+) -> None:
+    """Sent again under the same outbox id (a retry, a restart), a reply carries the
+    same nonces, which Discord enforces: it gives back the message it has, which is
+    made to read the whole reply (it may have been a stream's preview)."""
+    dm = discord_fake.dm_channel(ALICE)
+    key = ChannelKey("discord", str(dm))
+    async with running(discord_fake, chat, openai_llm) as (adapter, _runtime):
+        token = delivering.set("reply-1")
+        try:
+            first = await adapter.send(key, "hello")
+            again = await adapter.send(key, "hello")
+            # a preview was shown, the process died, the whole reply is sent again
+            delivering.set("reply-2")
+            await adapter._post(key, "the begin…", first=False)
+            long = "the beginning and the end " + "x" * 2100
+            whole = await adapter.send(key, long)
+        finally:
+            delivering.reset(token)
+        other = await adapter.send(key, "hello")  # no id: a new message
+    assert first == again
+    shown = [m["content"] for m in discord_fake.messages(dm)]
+    assert shown == ["hello", *_parts(long), "hello"]  # the preview became the first part
+    assert whole is not None and other != first
+    # created: "hello", the preview (the reply's first part), its other parts, "hello"
+    nonces = [m.get("nonce") for m in discord_fake.sent]
+    expected = [_nonce("reply-1", 0), *(_nonce("reply-2", i) for i in range(len(_parts(long))))]
+    assert nonces[:-1] == expected
 
 
 async def test_the_guild_allowlist_answers_only_in_listed_servers(

@@ -24,7 +24,7 @@ from typing import Any
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.clock import TimerHandle
 from turbobot.codec import count
-from turbobot.delivery import FAILED, BaseSender, Outbox, answering
+from turbobot.delivery import FAILED, BaseSender, Outbox, answering, delivering
 from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM
@@ -614,7 +614,12 @@ class Conversations:
     # -- replies ------------------------------------------------------------------------
 
     def _record_reply(
-        self, key: ChannelKey, live: Live, text: str, message: Assistant | None = None
+        self,
+        key: ChannelKey,
+        live: Live,
+        text: str,
+        message: Assistant | None = None,
+        outgoing_id: str | None = None,
     ) -> OutgoingRecord:
         step = self.step(live)
         usage = message.usage if message is not None else None
@@ -628,7 +633,7 @@ class Conversations:
                 count(usage.completion_tokens) if usage else None,
             )
         )
-        outgoing = OutgoingRecord(new_id(), key, text)
+        outgoing = OutgoingRecord(outgoing_id or new_id(), key, text)
         step.outgoing.append(outgoing)
         return outgoing
 
@@ -645,8 +650,11 @@ class Conversations:
     async def _say_stream(self, key: ChannelKey, live: Live, stream: AssistantStream) -> None:
         # The input is committed before the first fragment is shown, without counting
         # the Generate as delivered: a crash mid-stream replays and delivers it. The
-        # reply itself is recorded (and marked sent) once complete.
+        # reply itself is recorded (and marked sent) once complete, under an outbox id
+        # chosen now, which the adapter sees while it shows the stream (``delivering``).
         await self.commit(live, wait=True, undelivered=1)
+        reply_id = new_id()
+        recorded: OutgoingRecord | None = None
         if self.outbox.has_kept(key) and not await self.outbox.resend(key):
             # Earlier replies still wait for the platform: this one must not overtake
             # them. It is not shown while it grows, and is kept behind them once complete.
@@ -654,7 +662,7 @@ class Conversations:
                 pass
             platform_id = FAILED
         else:
-            platform_id = await self._show_stream(key, live, stream)
+            platform_id, recorded = await self._show_stream(key, live, stream, reply_id)
         if not stream.closed:
             async for _ in stream:  # the sender gave up early: let the generation finish
                 pass
@@ -666,27 +674,40 @@ class Conversations:
         elif stream.text and stream.message is not None:
             # Complete: recorded either way; a reply that could not be sent is kept and
             # sent again (as plain text) later.
-            outgoing = self._record_reply(key, live, stream.text, stream.message)
+            outgoing = recorded or self._record_reply(
+                key, live, stream.text, stream.message, reply_id
+            )
             if platform_id is FAILED:
                 self.outbox.keep(outgoing)
             else:
                 self.step(live).sent.append((outgoing.id, platform_id))
 
-    async def _show_stream(self, key: ChannelKey, live: Live, stream: AssistantStream) -> Any:
-        """Let the adapter show the stream; once the generation is complete, commit it
-        while the adapter still finishes showing it (a last edit, a paced send).
+    async def _show_stream(
+        self, key: ChannelKey, live: Live, stream: AssistantStream, reply_id: str
+    ) -> tuple[Any, OutgoingRecord | None]:
+        """Let the adapter show the stream; once the generation is complete, record the
+        reply (as ``reply_id``) and commit it while the adapter still finishes showing
+        it (a last edit, a paced send). Returns the platform id and that record.
 
-        A crash after that commit replays the recorded reply and sends it as a plain
-        message: a finished generation is never asked for again.
+        A crash after that commit sends the recorded reply again as a plain message,
+        under the same id (a platform that dedupes by it shows it once): a finished
+        generation is never asked for again.
         """
-        shown = self.outbox.attempt(key, self.sender.send_stream(key, stream))
-        showing = asyncio.ensure_future(shown)
+        token = delivering.set(reply_id)
+        try:  # (the task below runs in a copy of this context)
+            showing = asyncio.ensure_future(
+                self.outbox.attempt(key, self.sender.send_stream(key, stream))
+            )
+        finally:
+            delivering.reset(token)
         generated = asyncio.ensure_future(stream.wait_closed())
+        recorded: OutgoingRecord | None = None
         try:
             await asyncio.wait((showing, generated), return_when=asyncio.FIRST_COMPLETED)
             if not showing.done() and stream.message is not None and stream.text:
-                await self.commit(live, wait=True, undelivered=1)
-            return await showing
+                recorded = self._record_reply(key, live, stream.text, stream.message, reply_id)
+                await self.commit(live, wait=True)
+            return await showing, recorded
         except BaseException:
             showing.cancel()  # (the adapter takes away what it showed of a stopped stream)
             with contextlib.suppress(BaseException):

@@ -27,7 +27,7 @@ from turbobot.store import BaseStore, OutgoingRecord, StepWrite
 if TYPE_CHECKING:
     from turbobot.template import AssistantStream
 
-__all__ = ["FAILED", "BaseSender", "Outbox", "answering"]
+__all__ = ["FAILED", "BaseSender", "Outbox", "answering", "delivering"]
 
 _log = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ _log = logging.getLogger(__name__)
 #: to answer the slash command it was). ``None`` when no message asked for what is sent:
 #: a timeout, a kept reply sent again later, a step finished after a restart.
 answering: ContextVar[IncomingMessage | None] = ContextVar("turbobot_answering", default=None)
+#: while a reply is sent (``BaseSender.send``, ``send_stream``): its outbox id, the same
+#: when the reply is sent again after a failure or a restart. An adapter whose platform
+#: drops a message it already has under a key (Discord's nonce) derives that key from
+#: it, so a reply sent twice is shown once. ``None`` for a notice that is stored nowhere.
+delivering: ContextVar[str | None] = ContextVar("turbobot_delivering", default=None)
 
 
 class BaseSender(ABC):
@@ -160,7 +165,14 @@ class Outbox:
         self._timers.clear()
 
     def _plain(self, outgoing: OutgoingRecord) -> Callable[[], Awaitable[str | None]]:
-        return lambda: self.sender.send(outgoing.key, outgoing.text)
+        async def send() -> str | None:
+            token = delivering.set(outgoing.id)
+            try:
+                return await self.sender.send(outgoing.key, outgoing.text)
+            finally:
+                delivering.reset(token)
+
+        return send
 
     async def _attempt(self, key: ChannelKey, sending: Callable[[], Awaitable[str | None]]) -> Any:
         try:

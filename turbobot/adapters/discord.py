@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from turbobot.adapters._common import RateLimiter, RedactSecrets, guard_logs, platform_id, serve
 from turbobot.chat import Attachment, ChannelKey, IncomingMessage
 from turbobot.commands import CommandRegistry, split_command
+from turbobot.delivery import delivering
 from turbobot.exceptions import ConfigurationError, UndeliverableError
 from turbobot.formatting import split_markdown
 from turbobot.runtime import BaseSender, Runtime, answering
@@ -60,7 +62,8 @@ try:
         import discord
         import yarl
         from discord.gateway import DiscordWebSocket
-        from discord.http import Route
+        from discord.http import Route, handle_message_parameters
+        from discord.utils import MISSING
 except ImportError as exc:  # pragma: no cover - exercised through the CLI message
     raise ConfigurationError(
         "the Discord adapter needs discord.py: run `make install` or "
@@ -638,7 +641,7 @@ class DiscordAdapter(BaseSender):
             for index, part in enumerate(parts):
                 # each part waits out 429s and blips itself: a failure after the first
                 # part would make the outbox send the parts already shown again
-                post = partial(self._post, key, part, first=index == 0)
+                post = partial(self._post, key, part, first=index == 0, part=index)
                 shown = await self._retrying(post)
                 ids.append(str(shown.id))
         return platform_id(ids)
@@ -744,7 +747,7 @@ class DiscordAdapter(BaseSender):
                         await (self._retrying(edit) if final else edit())
                         shown[index] = (message, part)
                 else:
-                    post = partial(self._post, key, part, first=index == 0)
+                    post = partial(self._post, key, part, first=index == 0, part=index)
                     message = await (self._retrying(post) if final else post())
                     shown.append((message, part))
             except discord.HTTPException as exc:
@@ -753,10 +756,17 @@ class DiscordAdapter(BaseSender):
                 _log.debug("Discord: a streaming preview failed: %s", exc)
                 return
 
-    async def _post(self, key: ChannelKey, text: str, *, first: bool) -> discord.Message:
+    async def _post(
+        self, key: ChannelKey, text: str, *, first: bool, part: int = 0
+    ) -> discord.Message:
         """Post one message to ``key``'s channel. The first part of the first reply to a
         message (see :data:`~turbobot.runtime.answering`) answers its slash command, or
-        replies to it."""
+        replies to it.
+
+        A reply's ``part``-th message carries a nonce derived from the reply's outbox id
+        (``delivering``) and asks Discord to enforce it: posted again (after a failure
+        or a restart), Discord gives back the message it has instead of showing a second
+        one; that message is then made to read ``text`` (it may be a stream's preview)."""
         asked = answering.get() if first else None
         if asked is not None and (asked.key != key or asked.message_id in self._answered):
             asked = None
@@ -769,11 +779,16 @@ class DiscordAdapter(BaseSender):
         channel_id = int(key.channel)
         channel = self.client.get_partial_messageable(channel_id)
         said = int(asked.message_id) if asked is not None and asked.message_id.isdigit() else 0
+        reference = None
         if said and self._origin.get(said) == channel_id:
             # (a message that opened a thread was said in the channel above it)
             reference = discord.MessageReference(
                 message_id=said, channel_id=channel_id, fail_if_not_exists=False
             )
+        reply = delivering.get()
+        if reply is not None:
+            message = await self._post_once(channel, text, reference, _nonce(reply, part))
+        elif reference is not None:
             message = await channel.send(
                 text, allowed_mentions=_NO_PINGS, reference=reference, mention_author=False
             )
@@ -782,6 +797,32 @@ class DiscordAdapter(BaseSender):
         if asked is not None:
             self._answered.remember(asked.message_id, None)
         self._sent.remember(message.id, key)
+        return message
+
+    async def _post_once(
+        self,
+        channel: discord.PartialMessageable,
+        text: str,
+        reference: discord.MessageReference | None,
+        nonce: str,
+    ) -> discord.Message:
+        """``channel.send`` with ``enforce_nonce``, which discord.py does not offer: the
+        same request, built with its own helper, plus that field."""
+        state = channel._state  # discord.py's connection state: what ``send`` itself uses
+        with handle_message_parameters(
+            content=text,
+            nonce=nonce,
+            allowed_mentions=_NO_PINGS,
+            previous_allowed_mentions=state.allowed_mentions,
+            message_reference=reference.to_message_reference_dict() if reference else MISSING,
+            mention_author=False if reference is not None else None,
+        ) as params:
+            assert params.payload is not None  # (no files: a JSON body)
+            params.payload["enforce_nonce"] = True
+            data = await state.http.send_message(channel.id, params=params)
+        message = state.create_message(channel=channel, data=data)
+        if message.content != text:  # Discord gave back the message it had: finish it
+            message = await message.edit(content=text, allowed_mentions=_NO_PINGS)
         return message
 
     async def _follow_up(self, message_id: str, text: str) -> discord.Message | None:
@@ -989,3 +1030,9 @@ def _guild_of(message: discord.Message) -> str | None:
     if guild_id is None:
         guild_id = getattr(message.channel, "guild_id", None)
     return None if guild_id is None else str(guild_id)
+
+
+def _nonce(reply: str, part: int) -> str:
+    """The nonce of a reply's ``part``-th message: the same for every try, 24 characters
+    (Discord takes at most 25)."""
+    return hashlib.blake2b(f"{reply}:{part}".encode(), digest_size=12).hexdigest()
