@@ -828,6 +828,43 @@ async def test_postgresql_refusing_writes_for_a_while_is_waited_out(
         await admin.close()
 
 
+async def test_a_sqlite_file_refusing_writes_for_a_while_is_waited_out(tmp_path: Any) -> None:
+    """SQLite's own "attempt to write a readonly database" (here from ``query_only`` on
+    the store's connection): wait, lose nothing, no restart."""
+    import asyncio
+
+    from turbobot.sql import SQLStore
+
+    store = SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", max_retry_delay=0.01)
+    await store.open()
+    assert store._sqlite is not None
+    real_commit = store._commit
+    refused = asyncio.Event()
+
+    async def commit(batch: Any) -> Any:
+        try:
+            return await real_commit(batch)
+        except Exception as exc:
+            if "readonly" in str(exc):
+                refused.set()
+            raise
+
+    store._commit = commit  # type: ignore[method-assign]
+    try:
+        async with ChatHarness(chat, llm=echo_llm(), store=store) as h:
+            assert await h.say("before") == ["echo: before"]
+            store._sqlite.execute("PRAGMA query_only = ON")
+            during = asyncio.ensure_future(h.say("during"))
+            await asyncio.wait_for(refused.wait(), 30)
+            store._sqlite.execute("PRAGMA query_only = OFF")
+            assert await asyncio.wait_for(during, 30) == ["echo: during"]
+            assert await h.say("after") == ["echo: after"]
+            texts = [line.text for line in await store.transcript(h.key())]
+        assert texts == ["before", "echo: before", "during", "echo: during", "after", "echo: after"]
+    finally:
+        await store.aclose()
+
+
 # -- found by review: state after a failed retry or a failed store read ------------------
 
 
