@@ -261,15 +261,28 @@ def bot_env(
     )
 
 
-@pytest.fixture
-async def fakes() -> AsyncIterator[tuple[FakeTelegram, FakeOpenAI]]:
+@contextlib.asynccontextmanager
+async def model_server() -> AsyncIterator[FakeOpenAI]:
+    """The fake model server of the crash suites (deterministic, slowly streamed)."""
     llm = FakeOpenAI(stream_reply)
     await llm.start()
     try:
-        async with FakeTelegram() as telegram:
-            yield telegram, llm
+        yield llm
     finally:
         await llm.stop()
+
+
+async def upgrade_schema(env: dict[str, str]) -> None:
+    """``turbobot db upgrade`` on the bot's database, as a deployment runs it first."""
+    upgrade = await spawn_turbobot(env, "db", "upgrade", stdin=asyncio.subprocess.DEVNULL)
+    _, err = await upgrade.communicate()
+    assert upgrade.returncode == 0, err
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[FakeTelegram, FakeOpenAI]]:
+    async with model_server() as llm, FakeTelegram() as telegram:
+        yield telegram, llm
 
 
 @pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
@@ -278,9 +291,7 @@ async def test_kills_at_random_points_lose_and_repeat_nothing(
 ) -> None:
     telegram, llm = fakes
     env = bot_env(telegram, llm, store_url)
-    upgrade = await spawn_turbobot(env, "db", "upgrade", stdin=asyncio.subprocess.DEVNULL)
-    _, err = await upgrade.communicate()
-    assert upgrade.returncode == 0, err
+    await upgrade_schema(env)
     run = Run(telegram, llm, env, tmp_path / "bot.log")
     chats = [FIRST_CHAT + i for i in range(CHATS)]
     await run.start()

@@ -39,8 +39,9 @@ from tests.test_crash import (
     assert_no_secrets,
     assert_redone_only_when_interrupted,
     bot_lines,
-    stream_reply,
+    model_server,
     transcript,
+    upgrade_schema,
     user_messages,
 )
 from turbobot import ChannelKey
@@ -163,13 +164,8 @@ async def drive(
 
 @pytest.fixture
 async def fakes() -> AsyncIterator[tuple[FakeDiscord, FakeOpenAI]]:
-    llm = FakeOpenAI(stream_reply)
-    await llm.start()
-    try:
-        async with FakeDiscord() as discord:
-            yield discord, llm
-    finally:
-        await llm.stop()
+    async with model_server() as llm, FakeDiscord() as discord:
+        yield discord, llm
 
 
 @pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
@@ -185,9 +181,7 @@ async def test_kills_on_discord_lose_and_repeat_nothing_committed(
         OPENAI_BASE_URL=llm.base_url,
         TURBOBOT_DATABASE_URL=store_url,
     )
-    upgrade = await spawn_turbobot(env, "db", "upgrade", stdin=asyncio.subprocess.DEVNULL)
-    _, err = await upgrade.communicate()
-    assert upgrade.returncode == 0, err
+    await upgrade_schema(env)
     run = DiscordRun(discord, llm, env, tmp_path / "bot.log")
     users = [FIRST_USER + i for i in range(CHATS)]
     store = SQLStore(store_url)

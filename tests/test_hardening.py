@@ -774,6 +774,25 @@ async def test_a_commit_whose_answer_is_lost_is_not_committed_twice(
         await proxy.stop()
 
 
+def refusals(store: Any, words: str) -> Any:
+    """An event set once a commit of ``store`` fails with ``words`` in its error."""
+    import asyncio
+
+    real_commit = store._commit
+    refused = asyncio.Event()
+
+    async def commit(batch: Any) -> Any:
+        try:
+            return await real_commit(batch)
+        except Exception as exc:
+            if words in str(exc):
+                refused.set()
+            raise
+
+    store._commit = commit
+    return refused
+
+
 async def test_postgresql_refusing_writes_for_a_while_is_waited_out(
     request: pytest.FixtureRequest,
 ) -> None:
@@ -802,18 +821,7 @@ async def test_postgresql_refusing_writes_for_a_while_is_waited_out(
 
     store = SQLStore(url, upgrade=True, max_retry_delay=0.01)
     await store.open()
-    real_commit = store._commit
-    refused = asyncio.Event()
-
-    async def commit(batch: Any) -> Any:
-        try:
-            return await real_commit(batch)
-        except Exception as exc:
-            if "read-only" in str(exc):
-                refused.set()
-            raise
-
-    store._commit = commit  # type: ignore[method-assign]
+    refused = refusals(store, "read-only")
     try:
         async with ChatHarness(chat, llm=echo_llm(), store=store) as h:
             assert await h.say("before") == ["echo: before"]
@@ -838,18 +846,7 @@ async def test_a_sqlite_file_refusing_writes_for_a_while_is_waited_out(tmp_path:
     store = SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", max_retry_delay=0.01)
     await store.open()
     assert store._sqlite is not None
-    real_commit = store._commit
-    refused = asyncio.Event()
-
-    async def commit(batch: Any) -> Any:
-        try:
-            return await real_commit(batch)
-        except Exception as exc:
-            if "readonly" in str(exc):
-                refused.set()
-            raise
-
-    store._commit = commit  # type: ignore[method-assign]
+    refused = refusals(store, "readonly")
     try:
         async with ChatHarness(chat, llm=echo_llm(), store=store) as h:
             assert await h.say("before") == ["echo: before"]
