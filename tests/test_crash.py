@@ -95,20 +95,20 @@ def stream_reply(body: dict[str, Any]) -> Reply:
     return Reply(content=answer(users[-1]), chunk_delay=0.03)
 
 
-@dataclass
-class Run:
-    """One crash run: the fakes, the bot process, the kills and what they hit."""
+class BotProcess:
+    """The bot process of a crash run: started on a platform, SIGKILLed, stopped.
 
-    telegram: FakeTelegram
-    llm: FakeOpenAI
+    The runs (dataclasses) declare the fields used here.
+    """
+
     env: dict[str, str]
     log: Path
-    proc: asyncio.subprocess.Process | None = None
-    kill_times: list[float] = field(default_factory=list)
-    starts: int = 0
-    log_level: str = "WARNING"
+    proc: asyncio.subprocess.Process | None
+    kill_times: list[float]
+    starts: int
+    log_level: str
 
-    async def start(self) -> None:
+    async def spawn(self, platform: str) -> None:
         with self.log.open("ab") as log:
             self.proc = await spawn_turbobot(
                 self.env,
@@ -117,7 +117,7 @@ class Run:
                 "run",
                 "tests.crash_bot:crash_chat",
                 "--platform",
-                "telegram",
+                platform,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=log,
@@ -134,6 +134,23 @@ class Run:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         return await asyncio.wait_for(self.proc.wait(), 60)
+
+
+@dataclass
+class Run(BotProcess):
+    """One crash run: the fakes, the bot process, the kills and what they hit."""
+
+    telegram: FakeTelegram
+    llm: FakeOpenAI
+    env: dict[str, str]
+    log: Path
+    proc: asyncio.subprocess.Process | None = None
+    kill_times: list[float] = field(default_factory=list)
+    starts: int = 0
+    log_level: str = "WARNING"
+
+    async def start(self) -> None:
+        await self.spawn("telegram")
 
     def events(self) -> int:
         return len(self.telegram.calls) + len(self.llm.requests)

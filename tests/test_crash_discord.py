@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import random
-import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -31,11 +30,12 @@ import pytest
 
 from tests.fakes.discord_server import FakeDiscord
 from tests.fakes.openai_server import FakeOpenAI
-from tests.test_console import clean_env, spawn_turbobot
+from tests.test_console import clean_env
 from tests.test_crash import (
     API_KEY,
     KILLS,
     SEED,
+    BotProcess,
     assert_no_secrets,
     assert_redone_only_when_interrupted,
     bot_lines,
@@ -54,7 +54,7 @@ FIRST_USER = 9000
 
 
 @dataclass
-class DiscordRun:
+class DiscordRun(BotProcess):
     """The fakes, the bot process, the kills."""
 
     discord: FakeDiscord
@@ -63,6 +63,8 @@ class DiscordRun:
     log: Path
     proc: asyncio.subprocess.Process | None = None
     kill_times: list[float] = field(default_factory=list)
+    starts: int = 0
+    log_level: str = "WARNING"
 
     def registrations(self) -> int:
         """Starts that were ready (each registers its commands on ``on_ready``)."""
@@ -70,29 +72,8 @@ class DiscordRun:
 
     async def start(self) -> None:
         ready = self.registrations()
-        with self.log.open("ab") as log:
-            self.proc = await spawn_turbobot(
-                self.env,
-                "run",
-                "tests.crash_bot:crash_chat",
-                "--platform",
-                "discord",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=log,
-            )
+        await self.spawn("discord")
         await self.discord.wait_for(lambda: self.registrations() > ready, timeout=60)
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.kill_times.append(time.monotonic())
-        assert await self.proc.wait() == -signal.SIGKILL, self.log.read_text()[-3000:]
-
-    async def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.proc.wait(), 60)
 
     def events(self) -> int:
         return len(self.discord.calls) + len(self.llm.requests)
