@@ -940,9 +940,8 @@ def _undeliverable() -> Iterator[None]:
 
 
 def _in_server(message: discord.Message) -> bool:
-    """Whether ``message`` was said in a server (also one discord.py has not cached:
-    its channel is then a partial one that knows only the server's id)."""
-    return message.guild is not None or getattr(message.channel, "guild_id", None) is not None
+    """Whether ``message`` was said in a server (see ``_guild_of``)."""
+    return _guild_of(message) is not None
 
 
 def _attachment_kind(attachment: discord.Attachment) -> str:
@@ -1025,7 +1024,8 @@ async def run_platform(launch: Launch) -> None:
 
 
 def _guild_of(message: discord.Message) -> str | None:
-    """The server ``message`` was sent in (for the guild allowlist), if any."""
+    """The server ``message`` was sent in, if any (also one discord.py has not cached:
+    its channel is then a partial one that knows only the server's id)."""
     guild_id = message.guild.id if message.guild is not None else None
     if guild_id is None:
         guild_id = getattr(message.channel, "guild_id", None)
