@@ -36,6 +36,7 @@ from turbobot.store import (
     BaseStore,
     ConversationRecord,
     ConversationStatus,
+    LeaseLostError,
     OutgoingRecord,
     StepWrite,
     TokenUsage,
@@ -233,6 +234,20 @@ class Conversations:
             await app.aclose()  # runs the template's finally blocks
         except Exception:
             _log.exception("channel %s: template failed while being closed", key)
+
+    async def let_go(self, key: ChannelKey) -> None:
+        """Another worker has the channel now: forget everything about it (its
+        conversation leaves RAM uncommitted, its deadline's timer stops)."""
+        self.arm_timer(key, None)
+        live = self.live.pop(key, None)
+        self.stored_keys.discard(key)
+        self.others.discard(key)
+        self.stalled.pop(key, None)
+        self._deadlines.pop(key, None)
+        self.personalities.forget(key)
+        if live is not None:
+            live.buffer = None
+            await self._close_app(key, live)
 
     def forget(self, key: ChannelKey) -> None:
         """The channel's conversation ended: it is neither in RAM nor active any more."""
@@ -464,7 +479,7 @@ class Conversations:
             # Stored with the new row; in RAM the app's context stands for it.
             live.context = _STORED_CONTEXT
         if wait:
-            await self.flush()
+            await self.flush(live.key)
 
     def _count_usage(self, live: Live, app: App, step: StepWrite) -> None:
         """Add the tokens of the step's model calls to its user's day (``step.usage``).
@@ -495,11 +510,17 @@ class Conversations:
         except Exception as exc:
             raise InfrastructureError("writing a step failed") from exc
 
-    async def flush(self) -> None:
+    async def flush(self, key: ChannelKey | None = None) -> None:
+        """Wait until what was written is committed; with ``key``, raise
+        :class:`LeaseLostError` if the channel's steps were not (another worker took
+        the channel): nothing of it may be sent then."""
         try:
             await self.store.flush()
         except Exception as exc:
             raise InfrastructureError("committing a step failed") from exc
+        leases = self.store.leases
+        if key is not None and leases is not None and not leases.holds(key):
+            raise LeaseLostError(f"another worker took the channel {key}")
 
     async def advance(
         self, key: ChannelKey, live: Live, value: IncomingMessage | UserInput | None
@@ -570,7 +591,7 @@ class Conversations:
         except ReplayDivergedError as exc:
             _log.warning("channel %s: %s", key, exc)
             record.status = "diverged"
-        except InfrastructureError:
+        except (InfrastructureError, LeaseLostError):
             raise
         except Exception:
             _log.exception("channel %s: template %s failed", key, record.template_ref)
@@ -725,7 +746,7 @@ class Conversations:
         if consumed is not None:
             step.consumed.append((consumed.key, consumed.message_id))
         await self.write(step)
-        await self.flush()
+        await self.flush(key)
         platform_id = await self.outbox.deliver(outgoing)
         if platform_id is not FAILED:
             await self.write(StepWrite(sent=[(outgoing.id, platform_id)]))

@@ -123,6 +123,14 @@ class Outbox:
         if first:
             self._wake(outgoing.key)
 
+    def forget(self, key: ChannelKey) -> None:
+        """Drop the channel's kept replies (another worker sends them: they are stored)."""
+        self._kept.pop(key, None)
+        self._attempts.pop(key, None)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
     def has_kept(self, key: ChannelKey) -> bool:
         return key in self._kept
 

@@ -69,6 +69,10 @@ class Personalities:
     def choose(self, key: ChannelKey, template: Template) -> None:
         self._chosen[key] = template
 
+    def forget(self, key: ChannelKey) -> None:
+        """Read the channel's personality from the store again (another worker had it)."""
+        self._chosen.pop(key, None)
+
     def known(self, key: ChannelKey) -> bool:
         return key in self._chosen
 

@@ -55,9 +55,12 @@ from turbobot.settings import Notices, RuntimeSettings
 from turbobot.signals import GetUserInput, UserInput
 from turbobot.store import (
     BaseStore,
+    ChannelLeases,
     InboxItem,
     IncomingBatchError,
     InMemoryStore,
+    LeaseLostError,
+    Recovery,
     StepWrite,
 )
 from turbobot.template import Template
@@ -175,6 +178,9 @@ class Runtime:
         self._started = False
         self._start_lock = asyncio.Lock()
         self._closed = False
+        #: the store's channel leases, when several workers share it (set at start)
+        self._leases: ChannelLeases | None = None
+        self._lease_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -197,28 +203,51 @@ class Runtime:
             first, *older = gc.get_threshold()
             if first < threshold:
                 gc.set_threshold(threshold, *older)
+        self._leases = leases = self.store.leases
+        if leases is not None:
+            # Several workers share the store: this one recovers the channels it takes
+            # (see _take), and takes those nobody holds (check_leases).
+            leases.subscribe(self._notified)
+            await self.check_leases()
+            self._lease_task = asyncio.create_task(self._keep_leases(), name="turbobot:leases")
+        else:
+            recovery = await self._recovery()
+            if recovery.unsent:
+                _log.info("sending %d replies left unsent by the last run", len(recovery.unsent))
+            for item in recovery.inbox:
+                self._queues.setdefault(item.message.key, deque()).append(item)
+            self._resume_from(recovery)
+        idle = self.settings.idle_evict_seconds
+        if idle is not None:
+            self._sweeper = asyncio.create_task(self._sweep(idle), name="turbobot:sweeper")
+
+    async def _recovery(self, keys: Sequence[ChannelKey] | None = None) -> Recovery:
+        """What the store says every channel (or ``keys``) was left at, for each mode."""
         conversations = self.conversations
-        recovery = await self.store.recovery(self.template.ref)
-        conversations.stored_keys = stored = set(recovery.active)
+        recovery = await self.store.recovery(self.template.ref, keys)
+        stored = set(recovery.active)
         others = recovery.others
         for mode in self.personalities.others():
             # conversations of the other modes: the default's recovery has the inbox
             # and the unsent replies already, only what is per template is taken here
-            other = await self.store.recovery(mode.ref)
+            other = await self.store.recovery(mode.ref, keys)
             for key in other.active:
                 self.personalities.choose(key, mode)
             stored |= other.active
             others &= other.others
             recovery.deadlines.extend(other.deadlines)
             recovery.running.extend(other.running)
-        conversations.others = others - stored
-        if recovery.unsent:
-            _log.info("sending %d replies left unsent by the last run", len(recovery.unsent))
+        recovery.active = stored
+        conversations.stored_keys |= stored
+        conversations.others |= others - stored
+        return recovery
+
+    def _resume_from(self, recovery: Recovery) -> None:
+        """Schedule what ``recovery`` left to do: unsent replies, deadlines, steps."""
+        conversations = self.conversations
         for outgoing in recovery.unsent:
             # Sent by the channel's worker, not here: start-up never waits on the platform.
             self._outbox.keep(outgoing)
-        for item in recovery.inbox:
-            self._queues.setdefault(item.message.key, deque()).append(item)
         for key, deadline in recovery.deadlines:
             conversations.arm_timer(key, deadline)
         for key in recovery.running:
@@ -227,9 +256,105 @@ class Runtime:
             self._wake(key)
         for key in list(self._queues):
             self._wake(key)
-        idle = self.settings.idle_evict_seconds
-        if idle is not None:
-            self._sweeper = asyncio.create_task(self._sweep(idle), name="turbobot:sweeper")
+
+    # -- several workers (docs/architecture.md, "Scale-out") ------------------------------
+
+    async def check_leases(self) -> None:
+        """Renew this worker's leases, give up idle ones, and take channels nobody holds.
+
+        Runs every third of a lease's life; a test calls it to make it happen now.
+        """
+        leases = self._leases
+        if leases is None or self._closed:
+            return
+        for key in await leases.renew():
+            self._wake(key)  # its worker lets it go (another worker has it)
+        idle = [key for key in leases.held() if self._idle(key)]
+        if idle:
+            await leases.release(idle)
+        due = self.clock() + leases.ttl
+        refs = [self.template.ref, *(mode.ref for mode in self.personalities.others())]
+        for key in await leases.orphans(due, refs, limit=1000):
+            self._wake(key)  # its worker takes it (see _take)
+        for key in await leases.unread():
+            if not self._workers.busy(key):
+                self._reload.add(key)  # a message another worker committed, unannounced
+                self._wake(key)
+
+    def _idle(self, key: ChannelKey) -> bool:
+        """Whether this worker has nothing of the channel in hand: no conversation in RAM,
+        no message queued, no reply kept, no timer."""
+        return not (
+            key in self.conversations.live
+            or self._queues.get(key)
+            or self._workers.busy(key)
+            or self._outbox.has_kept(key)
+            or self.conversations.deadline_of(key) is not None
+            or key in self._retry_timers
+            or key in self._resume
+        )
+
+    async def _keep_leases(self) -> None:
+        assert self._leases is not None
+        while True:
+            await asyncio.sleep(self._leases.ttl / 3)
+            try:
+                await self.check_leases()
+            except Exception as exc:
+                _log.warning(
+                    "could not renew the channel leases (%s: %s); trying again",
+                    type(exc).__name__,
+                    exc,
+                )
+
+    def _notified(self, keys: list[ChannelKey] | None) -> None:
+        """Another worker committed messages for ``keys`` (``None``: some may have been
+        missed)."""
+        if self._closed:
+            return
+        if keys is None:
+            asyncio.get_running_loop().create_task(self.check_leases())
+            return
+        assert self._leases is not None
+        for key in keys:
+            if self._leases.holds(key):
+                self._reload.add(key)  # committed elsewhere: the inbox has it, RAM not
+            self._wake(key)  # not held: its worker tries to take it
+
+    async def _take(self, key: ChannelKey) -> bool:
+        """The channel's worker found it not held: take it, or let it go (``False``)."""
+        assert self._leases is not None
+        try:
+            taken = await self._leases.claim([key])
+        except Exception as exc:
+            raise InfrastructureError(f"taking the lease of {key} failed") from exc
+        if key not in taken:
+            await self._let_go(key)  # another worker has it, and its messages
+            return False
+        # Another worker may have had it since this one last did: what this one knew
+        # of the channel is stale. Read it from the store.
+        await self._let_go(key)
+        try:
+            recovery = await self._recovery([key])
+        except Exception as exc:
+            await self._leases.release([key])
+            raise InfrastructureError(f"reading the state of {key} failed") from exc
+        self._reload.add(key)  # its inbox, merged with what this worker queued meanwhile
+        self._resume_from(recovery)
+        return True
+
+    async def _let_go(self, key: ChannelKey) -> None:
+        """Forget everything about the channel: another worker has it."""
+        self._queues.pop(key, None)
+        self._reload.discard(key)
+        self._resume.discard(key)
+        self._slowed.discard(key)
+        self._retries.pop(key, None)
+        timer = self._retry_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._outbox.forget(key)
+        await self.conversations.let_go(key)
 
     async def aclose(self) -> None:
         """Finish in-flight steps, commit, then close live conversations (runs ``finally``).
@@ -241,6 +366,10 @@ class Runtime:
         (Ctrl-C, SIGTERM) lose no reply.
         """
         self._closed = True
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_task
         self.conversations.stop_timers()
         if self._notices:  # (notices to people the allowlists leave out)
             _, late = await asyncio.wait(set(self._notices), timeout=self.settings.stop_grace)
@@ -437,7 +566,14 @@ class Runtime:
     async def _work_once(self, key: ChannelKey) -> bool:
         """One run of the channel's worker (turbobot.scheduler); ``False`` stops it."""
         try:
+            leases = self._leases
+            if leases is not None and not leases.holds(key) and not await self._take(key):
+                return False
             await self._drain(key)
+        except LeaseLostError:
+            _log.info("channel %s: another worker took it; its step here is dropped", key)
+            await self._let_go(key)
+            return False
         except InfrastructureError as exc:
             await self._retry_later(key, exc.__cause__ or exc)
             return False
@@ -481,7 +617,8 @@ class Runtime:
             # What arrived during the read is in it, or (if committed after) still queued.
             last = pending[-1].seq if pending else 0
             later = [item for item in self._queues.get(key, ()) if item.seq > last]
-            self._queues[key] = deque([*pending, *later])
+            if pending or later:
+                self._queues[key] = deque([*pending, *later])
         if key in self._resume:
             await self._resume_step(key)
             self._resume.discard(key)  # only once done: a failed try is tried again

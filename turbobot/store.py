@@ -23,7 +23,7 @@ import itertools
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Self
 
@@ -34,11 +34,13 @@ from turbobot.journal import JournalEntry
 __all__ = [
     "FINAL_STATUSES",
     "BaseStore",
+    "ChannelLeases",
     "ConversationRecord",
     "ConversationStatus",
     "InMemoryStore",
     "InboxItem",
     "IncomingBatchError",
+    "LeaseLostError",
     "OutgoingRecord",
     "Recovery",
     "StepWrite",
@@ -235,8 +237,71 @@ class IncomingBatchError(Exception):
         )
 
 
+class LeaseLostError(Exception):
+    """This worker no longer holds the channel's lease: another worker took it (see
+    :class:`ChannelLeases`). What it did for the channel since is not committed."""
+
+
+class ChannelLeases(ABC):
+    """Which channels this worker may process, while several workers share one store.
+
+    A store without leases (``BaseStore.leases is None``) belongs to one process, which
+    processes every channel. With them, a worker processes a channel only while it
+    holds the channel's lease; the store refuses a step written for a channel whose
+    lease was lost or taken since (fencing). See docs/architecture.md, "Scale-out".
+    """
+
+    #: seconds a lease lasts unless renewed
+    ttl: float
+
+    @abstractmethod
+    def holds(self, key: ChannelKey) -> bool:
+        """Whether this worker holds the channel's lease, as far as it knows (the
+        commit of each step checks it again on the store's side)."""
+
+    @abstractmethod
+    def held(self) -> list[ChannelKey]:
+        """The channels whose lease this worker holds."""
+
+    @abstractmethod
+    async def claim(self, keys: Sequence[ChannelKey]) -> list[ChannelKey]:
+        """Take the leases of those channels no other worker holds: the ones taken.
+
+        A channel taken may have been processed elsewhere since this worker last saw
+        it: its state must be read again from the store.
+        """
+
+    @abstractmethod
+    async def renew(self) -> list[ChannelKey]:
+        """Extend the leases held: the channels whose lease turned out to be lost."""
+
+    @abstractmethod
+    async def release(self, keys: Sequence[ChannelKey]) -> None:
+        """Give the leases up (another worker may take the channels at once)."""
+
+    @abstractmethod
+    async def orphans(self, due: float, refs: Sequence[str], limit: int) -> list[ChannelKey]:
+        """Channels with work no worker holds: unused inbox messages, unsent replies,
+        conversations of those templates stopped mid-step or with a deadline before
+        ``due`` (epoch seconds)."""
+
+    @abstractmethod
+    async def unread(self) -> list[ChannelKey]:
+        """Channels this worker holds that have unused inbox messages (a safety net for
+        notifications that were missed)."""
+
+    @abstractmethod
+    def subscribe(self, callback: Callable[[list[ChannelKey] | None], None]) -> None:
+        """Call ``callback`` with the channels another worker committed messages for;
+        with ``None`` when notifications may have been missed (read the store)."""
+
+
 class BaseStore(ABC):
     """The runtime's persistence interface (see the module docstring for the contract)."""
+
+    #: channel leases, when several workers share this store (``None``: this process
+    #: processes every channel)
+    leases: ChannelLeases | None = None
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the store (create or upgrade the schema, start writers)."""
@@ -294,8 +359,11 @@ class BaseStore(ABC):
         """
 
     @abstractmethod
-    async def recovery(self, template_ref: str | None = None) -> Recovery:
-        """The state a starting runtime of that template resumes from."""
+    async def recovery(
+        self, template_ref: str | None = None, keys: Sequence[ChannelKey] | None = None
+    ) -> Recovery:
+        """The state a starting runtime of that template resumes from (of the channels
+        ``keys`` only: a worker taking channels over)."""
 
     @abstractmethod
     async def conversations(self, key: ChannelKey | None = None) -> list[ConversationRecord]:
@@ -400,11 +468,19 @@ class InMemoryStore(BaseStore):
             (item for (k, _), item in self._inbox.items() if k == key), key=lambda i: i.seq
         )
 
-    async def recovery(self, template_ref: str | None = None) -> Recovery:
-        inbox = sorted(self._inbox.values(), key=lambda item: item.seq)
+    async def recovery(
+        self, template_ref: str | None = None, keys: Sequence[ChannelKey] | None = None
+    ) -> Recovery:
+        only = None if keys is None else set(keys)
+        inbox = sorted(
+            (item for item in self._inbox.values() if only is None or item.message.key in only),
+            key=lambda item: item.seq,
+        )
         mine: dict[ChannelKey, ConversationRecord] = {}
         others: set[ChannelKey] = set()
         for (key, ref), cid in self._active.items():
+            if only is not None and key not in only:
+                continue
             if template_ref in (None, ref):
                 mine[key] = self._conversations[cid]
             else:
@@ -414,7 +490,10 @@ class InMemoryStore(BaseStore):
             for key, record in mine.items()
             if record.status == "waiting" and record.deadline is not None
         ]
-        unsent = sorted(self._outbox.values(), key=lambda o: o.id)
+        unsent = sorted(
+            (o for o in self._outbox.values() if only is None or o.key in only),
+            key=lambda o: o.id,
+        )
         running = [
             key for key, record in mine.items() if record.status == "running" and not record.broken
         ]

@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -17,7 +18,17 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-__all__ = ["conversations", "inbox", "journal", "messages", "metadata", "outbox", "usage"]
+__all__ = [
+    "conversations",
+    "inbox",
+    "journal",
+    "leases",
+    "messages",
+    "metadata",
+    "outbox",
+    "usage",
+    "workers",
+]
 
 metadata = MetaData(
     naming_convention={
@@ -128,4 +139,36 @@ usage = Table(
     Column("prompt_tokens", BigInteger, nullable=False),
     Column("completion_tokens", BigInteger, nullable=False),
     Column("generations", Integer, nullable=False),
+)
+
+#: which worker process a channel is processed by, while several share one PostgreSQL
+#: database (docs/architecture.md, "Scale-out"). A row is never deleted: ``generation``
+#: only grows, so a (channel, generation) pair names one holding for good, and a step
+#: committed with it is refused once the channel was taken since (fencing).
+leases = Table(
+    "leases",
+    metadata,
+    Column("channel", ChannelColumn, primary_key=True),
+    #: the worker's name (a restarted worker takes its own leases back at once)
+    Column("worker", String(128), nullable=False),
+    #: that process's run of the worker
+    Column("incarnation", String(48), nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    #: on the database's clock: workers on several machines need not agree on time
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index(None, "incarnation"),
+)
+
+#: the workers sharing the database, for ``turbobot status``
+workers = Table(
+    "workers",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    Column("incarnation", String(48), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    #: renewed with the worker's leases
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+    Column("leases", Integer, nullable=False),
 )

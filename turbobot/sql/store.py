@@ -46,12 +46,13 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.codec import count, to_json, unwritable, writable_text
 from turbobot.exceptions import ConfigurationError
 from turbobot.journal import JournalEntry
+from turbobot.sql.leases import SQLLeases
 from turbobot.sql.schema import (
     PLATFORM_SIZE,
     USER_ID_SIZE,
@@ -68,6 +69,7 @@ from turbobot.store import (
     ConversationRecord,
     InboxItem,
     IncomingBatchError,
+    LeaseLostError,
     OutgoingRecord,
     Recovery,
     StepWrite,
@@ -80,6 +82,8 @@ __all__ = ["SQLStore", "channel_column", "configure_sqlite_engine", "parse_chann
 _log = logging.getLogger(__name__)
 
 ACTIVE_STATUSES = ("running", "waiting")
+
+
 #: seconds a commit waits for another process's lock on the SQLite file
 _SQLITE_LOCK_WAIT = 10.0
 
@@ -212,6 +216,9 @@ class _Op:
     done: bool = False
     #: a page split into one operation per message, once it had to be
     parts: list[_Op] | None = None
+    #: the generation of the channel's lease the step was written under (several
+    #: workers: the commit refuses it if the lease was lost since; see leases.py)
+    fence: int | None = None
 
 
 def _split_incoming(op: _Op) -> list[_Op]:
@@ -345,6 +352,10 @@ class SQLStore(BaseStore):
             for SQLite; PostgreSQL schemas are upgraded with ``turbobot db upgrade``).
         max_retry_delay: the longest pause between tries of a commit the database
             refuses for a while (full disk, read-only file, lost connection).
+        worker: this worker's name, when several workers share the (PostgreSQL)
+            database: the store then has :attr:`leases`, and commits a step only
+            while the worker holds its channel's lease (see ``turbobot.sql.leases``).
+        lease_seconds: how long a worker's lease lasts unless renewed.
     """
 
     def __init__(
@@ -356,8 +367,13 @@ class SQLStore(BaseStore):
         sqlite_synchronous: str = "FULL",
         upgrade: bool | None = None,
         max_retry_delay: float = 5.0,
+        worker: str | None = None,
+        lease_seconds: float = 10.0,
     ) -> None:
         self.url = url
+        self.worker = worker
+        self.lease_seconds = lease_seconds
+        self.leases: SQLLeases | None = None
         self.batch_window = batch_window
         self.max_batch = max_batch
         self.max_retry_delay = max_retry_delay
@@ -389,6 +405,12 @@ class SQLStore(BaseStore):
                 "install it, e.g. pip install 'turbobot[postgres]' for PostgreSQL"
             ) from exc
         if self.is_sqlite:
+            if self.worker is not None:
+                await engine.dispose()
+                raise ConfigurationError(
+                    "several workers share a PostgreSQL database; a SQLite file belongs to "
+                    "one process: set TURBOBOT_DATABASE_URL to a postgresql+asyncpg:// URL"
+                )
             configure_sqlite_engine(engine, self.sqlite_synchronous)
             _create_private(make_url(self.url).database)
 
@@ -400,6 +422,14 @@ class SQLStore(BaseStore):
         except BaseException:
             await engine.dispose()
             raise
+        if self.worker is not None:
+            leases = SQLLeases(engine, self.worker, self.lease_seconds)
+            try:
+                await leases.open()
+            except BaseException:
+                await engine.dispose()
+                raise
+            self.leases = leases
         self.engine = engine
         path = make_url(self.url).database if self.is_sqlite else None
         if path and path != ":memory:" and not path.startswith("file:"):
@@ -417,6 +447,9 @@ class SQLStore(BaseStore):
             self._wake.set()
             await self._writer
             self._writer = None
+        if self.leases is not None:
+            await self.leases.aclose()
+            self.leases = None
         if self._sqlite is not None:
             self._sqlite.close()
             self._sqlite = None
@@ -562,6 +595,14 @@ class SQLStore(BaseStore):
                 )
                 for used in step.usage
             ]
+        if self.leases is not None and op.channel:
+            generation = self.leases.generation(op.channel)
+            if generation is None:
+                # The channel is not this worker's (any more): never committed. The
+                # runtime learns it from leases.holds() before it would send a reply.
+                _log.debug("SQL store: a step for %s is not written: lease lost", op.channel)
+                return
+            op.fence = generation
         self._batch.ops.append(op)
         self._queued()
 
@@ -670,7 +711,7 @@ class SQLStore(BaseStore):
         if not ops:
             return
         try:
-            inserted.update(await self._commit(_Merged.of(ops)))
+            inserted.update(await self._commit(ops))
         except Exception as exc:
             if _transient(exc):
                 raise
@@ -722,16 +763,21 @@ class SQLStore(BaseStore):
             if rows
         ]
 
-    async def _commit(self, batch: _Merged) -> dict[tuple[str, str], int]:
-        incoming = batch.incoming
+    async def _commit(self, ops: list[_Op]) -> dict[tuple[str, str], int]:
         if self._sqlite is not None:
-            return await self._commit_sqlite(self._sqlite, batch, incoming)
+            batch = _Merged.of(ops)
+            return await self._commit_sqlite(self._sqlite, batch, batch.incoming)
         inserted: dict[tuple[str, str], int] = {}
+        leases = self.leases
         async with self._engine().connect() as conn:
             transaction = await conn.begin()
             try:
                 # The transaction's id, to learn its fate if the answer to COMMIT is lost.
                 txid = (await conn.exec_driver_sql("SELECT txid_current()")).scalar_one()
+                if leases is not None:
+                    ops = await self._fenced(conn, leases, ops)
+                batch = _Merged.of(ops)
+                incoming = batch.incoming
                 if incoming:
                     # Duplicates (a redelivered platform message) are skipped by the unique
                     # constraint, within this batch and across the whole history.
@@ -740,6 +786,8 @@ class SQLStore(BaseStore):
                         [dict(zip(_INBOX_ROW, row, strict=True)) for row in incoming],
                     )
                     inserted = {(r.channel, r.message_id): int(r.seq) for r in result}
+                    if leases is not None and inserted:
+                        await leases.announce(conn, [channel for channel, _ in inserted])
                 for statement, rows in self._statements(batch):
                     await conn.exec_driver_sql(statement.sql, rows)
             except BaseException:
@@ -762,6 +810,30 @@ class SQLStore(BaseStore):
                     return inserted
                 raise
         return inserted
+
+    @staticmethod
+    async def _fenced(conn: AsyncConnection, leases: SQLLeases, ops: list[_Op]) -> list[_Op]:
+        """The operations this worker may still commit: steps whose lease generation is
+        current (checked, and share-locked, in this transaction), and pages of incoming
+        messages. The others are dropped for good: a lost lease is never regained (a
+        take raises the generation)."""
+        wanted = [(op.channel, op.fence) for op in ops if op.fence is not None]
+        if not wanted:
+            return ops
+        current = await leases.fence(conn, wanted)
+        allowed = []
+        for op in ops:
+            if op.fence is None or current.get(op.channel) == op.fence:
+                allowed.append(op)
+            elif not op.done:
+                op.failure = LeaseLostError(op.channel)
+                op.done = True
+                _log.info(
+                    "SQL store: a step for channel %s is not committed: another worker "
+                    "took the channel",
+                    op.channel,
+                )
+        return allowed
 
     async def _committed(self, txid: int) -> bool:
         """Whether PostgreSQL transaction ``txid`` committed (asked on a new connection).
@@ -891,25 +963,36 @@ class SQLStore(BaseStore):
                 InboxItem(int(r.seq), IncomingMessage.from_dict(_loads(r.payload))) for r in rows
             ]
 
-    async def recovery(self, template_ref: str | None = None) -> Recovery:
+    async def recovery(
+        self, template_ref: str | None = None, keys: Sequence[ChannelKey] | None = None
+    ) -> Recovery:
         await self.flush()
+        channels = None if keys is None else [channel_column(key) for key in keys]
+
+        def only(query: Any, column: Any) -> Any:
+            return query if channels is None else query.where(column.in_(channels))
+
         async with self._engine().connect() as conn:
             pending = await conn.execute(
-                select(inbox.c.seq, inbox.c.payload)
-                .where(inbox.c.consumed.is_(False))
-                .order_by(inbox.c.seq)
+                only(
+                    select(inbox.c.seq, inbox.c.payload).where(inbox.c.consumed.is_(False)),
+                    inbox.c.channel,
+                ).order_by(inbox.c.seq)
             )
             items = [
                 InboxItem(int(r.seq), IncomingMessage.from_dict(_loads(r.payload))) for r in pending
             ]
             active_rows = await conn.execute(
-                select(
+                only(
+                    select(
+                        conversations.c.channel,
+                        conversations.c.status,
+                        conversations.c.deadline,
+                        conversations.c.broken,
+                        conversations.c.template_ref,
+                    ).where(conversations.c.status.in_(ACTIVE_STATUSES)),
                     conversations.c.channel,
-                    conversations.c.status,
-                    conversations.c.deadline,
-                    conversations.c.broken,
-                    conversations.c.template_ref,
-                ).where(conversations.c.status.in_(ACTIVE_STATUSES))
+                )
             )
             active: set[ChannelKey] = set()
             deadlines: list[tuple[ChannelKey, float]] = []
@@ -926,7 +1009,9 @@ class SQLStore(BaseStore):
                 elif r.status == "running" and not r.broken:
                     running.append(key)
             unsent_rows = await conn.execute(
-                select(outbox).where(outbox.c.sent.is_(False)).order_by(outbox.c.id)
+                only(select(outbox).where(outbox.c.sent.is_(False)), outbox.c.channel).order_by(
+                    outbox.c.id
+                )
             )
             unsent = [
                 OutgoingRecord(r.id, parse_channel_column(r.channel), r.text, r.created_at)

@@ -1,0 +1,243 @@
+"""Several workers on one PostgreSQL database, in one process (turbobot.sql.leases).
+
+Each worker is a runtime with a store of its own (its own connections, its own
+lease holder) on the same database: what separate processes do, without their
+start-up cost. Lease expiry is made to happen by setting ``expires_at`` in the past
+(the database's clock), never by waiting for it. The multi-process suite with real
+SIGKILL and SIGSTOP is tests/test_workers_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+
+from turbobot import Generate, GetUserInput, Result, User, turbo
+from turbobot.chat import ChannelKey, IncomingMessage
+from turbobot.llm.base import DeltaCallback, LLMRequest, LLMResponse
+from turbobot.runtime import Runtime, RuntimeSettings
+from turbobot.sql import SQLStore
+from turbobot.testing import RecordingSender
+
+from .conftest import _create_database
+
+
+@turbo()
+async def tally():
+    """Numbers each message: a conversation rebuilt elsewhere must count on."""
+    n = 0
+    while True:
+        said = yield GetUserInput()
+        n += 1
+        yield Result(f"{n}:{said}")
+
+
+@turbo()
+async def asks():
+    """Asks the model about each message."""
+    while True:
+        said = yield GetUserInput()
+        yield User(content=said)
+        yield Generate()
+
+
+class GatedLLM:
+    """Answers "echo: TEXT"; a text starting with "slow" waits for ``gate``."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.asked: list[str] = []
+        self.started = asyncio.Event()
+
+    async def complete(
+        self, request: LLMRequest, *, on_delta: DeltaCallback | None = None
+    ) -> LLMResponse:
+        text = str(request.messages[-1]["content"])
+        self.asked.append(text)
+        if text.startswith("slow"):
+            self.started.set()
+            await self.gate.wait()
+        return LLMResponse(f"echo: {text}", (), None, "stop")
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass
+class Worker:
+    name: str
+    store: SQLStore
+    runtime: Runtime
+
+    @property
+    def leases(self) -> Any:
+        assert self.store.leases is not None
+        return self.store.leases
+
+
+@pytest.fixture
+async def database(postgres: Any) -> str:
+    url = await _create_database(postgres)
+    async with SQLStore(url, upgrade=True):  # the schema, once
+        pass
+    return url
+
+
+@contextlib.asynccontextmanager
+async def workers(
+    url: str,
+    count: int,
+    template: Any = tally,
+    *,
+    llm: Any = None,
+    sender: Any = None,
+    settings: RuntimeSettings | None = None,
+) -> AsyncIterator[list[Worker]]:
+    async with contextlib.AsyncExitStack() as stack:
+        started = []
+        for i in range(count):
+            # a long lease: nothing expires unless a test says so
+            store = SQLStore(url, worker=f"w{i}", lease_seconds=600)
+            await stack.enter_async_context(store)
+            runtime = Runtime(
+                template,
+                llm=llm or GatedLLM(),
+                sender=sender or RecordingSender(),
+                store=store,
+                settings=settings,
+            )
+            await stack.enter_async_context(runtime)
+            started.append(Worker(f"w{i}", store, runtime))
+        yield started
+
+
+async def settle(crew: list[Worker], done: Callable[[], bool], rounds: int = 500) -> None:
+    """Until ``done()``: let every worker handle what it has (notifications travel
+    through PostgreSQL, so a worker may get work after its join returned)."""
+    for _ in range(rounds):
+        await asyncio.gather(*(w.runtime.join() for w in crew))
+        if done():
+            return
+        await asyncio.sleep(0.01)  # a notification on its way
+    raise AssertionError("the workers did not finish their work")
+
+
+async def expire(url: str, worker: str) -> None:
+    """The worker's leases run out now (on the database's clock, as time would)."""
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        await conn.execute(
+            "UPDATE leases SET expires_at = now() - interval '1 second' WHERE worker = $1",
+            worker,
+        )
+    finally:
+        await conn.close()
+
+
+def message(channel: int, n: int) -> IncomingMessage:
+    return IncomingMessage(ChannelKey("test", str(channel)), f"m{n}", f"{channel}-{n}", "u")
+
+
+async def test_messages_landing_on_any_worker_are_answered_in_order_once(database: str) -> None:
+    sender = RecordingSender()
+    channels, per_channel = 30, 6
+    async with workers(database, 3, sender=sender) as crew:
+        for n in range(1, per_channel + 1):
+            for c in range(channels):
+                await crew[(c + n) % 3].runtime.receive(message(c, n))
+        await settle(crew, lambda: len(sender.sent) == channels * per_channel)
+        holders = {w.name: len(w.leases.held()) for w in crew}
+    for c in range(channels):
+        assert sender.texts(ChannelKey("test", str(c))) == [
+            f"{n}:m{n}" for n in range(1, per_channel + 1)
+        ]
+    assert sum(holders.values()) == channels  # each channel held by one worker
+    assert len(sender.sent) == channels * per_channel
+
+
+async def test_a_channel_moves_between_workers_and_its_conversation_goes_on(
+    database: str,
+) -> None:
+    """Conversations evicted after each message (as idle ones are): each worker gives
+    the channel up, and the next message's worker rebuilds it by replay."""
+    sender = RecordingSender()
+    key = ChannelKey("test", "7")
+    async with workers(database, 3, sender=sender) as crew:
+        for n in range(1, 10):
+            await crew[n % 3].runtime.receive(message(7, n))
+            await settle(crew, lambda n=n: len(sender.sent) == n)
+            for w in crew:
+                await w.runtime.evict(key)
+                await w.runtime.check_leases()  # idle: released
+            assert not any(w.leases.holds(key) for w in crew)
+    assert sender.texts(key) == [f"{n}:m{n}" for n in range(1, 10)]
+
+
+async def test_a_worker_past_its_lease_cannot_commit_its_step(database: str) -> None:
+    """A worker paused mid-step (here: waiting for the model) past its lease; another
+    takes the channel and answers; the first one's step is refused by the fence."""
+    llm = GatedLLM()
+    sender = RecordingSender()
+    key = ChannelKey("test", "1")
+    async with workers(database, 2, asks, llm=llm, sender=sender) as crew:
+        first, second = crew
+        await first.runtime.receive(message(1, 1))
+        await settle(crew, lambda: len(sender.sent) == 1)
+        slow = IncomingMessage(key, "slow one", "1-2", "u")
+        await first.runtime.receive(slow)
+        await llm.started.wait()  # the first worker is in its step
+        await expire(database, "w0")
+        # the next message lands on the second worker, which takes the channel
+        await second.runtime.receive(message(1, 3))
+        llm.gate.set()
+        await settle(crew, lambda: len(sender.sent) >= 3 and not first.leases.holds(key))
+        assert second.leases.holds(key)
+    # the slow message answered once (by the second worker), then the next one
+    assert sender.texts(key) == ["echo: m1", "echo: slow one", "echo: m3"]
+    assert llm.asked.count("slow one") == 2  # the first worker's answer was never committed
+
+
+class DownSender(RecordingSender):
+    """A platform that refuses everything (the worker behind it is cut off)."""
+
+    async def send(self, key: ChannelKey, text: str) -> str | None:
+        raise ConnectionError("the platform is unreachable")
+
+
+async def test_a_dead_workers_channels_are_taken_over(database: str) -> None:
+    """A worker stops answering with replies unsent and leases it never gives up (as a
+    killed one): after the expiry another worker takes its channels, sends the replies
+    and goes on with the conversations."""
+    sender = RecordingSender()
+    keys = [ChannelKey("test", str(c)) for c in range(5)]
+    async with workers(database, 1, sender=DownSender()) as (doomed,):
+        for c in range(5):
+            await doomed.runtime.receive(message(c, 1))
+        await doomed.runtime.join()
+        assert all(doomed.leases.holds(key) for key in keys)
+        async with workers(database, 1, sender=sender) as (survivor,):
+            await survivor.runtime.check_leases()
+            await survivor.runtime.join()
+            assert sender.sent == []  # the leases are still the doomed worker's
+            await expire(database, "w0")
+            await survivor.runtime.check_leases()
+            await settle([survivor], lambda: len(sender.sent) == 5)
+            for c in range(5):
+                await survivor.runtime.receive(message(c, 2))
+            await settle([survivor], lambda: len(sender.sent) == 10)
+    for key in keys:
+        assert sender.texts(key) == ["1:m1", "2:m2"]
+
+
+async def test_sqlite_refuses_several_workers(tmp_path: Any) -> None:
+    from turbobot.exceptions import ConfigurationError
+
+    store = SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", worker="w0")
+    with pytest.raises(ConfigurationError, match="PostgreSQL"):
+        await store.open()
