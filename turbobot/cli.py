@@ -242,17 +242,55 @@ def check_database_url(url: str, source: str = DATABASE_VARIABLE) -> URL | None:
     return parsed
 
 
-def make_store(url: str, source: str = DATABASE_VARIABLE) -> BaseStore:
+def make_store(
+    url: str, source: str = DATABASE_VARIABLE, *, worker: _Worker | None = None
+) -> BaseStore:
     """``memory`` for a store in RAM (nothing survives), else an SQLAlchemy async URL.
+
+    With ``worker`` (``turbobot run``), a PostgreSQL store takes channel leases: any
+    number of workers may share the database (docs/architecture.md, "Scale-out").
 
     Raises:
         ConfigurationError: the URL cannot work (see :func:`check_database_url`).
     """
-    if check_database_url(url, source) is None:
+    parsed = check_database_url(url, source)
+    if parsed is None:
         return InMemoryStore()
     from turbobot.sql import SQLStore
 
+    if worker is not None and parsed.get_backend_name() == "postgresql":
+        return SQLStore(url, worker=worker.name, lease_seconds=worker.lease_seconds)
     return SQLStore(url)
+
+
+WORKER_NAME_VARIABLE = "TURBOBOT_WORKER_NAME"
+LEASE_VARIABLE = "TURBOBOT_LEASE_SECONDS"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Worker:
+    """Who this process is among the workers sharing a PostgreSQL database."""
+
+    name: str
+    lease_seconds: float
+
+
+def _worker(env: Mapping[str, str]) -> _Worker:
+    from turbobot.sql.leases import default_worker_name
+
+    name = env.get(WORKER_NAME_VARIABLE, "").strip() or default_worker_name()
+    if len(name) > 128:
+        raise ConfigurationError(f"{WORKER_NAME_VARIABLE} is longer than 128 characters")
+    text = env.get(LEASE_VARIABLE, "").strip() or "10"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 1 <= seconds <= 3600:
+        raise ConfigurationError(
+            f"{LEASE_VARIABLE} must be a number of seconds from 1 to 3600, got {text!r}"
+        )
+    return _Worker(name, seconds)
 
 
 def _connection_failure(database: _Database, exc: BaseException) -> ConfigurationError | None:
@@ -287,9 +325,11 @@ def _one_line(text: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _open_store(database: _Database) -> AsyncIterator[BaseStore]:
+async def _open_store(
+    database: _Database, worker: _Worker | None = None
+) -> AsyncIterator[BaseStore]:
     """The store of ``database``, open; a failure to open it is a ConfigurationError."""
-    store = make_store(database.url, database.source)
+    store = make_store(database.url, database.source, worker=worker)
     try:
         await store.open()
     except Exception as exc:
@@ -422,6 +462,13 @@ def _parser() -> argparse.ArgumentParser:
         "any platform installed as a 'turbobot.platforms' entry point",
     )
     run.add_argument("--channel", default="console", help="console channel name")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run this many worker processes sharing one PostgreSQL database (Telegram "
+        "by webhook, Discord split into shards); see the README's 'Scale-out'",
+    )
     run.add_argument("--model", help="model name (default: TURBOBOT_MODEL or the template's)")
     run.add_argument(
         "--llm",
@@ -480,6 +527,11 @@ def _parser() -> argparse.ArgumentParser:
         help="NAME (console), PLATFORM:CHANNEL[:THREAD], or as `conversations` prints it",
     )
     sub.add_parser("conversations", help="list conversations and their state", parents=[database])
+    sub.add_parser(
+        "status",
+        help="the workers sharing a PostgreSQL database, their leases and the inbox",
+        parents=[database],
+    )
     new = sub.add_parser("new", help="write a new bot module and its test, to start from")
     new.add_argument("name", help="the module name, e.g. tea_expert (writes tea_expert.py)")
     new.add_argument("--directory", default=".", help="where to write (default: here)")
@@ -518,9 +570,10 @@ async def _bot_parts(
     database = _database(args.database, env)
     check_database_url(database.url, database.source)  # before a model is loaded
     choice = choose_llm(args.llm, env)
+    worker = _worker(env)
     llm = build_llm(choice, env)
     try:
-        async with _open_store(database) as store:
+        async with _open_store(database, worker) as store:
             # load a local model before the first message, not during it
             await _start_llm(llm, choice, env)
             yield template, store, llm
@@ -614,6 +667,41 @@ async def _conversations(args: argparse.Namespace, env: Mapping[str, str]) -> No
         print(f"{record.key}\t{record.id}\t{started}\t{state}")
 
 
+async def _status(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """Print the workers sharing the database, their leases and the inbox's depth."""
+    from turbobot.sql import SQLStore
+    from turbobot.sql.leases import worker_status
+
+    database = _database(args.database, env)
+    parsed = check_database_url(database.url, database.source)
+    if parsed is None or parsed.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            "turbobot status shows the workers sharing a PostgreSQL database; "
+            f"{database.given_by} is not one (one process owns a SQLite file)"
+        )
+    async with _open_store(database) as store:
+        assert isinstance(store, SQLStore) and store.engine is not None
+        status = await worker_status(store.engine)
+    workers = status["workers"]
+    lease = float(env.get(LEASE_VARIABLE, "").strip() or 10)
+    print(f"{len(workers)} worker(s)")
+    if workers:
+        print("name\thost\tpid\tstarted\tlast seen\tleases")
+    for worker in workers:
+        seen = float(worker["idle"])
+        state = f"{seen:.0f}s ago" + ("" if seen < 3 * lease else " (gone?)")
+        started = worker["started_at"].astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        print(
+            f"{worker['name']}\t{worker['host']}\t{worker['pid']}\t{started}\t{state}\t"
+            f"{worker['leases']}"
+        )
+    print(
+        f"channels leased: {status['leases']}; inbox: {status['inbox']} message(s) in "
+        f"{status['channels']} channel(s), {status['orphaned']} of them held by no worker; "
+        f"unsent replies: {status['unsent']}"
+    )
+
+
 def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
@@ -665,6 +753,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=_log_level(args.log_level, env),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        if args.command == "run" and args.workers != 1:
+            from turbobot.workers import supervise
+
+            return supervise(args, env, list(sys.argv[1:] if argv is None else argv))
         if args.command == "run":
             runner = platforms.load(args.platform)
             launch = platforms.Launch(
@@ -681,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_transcript(args, env))
         elif args.command == "conversations":
             asyncio.run(_conversations(args, env))
+        elif args.command == "status":
+            asyncio.run(_status(args, env))
         elif args.command == "new":
             _new(args)
     except ConfigurationError as exc:

@@ -354,7 +354,12 @@ class TelegramAdapter(BaseSender):
         handler = _make_webhook_handler()
         web = WebApplication([(re.escape(path), handler, {"adapter": self, "runtime": runtime})])
         try:
-            listening = socket.create_server((settings.listen, settings.port), backlog=128)
+            # Workers sharing a database share the port too (the kernel spreads the
+            # connections; see turbobot.workers). One process alone owns it.
+            shared = runtime.store.leases is not None and hasattr(socket, "SO_REUSEPORT")
+            listening = socket.create_server(
+                (settings.listen, settings.port), backlog=128, reuse_port=shared
+            )
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot listen for the webhook on {settings.listen}:{settings.port} "

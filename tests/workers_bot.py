@@ -1,0 +1,16 @@
+"""The bot of the multi-worker suites: it numbers each message of a conversation, so
+that a message processed twice, skipped or out of order shows in its replies."""
+
+from __future__ import annotations
+
+from turbobot import GetUserInput, Result, turbo
+
+
+@turbo()
+async def tally():
+    """Numbers each message."""
+    n = 0
+    while True:
+        said = yield GetUserInput()
+        n += 1
+        yield Result(f"{n}:{said}")
