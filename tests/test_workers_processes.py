@@ -99,52 +99,52 @@ async def test_telegram_webhook_on_two_workers_behind_a_proxy_one_killed(
     url = await _create_database(postgres)
     chats = range(FIRST_CHAT, FIRST_CHAT + CHATS)
     ports = [free_port(), free_port()]
-    async with model_server() as llm, FakeTelegram() as telegram:
-        async with RoundRobinProxy([f"http://127.0.0.1:{p}" for p in ports]) as proxy:
-            env = bot_env(
-                telegram,
-                llm,
-                url,
-                TELEGRAM_WEBHOOK_URL=f"{proxy.url}/telegram/hook",
-                TELEGRAM_WEBHOOK_SECRET=SECRET,
-                TURBOBOT_LEASE_SECONDS="3",
+    upstreams = [f"http://127.0.0.1:{p}" for p in ports]
+    async with (
+        model_server() as llm,
+        FakeTelegram() as telegram,
+        RoundRobinProxy(upstreams) as proxy,
+    ):
+        env = bot_env(
+            telegram,
+            llm,
+            url,
+            TELEGRAM_WEBHOOK_URL=f"{proxy.url}/telegram/hook",
+            TELEGRAM_WEBHOOK_SECRET=SECRET,
+            TURBOBOT_LEASE_SECONDS="3",
+        )
+        await upgrade_schema(env)
+        async with contextlib.AsyncExitStack() as stack:
+            procs = [
+                await stack.enter_async_context(worker(env, f"w{i}", port, tmp_path / f"w{i}.log"))
+                for i, port in enumerate(ports)
+            ]
+            await telegram.wait_until(
+                lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 2,
+                timeout=60,
             )
-            await upgrade_schema(env)
-            async with contextlib.AsyncExitStack() as stack:
-                procs = [
-                    await stack.enter_async_context(
-                        worker(env, f"w{i}", port, tmp_path / f"w{i}.log")
+            for n in range(1, ROUNDS + 1):
+                if n == ROUNDS // 2:
+                    held = await sql(
+                        url,
+                        "SELECT count(*) AS n FROM leases "
+                        "WHERE worker = 'w0' AND expires_at > now()",
                     )
-                    for i, port in enumerate(ports)
-                ]
-                await telegram.wait_until(
-                    lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 2,
-                    timeout=60,
-                )
-                for n in range(1, ROUNDS + 1):
-                    if n == ROUNDS // 2:
-                        held = await sql(
-                            url,
-                            "SELECT count(*) AS n FROM leases "
-                            "WHERE worker = 'w0' AND expires_at > now()",
-                        )
-                        procs[0].send_signal(signal.SIGKILL)
-                        await procs[0].wait()
-                        # its leases run out (as they would after TURBOBOT_LEASE_SECONDS)
-                        await sql(
-                            url,
-                            "UPDATE leases SET expires_at = now() - interval '1 second' "
-                            "WHERE worker = 'w0'",
-                        )
-                    await asyncio.gather(*(deliver(telegram, chat, f"m{n}") for chat in chats))
-                await telegram.wait_until(
-                    lambda: all(
-                        len(deduplicated(telegram.texts(chat))) >= ROUNDS for chat in chats
-                    ),
-                    timeout=120,
-                )
-                assert procs[1].returncode is None
-            status = await sql(url, "SELECT count(*) AS n FROM inbox WHERE NOT consumed")
+                    procs[0].send_signal(signal.SIGKILL)
+                    await procs[0].wait()
+                    # its leases run out (as they would after TURBOBOT_LEASE_SECONDS)
+                    await sql(
+                        url,
+                        "UPDATE leases SET expires_at = now() - interval '1 second' "
+                        "WHERE worker = 'w0'",
+                    )
+                await asyncio.gather(*(deliver(telegram, chat, f"m{n}") for chat in chats))
+            await telegram.wait_until(
+                lambda: all(len(deduplicated(telegram.texts(chat))) >= ROUNDS for chat in chats),
+                timeout=120,
+            )
+            assert procs[1].returncode is None
+        status = await sql(url, "SELECT count(*) AS n FROM inbox WHERE NOT consumed")
     logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(2))
     expected = [f"{n}:m{n}" for n in range(1, ROUNDS + 1)]
     shown_twice = 0
