@@ -161,3 +161,80 @@ async def test_telegram_webhook_on_two_workers_behind_a_proxy_one_killed(
         f"answered per worker: {proxy.answered}, refused: {proxy.failed}"
     )
     assert "Traceback" not in logs.replace("KeyboardInterrupt", ""), logs[-4000:]
+
+
+WORKERS_CHATS = int(os.environ.get("WORKERS_MANY_CHATS", "150"))
+WORKERS_MESSAGES = int(os.environ.get("WORKERS_MESSAGES", "20"))
+
+
+async def test_three_workers_from_one_command_share_the_chats(
+    postgres: Any, tmp_path: Path
+) -> None:
+    """``turbobot run --workers 3``: three processes on one webhook port (the kernel
+    spreads the connections), ``WORKERS_MANY_CHATS`` chats of ``WORKERS_MESSAGES``
+    messages each (full size: 1,000 and 20, ``make workers``). Every chat's replies in
+    order, each message answered once; ``turbobot status`` shows the three workers."""
+    url = await _create_database(postgres)
+    chats = range(FIRST_CHAT, FIRST_CHAT + WORKERS_CHATS)
+    port = free_port()
+    log = tmp_path / "workers.log"
+    async with model_server() as llm, FakeTelegram() as telegram:
+        env = bot_env(
+            telegram,
+            llm,
+            url,
+            TELEGRAM_WEBHOOK_URL=f"http://127.0.0.1:{port}/telegram/hook",
+            TELEGRAM_WEBHOOK_SECRET=SECRET,
+            TURBOBOT_WORKER_NAME="box",
+        )
+        await upgrade_schema(env)
+        with log.open("ab") as out:
+            supervisor = await spawn_turbobot(
+                env,
+                "run",
+                "tests.workers_bot:tally",
+                "--platform",
+                "telegram",
+                "--workers",
+                "3",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=out,
+            )
+        try:
+            await telegram.wait_until(
+                lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 3, timeout=60
+            )
+            for n in range(1, WORKERS_MESSAGES + 1):
+                await asyncio.gather(*(deliver(telegram, chat, f"m{n}") for chat in chats))
+            await telegram.wait_until(
+                lambda: all(len(telegram.texts(chat)) >= WORKERS_MESSAGES for chat in chats),
+                timeout=300,
+            )
+            status = await spawn_turbobot(env, "status", stdin=asyncio.subprocess.DEVNULL)
+            shown, err = await status.communicate()
+            assert status.returncode == 0, err
+            held = await sql(
+                url,
+                "SELECT worker, count(*) AS n FROM leases WHERE expires_at > now() "
+                "GROUP BY worker ORDER BY worker",
+            )
+        finally:
+            supervisor.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(supervisor.wait(), 90)
+    output = shown.decode()
+    assert output.startswith("3 worker(s)"), output
+    for name in ("box-0", "box-1", "box-2"):
+        assert name in output, output
+    assert "inbox: 0 message(s)" in output, output
+    assert [row["worker"] for row in held] == ["box-0", "box-1", "box-2"], held  # all took chats
+    expected = [f"{n}:m{n}" for n in range(1, WORKERS_MESSAGES + 1)]
+    for chat in chats:
+        assert telegram.texts(chat) == expected, (chat, telegram.texts(chat))
+    assert code == 0, log.read_text()[-3000:]
+    leftover = await sql(url, "SELECT count(*) AS n FROM workers")
+    assert leftover[0]["n"] == 0  # each worker left the registry on its way out

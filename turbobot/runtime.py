@@ -450,6 +450,10 @@ class Runtime:
                 # (once closed, the next start has it)
                 self._commands.cancel_if_asked(admitted)
                 self._queues.setdefault(message.key, deque()).append(InboxItem(seq, admitted))
+                if self._leases is not None:
+                    # Another worker may have committed earlier messages of the channel
+                    # whose notification is still on its way: the inbox has them.
+                    self._reload.add(message.key)
                 self._wake(message.key)
         if failure is not None:
             await self._refused_incoming(wanted, failure)
@@ -608,22 +612,17 @@ class Runtime:
         if self._outbox.has_kept(key):
             await self._outbox.resend(key)
         if key in self._reload:
-            # A step failed on the store: the inbox, not RAM, says what is still to do.
-            try:
-                pending = await self.store.inbox(key)
-            except Exception as exc:
-                raise InfrastructureError(f"reading the inbox of {key} failed") from exc
-            self._reload.discard(key)
-            # What arrived during the read is in it, or (if committed after) still queued.
-            last = pending[-1].seq if pending else 0
-            later = [item for item in self._queues.get(key, ()) if item.seq > last]
-            if pending or later:
-                self._queues[key] = deque([*pending, *later])
+            await self._reload_inbox(key)
         if key in self._resume:
             await self._resume_step(key)
             self._resume.discard(key)  # only once done: a failed try is tried again
         queue = self._queues.get(key)
         while queue:
+            if key in self._reload:  # (another worker committed a message meanwhile)
+                await self._reload_inbox(key)
+                queue = self._queues.get(key)
+                if not queue:
+                    break
             stalled = conversations.stalled.get(key)
             if stalled is not None:
                 await self._commands_first(key, queue)
@@ -664,6 +663,22 @@ class Runtime:
                 and live.app.waiting is not None
             ):
                 await conversations.advance(key, live, UserInput.timeout())
+
+    async def _reload_inbox(self, key: ChannelKey) -> None:
+        """Rebuild the channel's RAM queue from the store's inbox: after a step failed on
+        the store, or (several workers) when messages were committed by another worker."""
+        try:
+            pending = await self.store.inbox(key)
+        except Exception as exc:
+            raise InfrastructureError(f"reading the inbox of {key} failed") from exc
+        self._reload.discard(key)
+        # What arrived during the read is in it, or (if committed after) still queued.
+        last = pending[-1].seq if pending else 0
+        later = [item for item in self._queues.get(key, ()) if item.seq > last]
+        if pending or later:
+            self._queues[key] = deque([*pending, *later])
+        else:
+            self._queues.pop(key, None)
 
     async def _resume_step(self, key: ChannelKey) -> None:
         """Finish the step a conversation stopped in (the process died during it).
