@@ -98,12 +98,13 @@ async def workers(
     llm: Any = None,
     sender: Any = None,
     settings: RuntimeSettings | None = None,
+    prefix: str = "w",
 ) -> AsyncIterator[list[Worker]]:
     async with contextlib.AsyncExitStack() as stack:
         started = []
         for i in range(count):
             # a long lease: nothing expires unless a test says so
-            store = SQLStore(url, worker=f"w{i}", lease_seconds=600)
+            store = SQLStore(url, worker=f"{prefix}{i}", lease_seconds=600)
             await stack.enter_async_context(store)
             runtime = Runtime(
                 template,
@@ -113,7 +114,7 @@ async def workers(
                 settings=settings,
             )
             await stack.enter_async_context(runtime)
-            started.append(Worker(f"w{i}", store, runtime))
+            started.append(Worker(f"{prefix}{i}", store, runtime))
         yield started
 
 
@@ -186,13 +187,14 @@ async def test_a_worker_past_its_lease_cannot_commit_its_step(database: str) -> 
     sender = RecordingSender()
     key = ChannelKey("test", "1")
     async with workers(database, 2, asks, llm=llm, sender=sender) as crew:
-        first, second = crew
-        await first.runtime.receive(message(1, 1))
+        await crew[0].runtime.receive(message(1, 1))
         await settle(crew, lambda: len(sender.sent) == 1)
+        # (either may have taken the channel: both heard of the message)
+        first, second = crew if crew[0].leases.holds(key) else crew[::-1]
         slow = IncomingMessage(key, "slow one", "1-2", "u")
         await first.runtime.receive(slow)
         await llm.started.wait()  # the first worker is in its step
-        await expire(database, "w0")
+        await expire(database, first.name)
         # the next message lands on the second worker, which takes the channel
         await second.runtime.receive(message(1, 3))
         llm.gate.set()
@@ -204,10 +206,15 @@ async def test_a_worker_past_its_lease_cannot_commit_its_step(database: str) -> 
 
 
 class DownSender(RecordingSender):
-    """A platform that refuses everything (the worker behind it is cut off)."""
+    """A platform that refuses everything (the worker behind it is cut off) until
+    ``up``."""
+
+    up = False
 
     async def send(self, key: ChannelKey, text: str) -> str | None:
-        raise ConnectionError("the platform is unreachable")
+        if not self.up:
+            raise ConnectionError("the platform is unreachable")
+        return await super().send(key, text)
 
 
 async def test_a_dead_workers_channels_are_taken_over(database: str) -> None:
@@ -216,12 +223,13 @@ async def test_a_dead_workers_channels_are_taken_over(database: str) -> None:
     and goes on with the conversations."""
     sender = RecordingSender()
     keys = [ChannelKey("test", str(c)) for c in range(5)]
-    async with workers(database, 1, sender=DownSender()) as (doomed,):
+    cut_off = DownSender()
+    async with workers(database, 1, sender=cut_off) as (doomed,):
         for c in range(5):
             await doomed.runtime.receive(message(c, 1))
         await doomed.runtime.join()
         assert all(doomed.leases.holds(key) for key in keys)
-        async with workers(database, 1, sender=sender) as (survivor,):
+        async with workers(database, 1, sender=sender, prefix="s") as (survivor,):
             await survivor.runtime.check_leases()
             await survivor.runtime.join()
             assert sender.sent == []  # the leases are still the doomed worker's
@@ -231,6 +239,14 @@ async def test_a_dead_workers_channels_are_taken_over(database: str) -> None:
             for c in range(5):
                 await survivor.runtime.receive(message(c, 2))
             await settle([survivor], lambda: len(sender.sent) == 10)
+            # The doomed worker comes back to life and its platform too: the replies it
+            # kept are the survivor's now (sent, above), so it sends none of them.
+            cut_off.up = True
+            for key in keys:
+                doomed.runtime._wake(key)  # (its retry timers, without waiting for them)
+            await doomed.runtime.join()
+            assert cut_off.sent == []
+            assert not any(doomed.leases.holds(key) for key in keys)
     for key in keys:
         assert sender.texts(key) == ["1:m1", "2:m2"]
 

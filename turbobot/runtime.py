@@ -271,7 +271,8 @@ class Runtime:
             self._wake(key)  # its worker lets it go (another worker has it)
         idle = [key for key in leases.held() if self._idle(key)]
         if idle:
-            await leases.release(idle)
+            await self.store.flush()  # (an eviction's last write must pass its fence)
+            await leases.release([key for key in idle if self._idle(key)])
         due = self.clock() + leases.ttl
         refs = [self.template.ref, *(mode.ref for mode in self.personalities.others())]
         for key in await leases.orphans(due, refs, limit=1000):
@@ -610,6 +611,10 @@ class Runtime:
     async def _drain(self, key: ChannelKey) -> None:
         conversations = self.conversations
         if self._outbox.has_kept(key):
+            leases = self._leases
+            if leases is not None and not await leases.confirm(key):
+                # (a worker paused past its lease: its kept replies are the new holder's)
+                raise LeaseLostError(f"another worker took the channel {key}")
             await self._outbox.resend(key)
         if key in self._reload:
             await self._reload_inbox(key)

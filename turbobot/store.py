@@ -264,6 +264,11 @@ class ChannelLeases(ABC):
         """The channels whose lease this worker holds."""
 
     @abstractmethod
+    async def confirm(self, key: ChannelKey) -> bool:
+        """Whether this worker still holds the channel, asked of the store (before
+        something is sent that no commit checks: a reply kept for a retry)."""
+
+    @abstractmethod
     async def claim(self, keys: Sequence[ChannelKey]) -> list[ChannelKey]:
         """Take the leases of those channels no other worker holds: the ones taken.
 

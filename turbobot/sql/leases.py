@@ -238,6 +238,16 @@ class SQLLeases(ChannelLeases):
         """The generation this worker holds ``channel``'s lease at (``None``: not held)."""
         return self._held.get(channel)
 
+    async def confirm(self, key: ChannelKey) -> bool:
+        channel = _column(key)
+        generation = self._held.get(channel)
+        if generation is None:
+            return False
+        async with self.engine.connect() as conn:
+            current = await self.fence(conn, [(channel, generation)])
+            await conn.rollback()
+        return current.get(channel) == generation
+
     async def claim(self, keys: Sequence[ChannelKey]) -> list[ChannelKey]:
         wanted = [c for c in dict.fromkeys(_column(key) for key in keys) if c not in self._held]
         if not wanted:

@@ -397,8 +397,17 @@ class SQLStore(BaseStore):
     async def open(self) -> None:
         if self.engine is not None:
             return
+        options: dict[str, Any] = {}
+        if self.worker is not None and not self.is_sqlite:
+            # A worker stopped (SIGSTOP, a frozen VM) inside a transaction would keep its
+            # fence's row locks, and so the channels, until its TCP session died: the
+            # server ends such a session after a lease's time.
+            idle = str(int(max(5.0, self.lease_seconds) * 1000))
+            options["connect_args"] = {
+                "server_settings": {"idle_in_transaction_session_timeout": idle}
+            }
         try:
-            engine = create_async_engine(self.url)
+            engine = create_async_engine(self.url, **options)
         except ImportError as exc:
             raise ConfigurationError(
                 f"the database driver for {self.url.split(':', 1)[0]} is missing ({exc.name}); "
