@@ -116,7 +116,7 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
     guilds (three per shard) and six DMs (shard 0) send five messages each, half of
     them one at a time, half all at once. Every channel shows exactly ``1:m1`` ..
     ``5:m5``, in order, once; the store's transcripts agree; both processes received
-    their shard's messages and held channels; the inbox and the outbox are empty at
+    their shard's messages (and only those); the inbox and the outbox are empty at
     the end; both processes exit 0 on SIGTERM and leave the worker registry."""
     url = await _create_database(postgres)
     logs = [tmp_path / f"d{i}.log" for i in range(SHARDS)]
@@ -172,7 +172,6 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
                 url,
                 "SELECT worker, channel FROM leases WHERE expires_at > now() ORDER BY channel",
             )
-            unsent = await sql(url, "SELECT count(*) AS n FROM outbox WHERE NOT sent")
             for proc in procs:
                 assert proc.returncode is None, read(logs)
                 proc.send_signal(signal.SIGTERM)
@@ -188,6 +187,7 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
         shown = {conv.channel: discord.texts(conv.channel) for conv in conversations}
 
     unconsumed = await sql(url, "SELECT count(*) AS n FROM inbox WHERE NOT consumed")
+    unsent = await sql(url, "SELECT count(*) AS n FROM outbox WHERE NOT sent")
     store = SQLStore(url)
     await store.open()
     try:
@@ -207,9 +207,10 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
     assert identified == [[0, SHARDS], [1, SHARDS]]  # one session per process, no more
     for shard in range(SHARDS):
         assert received.get(shard, set()) == {c.channel for c in conversations if c.shard == shard}
-    holders = {row["worker"] for row in held}
-    assert len(held) == len(conversations), held  # every conversation's channel is held
-    assert holders == {"d0", "d1"}, held  # both processes handled channels
+    # Every conversation's channel is held, by either process: the one that received a
+    # message and the one told of it by NOTIFY both try to take its channel.
+    assert len(held) == len(conversations), held
+    assert {row["worker"] for row in held} <= {"d0", "d1"}, held
     assert unconsumed[0]["n"] == 0  # every message used
     assert unsent[0]["n"] == 0  # every reply sent
     assert codes == [0, 0], text[-4000:]

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.fakes.round_robin import RoundRobinProxy
 from tests.fakes.telegram_server import FakeTelegram
 from tests.test_console import spawn_turbobot
@@ -49,14 +50,16 @@ async def sql(url: str, statement: str, *args: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def worker(env: dict[str, str], name: str, port: int, log: Path) -> AsyncIterator[Any]:
+async def worker(
+    env: dict[str, str], name: str, port: int, log: Path, bot: str = "tests.workers_bot:tally"
+) -> AsyncIterator[Any]:
     with log.open("ab") as out:
         proc = await spawn_turbobot(
             {**env, "TURBOBOT_WORKER_NAME": name},
             "--log-level",
             "INFO",
             "run",
-            "tests.workers_bot:tally",
+            bot,
             "--platform",
             "telegram",
             "--listen",
@@ -71,6 +74,7 @@ async def worker(env: dict[str, str], name: str, port: int, log: Path) -> AsyncI
         yield proc
     finally:
         if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)  # (a test may leave it stopped)
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 60)
 
@@ -238,3 +242,92 @@ async def test_three_workers_from_one_command_share_the_chats(
     assert code == 0, log.read_text()[-3000:]
     leftover = await sql(url, "SELECT count(*) AS n FROM workers")
     assert leftover[0]["n"] == 0  # each worker left the registry on its way out
+
+
+def slow_echo(body: dict[str, Any]) -> Reply:
+    """Echoes; a message starting with "slow" is answered after 2 s (a worker is
+    stopped during that answer)."""
+    said = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+    return Reply(content=f"echo: {said}", delay=2.0 if said.startswith("slow") else 0.0)
+
+
+async def until(predicate: Any, seconds: float, what: str) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_worker_stopped_past_its_lease_cannot_commit_when_resumed(
+    postgres: Any, tmp_path: Path
+) -> None:
+    """SIGSTOP a worker in the middle of a step (its model call), past its lease; the
+    other worker takes the chat and answers; SIGCONT: the first one's step is refused
+    by the fence, and it sends nothing."""
+    url = await _create_database(postgres)
+    chat = FIRST_CHAT
+    ports = [free_port(), free_port()]
+    llm = FakeOpenAI(slow_echo)
+    await llm.start()
+    try:
+        async with FakeTelegram() as telegram:
+            env = bot_env(
+                telegram,
+                llm,
+                url,
+                TELEGRAM_WEBHOOK_URL=f"http://127.0.0.1:{ports[0]}/telegram/hook",
+                TELEGRAM_WEBHOOK_SECRET=SECRET,
+                TURBOBOT_LEASE_SECONDS="3",
+            )
+            await upgrade_schema(env)
+            logs = [tmp_path / "w0.log", tmp_path / "w1.log"]
+            async with contextlib.AsyncExitStack() as stack:
+                procs = [
+                    await stack.enter_async_context(
+                        worker(env, f"w{i}", port, logs[i], "tests.workers_bot:asks")
+                    )
+                    for i, port in enumerate(ports)
+                ]
+                await telegram.wait_until(
+                    lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 2,
+                    timeout=60,
+                )
+                assert telegram.webhook is not None
+
+                async def send_to(index: int, text: str) -> None:
+                    assert telegram.webhook is not None
+                    telegram.webhook.url = f"http://127.0.0.1:{ports[index]}/telegram/hook"
+                    await deliver(telegram, chat, text)
+
+                await send_to(0, "hi")
+                await telegram.wait_until(lambda: len(telegram.texts(chat)) == 1, timeout=30)
+                rows = await sql(url, "SELECT worker FROM leases WHERE expires_at > now()")
+                holder = int(rows[0]["worker"][1:])  # either may have taken the chat
+                other = 1 - holder
+                asked = len(llm.requests)
+                await send_to(holder, "slow one")
+                await until(lambda: len(llm.requests) > asked, 30, "the model call")
+                procs[holder].send_signal(signal.SIGSTOP)
+                # its lease runs out (as it would after TURBOBOT_LEASE_SECONDS)
+                await sql(
+                    url,
+                    "UPDATE leases SET expires_at = now() - interval '1 second' "
+                    f"WHERE worker = 'w{holder}'",
+                )
+                await send_to(other, "next")
+                await telegram.wait_until(lambda: len(telegram.texts(chat)) == 3, timeout=60)
+                procs[holder].send_signal(signal.SIGCONT)
+                await until(
+                    lambda: "another worker took" in logs[holder].read_text(),
+                    30,
+                    "the resumed worker to find its step refused",
+                )
+                await send_to(other, "last")
+                await telegram.wait_until(lambda: len(telegram.texts(chat)) == 4, timeout=60)
+    finally:
+        await llm.stop()
+    said = [m["content"] for r in llm.requests for m in r["messages"] if m["role"] == "user"]
+    assert telegram.texts(chat) == ["echo: hi", "echo: slow one", "echo: next", "echo: last"]
+    # asked twice: by the stopped worker (refused) and by the one that took over
+    assert [r["messages"][-1]["content"] for r in llm.requests].count("slow one") == 2, said

@@ -3,7 +3,7 @@ that a message processed twice, skipped or out of order shows in its replies."""
 
 from __future__ import annotations
 
-from turbobot import GetUserInput, Result, turbo
+from turbobot import Generate, GetUserInput, Result, User, turbo
 
 
 @turbo()
@@ -14,3 +14,12 @@ async def tally():
         said = yield GetUserInput()
         n += 1
         yield Result(f"{n}:{said}")
+
+
+@turbo()
+async def asks():
+    """Asks the model about each message."""
+    while True:
+        said = yield GetUserInput()
+        yield User(content=said)
+        yield Generate()
