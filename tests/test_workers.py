@@ -195,8 +195,10 @@ async def test_a_worker_past_its_lease_cannot_commit_its_step(database: str) -> 
         await first.runtime.receive(slow)
         await llm.started.wait()  # the first worker is in its step
         await expire(database, first.name)
-        # the next message lands on the second worker, which takes the channel
+        # the next message lands on the second worker, which takes the channel (on
+        # its next look at the leases: it had found the channel held a moment ago)
         await second.runtime.receive(message(1, 3))
+        await second.runtime.check_leases()
         llm.gate.set()
         await settle(crew, lambda: len(sender.sent) >= 3 and not first.leases.holds(key))
         assert second.leases.holds(key)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +30,7 @@ from tests.test_crash import API_KEY, model_server, upgrade_schema
 from tests.test_workers_processes import sql
 from turbobot import ChannelKey
 from turbobot.sql import SQLStore
+from turbobot.sql.store import channel_column, parse_channel_column
 
 from .conftest import _create_database
 
@@ -52,10 +52,16 @@ class Conversation:
     user: int
     guild: int | None  # None: a DM
     paced: bool  # each message once the reply to the previous one is on screen
+    leased_to: str | None = None  # a worker that held the channel before this run
 
     @property
     def shard(self) -> int:
         return shard_for(self.guild, SHARDS)
+
+    @property
+    def receiver(self) -> str:
+        """The process the gateway gives the conversation's messages to."""
+        return f"d{self.shard}"
 
     @property
     def key(self) -> ChannelKey:
@@ -115,9 +121,10 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
     """Shard 0 in process d0, shard 1 in process d1, one database. Members in six
     guilds (three per shard) and six DMs (shard 0) send five messages each, half of
     them one at a time, half all at once. Every channel shows exactly ``1:m1`` ..
-    ``5:m5``, in order, once; the store's transcripts agree; both processes received
-    their shard's messages (and only those); the inbox and the outbox are empty at
-    the end; both processes exit 0 on SIGTERM and leave the worker registry."""
+    ``5:m5``, in order, once; the store's transcripts agree; each process received
+    its shard's messages (and only those), and answered a channel whose messages only
+    the other received (its lease was theirs already); the inbox and the outbox are
+    empty at the end; both processes exit 0 on SIGTERM and leave the worker registry."""
     url = await _create_database(postgres)
     logs = [tmp_path / f"d{i}.log" for i in range(SHARDS)]
     started = time.monotonic()
@@ -135,6 +142,11 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
             conversations.append(Conversation(discord.dm_channel(user), user, None, False))
         for index, conv in enumerate(conversations):
             conv.paced = index % 2 == 0
+        # Two channels held by the process that does not receive their messages, as a
+        # restarted worker finds the leases it had (it takes its own back at once): a DM
+        # by d1, a guild channel of shard 1 by d0.
+        next(c for c in conversations if c.guild is None).leased_to = "d1"
+        next(c for c in conversations if c.shard == 1).leased_to = "d0"
         env = clean_env(
             DISCORD_BOT_TOKEN=discord.token,
             DISCORD_API_BASE_URL=discord.api_url,
@@ -145,6 +157,15 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
             TURBOBOT_DATABASE_URL=url,
         )
         await upgrade_schema(env)
+        for conv in conversations:
+            if conv.leased_to is not None:
+                await sql(
+                    url,
+                    "INSERT INTO leases (channel, worker, incarnation, generation, expires_at) "
+                    "VALUES ($1, $2, 'before', 1, now() + interval '1 hour')",
+                    channel_column(conv.key),
+                    conv.leased_to,
+                )
         async with contextlib.AsyncExitStack() as stack:
             procs = [
                 await stack.enter_async_context(worker(env, f"d{i}", i, logs[i]))
@@ -210,15 +231,18 @@ async def test_discord_two_shards_in_two_processes_share_one_postgres(
     # Every conversation's channel is held, by either process: the one that received a
     # message and the one told of it by NOTIFY both try to take its channel.
     assert len(held) == len(conversations), held
-    assert {row["worker"] for row in held} <= {"d0", "d1"}, held
+    holder = {parse_channel_column(row["channel"]): row["worker"] for row in held}
+    assert set(holder.values()) <= {"d0", "d1"}, held
+    for conv in conversations:
+        if conv.leased_to is not None:  # so each process answered messages it never got
+            assert holder[conv.key] == conv.leased_to != conv.receiver, (conv, held)
     assert unconsumed[0]["n"] == 0  # every message used
     assert unsent[0]["n"] == 0  # every reply sent
     assert codes == [0, 0], text[-4000:]
     assert registry[0]["n"] == 0  # each left the worker registry on its way out
     assert "Traceback" not in text, text[-4000:]
 
-    by_channel = {json.loads(row["channel"])[1]: row["worker"] for row in held}
-    crossed = sum(by_channel[str(c.channel)] != f"d{c.shard}" for c in conversations)
+    crossed = sum(holder[c.key] != c.receiver for c in conversations)
     print(
         f"\n{len(conversations)} conversations x {ROUNDS} messages on 2 shards in 2 "
         f"processes: ready in {ready - started:.1f} s, answered in {talked - ready:.1f} s; "

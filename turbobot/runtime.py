@@ -181,6 +181,10 @@ class Runtime:
         #: the store's channel leases, when several workers share it (set at start)
         self._leases: ChannelLeases | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        #: channels check_leases took whose state is not read yet (see _adopt)
+        self._taken: set[ChannelKey] = set()
+        #: channels another worker was found holding, until when not to ask again
+        self._elsewhere: dict[ChannelKey, float] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -275,8 +279,13 @@ class Runtime:
             await leases.release([key for key in idle if self._idle(key)])
         due = self.clock() + leases.ttl
         refs = [self.template.ref, *(mode.ref for mode in self.personalities.others())]
-        for key in await leases.orphans(due, refs, limit=1000):
-            self._wake(key)  # its worker takes it (see _take)
+        orphans = await leases.orphans(due, refs, limit=1000)
+        for key in await leases.claim(orphans) if orphans else ():
+            self._taken.add(key)  # its worker reads its state (see _adopt)
+            self._wake(key)
+        now = time.monotonic()
+        for key in [k for k, until in self._elsewhere.items() if until <= now]:
+            del self._elsewhere[key]
         for key in await leases.unread():
             if not self._workers.busy(key):
                 self._reload.add(key)  # a message another worker committed, unannounced
@@ -286,7 +295,8 @@ class Runtime:
         """Whether this worker has nothing of the channel in hand: no conversation in RAM,
         no message queued, no reply kept, no timer."""
         return not (
-            key in self.conversations.live
+            key in self._taken
+            or key in self.conversations.live
             or self._queues.get(key)
             or self._workers.busy(key)
             or self._outbox.has_kept(key)
@@ -318,23 +328,41 @@ class Runtime:
             return
         assert self._leases is not None
         for key in keys:
+            # Only channels this worker holds: the worker that received the message
+            # takes a free channel itself (its adapter may keep things about the message
+            # in RAM, e.g. Discord's interactions); a dead holder's channels are found
+            # by check_leases.
             if self._leases.holds(key):
                 self._reload.add(key)  # committed elsewhere: the inbox has it, RAM not
-            self._wake(key)  # not held: its worker tries to take it
+                self._wake(key)
 
     async def _take(self, key: ChannelKey) -> bool:
         """The channel's worker found it not held: take it, or let it go (``False``)."""
         assert self._leases is not None
+        if self._elsewhere.get(key, 0.0) > time.monotonic():
+            await self._let_go(key)  # another worker took it a moment ago: leave it be
+            return False
         try:
             taken = await self._leases.claim([key])
         except Exception as exc:
             raise InfrastructureError(f"taking the lease of {key} failed") from exc
         if key not in taken:
-            await self._let_go(key)  # another worker has it, and its messages
+            # Another worker has it, and its messages. Not asked again for a third of a
+            # lease: each message another worker commits would ask otherwise. (A dead
+            # holder's channels are found by check_leases, which claims regardless.)
+            if len(self._elsewhere) < 100_000:
+                self._elsewhere[key] = time.monotonic() + self._leases.ttl / 3
+            await self._let_go(key)
             return False
-        # Another worker may have had it since this one last did: what this one knew
-        # of the channel is stale. Read it from the store.
+        await self._adopt(key)
+        return True
+
+    async def _adopt(self, key: ChannelKey) -> None:
+        """This worker took the channel. Another one may have had it since this one last
+        did: what this one knew of it is stale; it is read again from the store."""
+        assert self._leases is not None
         await self._let_go(key)
+        self._elsewhere.pop(key, None)
         try:
             recovery = await self._recovery([key])
         except Exception as exc:
@@ -342,7 +370,6 @@ class Runtime:
             raise InfrastructureError(f"reading the state of {key} failed") from exc
         self._reload.add(key)  # its inbox, merged with what this worker queued meanwhile
         self._resume_from(recovery)
-        return True
 
     async def _let_go(self, key: ChannelKey) -> None:
         """Forget everything about the channel: another worker has it."""
@@ -354,6 +381,7 @@ class Runtime:
         timer = self._retry_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
+        self._taken.discard(key)
         self._outbox.forget(key)
         await self.conversations.let_go(key)
 
@@ -572,8 +600,12 @@ class Runtime:
         """One run of the channel's worker (turbobot.scheduler); ``False`` stops it."""
         try:
             leases = self._leases
-            if leases is not None and not leases.holds(key) and not await self._take(key):
-                return False
+            if leases is not None:
+                if not leases.holds(key):
+                    if not await self._take(key):
+                        return False
+                elif key in self._taken:
+                    await self._adopt(key)
             await self._drain(key)
         except LeaseLostError:
             _log.info("channel %s: another worker took it; its step here is dropped", key)

@@ -84,8 +84,9 @@ RETURNING channel, generation
 
 _RELEASE = text(
     """
-UPDATE leases SET expires_at = now()
-WHERE channel = ANY(CAST(:channels AS text[])) AND incarnation = :incarnation
+UPDATE leases AS l SET expires_at = now()
+FROM unnest(CAST(:channels AS text[]), CAST(:generations AS bigint[])) AS r(channel, generation)
+WHERE l.channel = r.channel AND l.generation = r.generation AND l.incarnation = :incarnation
 """
 )
 
@@ -111,7 +112,9 @@ SELECT w.channel FROM (
           AND template_ref = ANY(CAST(:refs AS text[]))
 ) AS w
 WHERE NOT EXISTS (
-    SELECT 1 FROM leases AS l WHERE l.channel = w.channel AND l.expires_at > now()
+    -- free: no lease, an expired one, or one of this worker's name from an earlier run
+    SELECT 1 FROM leases AS l WHERE l.channel = w.channel
+      AND (l.incarnation = :incarnation OR (l.expires_at > now() AND l.worker <> :worker))
 )
 LIMIT :limit
 """
@@ -178,9 +181,9 @@ class SQLLeases(ChannelLeases):
         self.incarnation = new_id()
         #: channel column → generation of the leases held
         self._held: dict[str, int] = {}
-        #: claims, renewals and releases run one at a time (a renewal must see every
-        #: lease taken before it)
-        self._lock = asyncio.Lock()
+        #: channels held whose step a commit refused (taken and given back meanwhile,
+        #: or expired): what this worker has of them in RAM is wrong until taken again
+        self._refused: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
         self._opened = False
         self._subscribers: list[Callable[[list[ChannelKey] | None], None]] = []
@@ -229,7 +232,8 @@ class SQLLeases(ChannelLeases):
     # -- ChannelLeases ------------------------------------------------------------------
 
     def holds(self, key: ChannelKey) -> bool:
-        return _column(key) in self._held
+        channel = _column(key)
+        return channel in self._held and channel not in self._refused
 
     def held(self) -> list[ChannelKey]:
         return [_key(channel) for channel in self._held]
@@ -241,7 +245,7 @@ class SQLLeases(ChannelLeases):
     async def confirm(self, key: ChannelKey) -> bool:
         channel = _column(key)
         generation = self._held.get(channel)
-        if generation is None:
+        if generation is None or channel in self._refused:
             return False
         async with self.engine.connect() as conn:
             current = await self.fence(conn, [(channel, generation)])
@@ -249,28 +253,39 @@ class SQLLeases(ChannelLeases):
         return current.get(channel) == generation
 
     async def claim(self, keys: Sequence[ChannelKey]) -> list[ChannelKey]:
-        wanted = [c for c in dict.fromkeys(_column(key) for key in keys) if c not in self._held]
+        wanted = [
+            c
+            for c in dict.fromkeys(_column(key) for key in keys)
+            if c not in self._held or c in self._refused
+        ]
         if not wanted:
             return []
-        async with self._lock:
-            async with self.engine.begin() as conn:
-                # A row a commit's fence holds (FOR SHARE) is skipped, not waited for;
-                # this bounds the wait for one a stopped worker's transaction holds.
-                await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{_TAKE_LOCK_WAIT}'")
-                rows = (await conn.execute(_CLAIM, self._me(channels=wanted))).all()
-            for row in rows:
-                self._held[row.channel] = int(row.generation)
+        async with self.engine.begin() as conn:
+            # A row a commit's fence holds (FOR SHARE) is skipped, not waited for;
+            # this bounds the wait for one a stopped worker's transaction holds.
+            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{_TAKE_LOCK_WAIT}'")
+            rows = (await conn.execute(_CLAIM, self._me(channels=wanted))).all()
+        for row in rows:
+            self._held[row.channel] = int(row.generation)
+            self._refused.discard(row.channel)
         return [_key(row.channel) for row in rows]
 
     async def renew(self) -> list[ChannelKey]:
-        async with self._lock:
-            async with self.engine.begin() as conn:
-                rows = (await conn.execute(_RENEW, self._me())).all()
-                kept = {row.channel: int(row.generation) for row in rows}
-                await conn.execute(_SEEN, self._me(leases=len(kept)))
-            lost = [c for c, g in self._held.items() if kept.get(c) != g]
-            for channel in lost:
-                del self._held[channel]
+        # Leases taken while this runs are not in the snapshot, and one taken again
+        # meanwhile has another generation: only what the renewal could see is judged.
+        before = dict(self._held)
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(_RENEW, self._me())).all()
+            kept = {row.channel: int(row.generation) for row in rows}
+            await conn.execute(_SEEN, self._me(leases=len(kept)))
+        lost = [
+            c
+            for c, g in before.items()
+            if kept.get(c) != g and self._held.get(c) == g  # (not taken again since)
+        ]
+        for channel in lost:
+            del self._held[channel]
+            self._refused.discard(channel)
         if lost:
             _log.warning(
                 "worker %s lost the leases of %d channels (it was paused or cut off for "
@@ -282,18 +297,20 @@ class SQLLeases(ChannelLeases):
         return [_key(channel) for channel in lost]
 
     async def release(self, keys: Sequence[ChannelKey]) -> None:
-        channels = [c for c in (_column(key) for key in keys) if c in self._held]
-        if not channels:
+        given = {c: self._held.pop(c) for c in (_column(key) for key in keys) if c in self._held}
+        if not given:
             return
-        async with self._lock:
-            for channel in channels:
-                self._held.pop(channel, None)
-            async with self.engine.begin() as conn:
-                await conn.execute(_RELEASE, self._me(channels=channels))
+        for channel in given:
+            self._refused.discard(channel)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                _RELEASE,
+                self._me(channels=list(given), generations=list(given.values())),
+            )
 
     async def orphans(self, due: float, refs: Sequence[str], limit: int) -> list[ChannelKey]:
         async with self.engine.connect() as conn:
-            rows = await conn.execute(_ORPHANS, {"due": due, "refs": list(refs), "limit": limit})
+            rows = await conn.execute(_ORPHANS, self._me(due=due, refs=list(refs), limit=limit))
             return [_key(row.channel) for row in rows]
 
     async def unread(self) -> list[ChannelKey]:
@@ -317,8 +334,13 @@ class SQLLeases(ChannelLeases):
         rows = await conn.execute(_FENCE, self._me(channels=channels))
         current = {row.channel: int(row.generation) for row in rows}
         for channel, generation in wanted:
-            if current.get(channel) != generation and self._held.get(channel) == generation:
-                del self._held[channel]  # lost: holds() says so from now on
+            if current.get(channel) != generation:
+                # Refused: holds() says no from now on, even if the lease was taken
+                # again since (the worker's state of the channel went past the store's).
+                if self._held.get(channel) == generation:
+                    del self._held[channel]
+                elif channel in self._held:
+                    self._refused.add(channel)
         return current
 
     async def announce(self, conn: AsyncConnection, channels: Sequence[str]) -> None:
