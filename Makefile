@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BOT ?= bots.horoscope
 
-.PHONY: chat test quick crash lint install postgres bench clean
+.PHONY: chat test quick crash workers lint install postgres bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ crash: install postgres  ## 200 chats, 50 SIGKILLs, on SQLite and PostgreSQL
 		$(VENV)/bin/python -m pytest -s -p no:cacheprovider tests/test_crash.py \
 		tests/test_crash_discord.py \
 		tests/test_console.py::test_lines_piped_in_at_once_are_all_answered_in_order_once
+
+# The multi-worker suites at full size (CI: 150 chats on three workers).
+workers: install postgres  ## 3 workers, 1,000 chats x 20 messages; 2 workers with a kill and a stop
+	WORKERS_MANY_CHATS=1000 WORKERS_CHATS=200 $(VENV)/bin/python -m pytest -s -p no:cacheprovider \
+		tests/test_workers_processes.py tests/test_workers_discord.py tests/test_workers.py
 
 bench: install  ## benchmarks (not tests): the two-step workload and durability figures
 	$(VENV)/bin/python bench/bench_turbobot.py 10000 memory

@@ -259,3 +259,58 @@ async def test_sqlite_refuses_several_workers(tmp_path: Any) -> None:
     store = SQLStore(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", worker="w0")
     with pytest.raises(ConfigurationError, match="PostgreSQL"):
         await store.open()
+
+
+def plan_of(*argv: str, **env: str) -> list[dict[str, str]]:
+    from turbobot.cli import _parser
+    from turbobot.workers import plan
+
+    args = _parser().parse_args(["run", "bots.horoscope", *argv])
+    return plan(args, {"TURBOBOT_DATABASE_URL": "postgresql+asyncpg://u@h/db", **env})
+
+
+def test_workers_deal_discord_shards_out_and_are_named_apart() -> None:
+    plans = plan_of("--platform", "discord", "--workers", "2", "--shard-count", "5")
+    assert [p["DISCORD_SHARD_IDS"] for p in plans] == ["0,2,4", "1,3"]
+    assert {p["DISCORD_SHARD_COUNT"] for p in plans} == {"5"}
+    named = plan_of("--platform", "discord", "--workers", "3", TURBOBOT_WORKER_NAME="box")
+    assert [p["TURBOBOT_WORKER_NAME"] for p in named] == ["box-0", "box-1", "box-2"]
+    assert [p["DISCORD_SHARD_IDS"] for p in named] == ["0", "1", "2"]  # a shard each
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "says"),
+    [
+        (("--workers", "3"), {}, "console is one terminal"),
+        (("--platform", "telegram", "--workers", "2"), {}, "needs a webhook"),
+        (
+            ("--platform", "telegram", "--workers", "2"),
+            {"TURBOBOT_DATABASE_URL": "sqlite+aiosqlite:///x.db"},
+            "needs a PostgreSQL database",
+        ),
+        (("--platform", "discord", "--workers", "3", "--shard-count", "2"), {}, "as many shards"),
+        (
+            ("--platform", "discord", "--workers", "2", "--shard-ids", "0"),
+            {},
+            "without --shard-ids",
+        ),
+        (("--platform", "discord", "--workers", "0"), {}, "from 1 to 64"),
+    ],
+)
+def test_workers_refuse_what_cannot_work(
+    argv: tuple[str, ...], env: dict[str, str], says: str
+) -> None:
+    from turbobot.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=says):
+        plan_of(*argv, **env)
+
+
+async def test_status_needs_postgresql(tmp_path: Any, capsys: Any) -> None:
+    from turbobot.cli import main
+
+    code = await asyncio.to_thread(
+        main, ["status", "--database", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"]
+    )
+    assert code == 2
+    assert "PostgreSQL" in capsys.readouterr().err
