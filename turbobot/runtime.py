@@ -185,6 +185,9 @@ class Runtime:
         self._taken: set[ChannelKey] = set()
         #: channels another worker was found holding, until when not to ask again
         self._elsewhere: dict[ChannelKey, float] = {}
+        #: channels whose workers wait for a claim, and the task making it (see _claim)
+        self._claims: dict[ChannelKey, asyncio.Future[None]] = {}
+        self._claimer: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -212,7 +215,10 @@ class Runtime:
             # Several workers share the store: this one recovers the channels it takes
             # (see _take), and takes those nobody holds (check_leases).
             leases.subscribe(self._notified)
-            await self.check_leases()
+            try:
+                await self.check_leases()
+            except Exception as exc:  # (tried again every third of a lease)
+                _log.warning("could not look at the channel leases at start (%s)", exc)
             self._lease_task = asyncio.create_task(self._keep_leases(), name="turbobot:leases")
         else:
             recovery = await self._recovery()
@@ -221,6 +227,8 @@ class Runtime:
             for item in recovery.inbox:
                 self._queues.setdefault(item.message.key, deque()).append(item)
             self._resume_from(recovery)
+            for key in list(self._queues):
+                self._wake(key)
         idle = self.settings.idle_evict_seconds
         if idle is not None:
             self._sweeper = asyncio.create_task(self._sweep(idle), name="turbobot:sweeper")
@@ -257,8 +265,6 @@ class Runtime:
         for key in recovery.running:
             # Stopped mid-step (say, during a streamed reply): finish that step now.
             self._resume.add(key)
-            self._wake(key)
-        for key in list(self._queues):
             self._wake(key)
 
     # -- several workers (docs/architecture.md, "Scale-out") ------------------------------
@@ -343,10 +349,10 @@ class Runtime:
             await self._let_go(key)  # another worker took it a moment ago: leave it be
             return False
         try:
-            taken = await self._leases.claim([key])
+            await self._claim(key)
         except Exception as exc:
             raise InfrastructureError(f"taking the lease of {key} failed") from exc
-        if key not in taken:
+        if not self._leases.holds(key):  # (or check_leases took it meanwhile)
             # Another worker has it, and its messages. Not asked again for a third of a
             # lease: each message another worker commits would ask otherwise. (A dead
             # holder's channels are found by check_leases, which claims regardless.)
@@ -356,6 +362,35 @@ class Runtime:
             return False
         await self._adopt(key)
         return True
+
+    async def _claim(self, key: ChannelKey) -> None:
+        """Claim the channel's lease together with the other channels whose workers
+        claim now (one statement for a page of new channels, as a group commit)."""
+        assert self._leases is not None
+        pending = self._claims.get(key)
+        if pending is None:
+            pending = self._claims[key] = asyncio.get_running_loop().create_future()
+            if self._claimer is None:
+                self._claimer = asyncio.create_task(self._claim_batches())
+        await asyncio.shield(pending)
+
+    async def _claim_batches(self) -> None:
+        assert self._leases is not None
+        try:
+            await asyncio.sleep(0)  # (the other channels of this page join)
+            while self._claims:
+                batch, self._claims = self._claims, {}
+                try:
+                    await self._leases.claim(list(batch))
+                except Exception as exc:
+                    for future in batch.values():
+                        future.set_exception(exc)
+                        future.exception()  # (retrieved: each caller gets it too)
+                    continue
+                for future in batch.values():
+                    future.set_result(None)
+        finally:
+            self._claimer = None
 
     async def _adopt(self, key: ChannelKey) -> None:
         """This worker took the channel. Another one may have had it since this one last
@@ -368,7 +403,7 @@ class Runtime:
         except Exception as exc:
             await self._leases.release([key])
             raise InfrastructureError(f"reading the state of {key} failed") from exc
-        self._reload.add(key)  # its inbox, merged with what this worker queued meanwhile
+        self._requeue(key, recovery.inbox)
         self._resume_from(recovery)
 
     async def _let_go(self, key: ChannelKey) -> None:
@@ -478,10 +513,14 @@ class Runtime:
             elif seq is not None and admitted is not None and not self._closed:
                 # (once closed, the next start has it)
                 self._commands.cancel_if_asked(admitted)
-                self._queues.setdefault(message.key, deque()).append(InboxItem(seq, admitted))
-                if self._leases is not None:
-                    # Another worker may have committed earlier messages of the channel
-                    # whose notification is still on its way: the inbox has them.
+                if self._leases is None:
+                    self._queues.setdefault(message.key, deque()).append(InboxItem(seq, admitted))
+                else:
+                    # Several workers: the channel's inbox is read instead. Another
+                    # worker may have committed earlier messages of it, whose
+                    # notification is still on its way; and a read made meanwhile (on
+                    # such a notification) may have the message already, and have had
+                    # it handled: queued here too, it would be handled twice.
                     self._reload.add(message.key)
                 self._wake(message.key)
         if failure is not None:
@@ -709,6 +748,11 @@ class Runtime:
         except Exception as exc:
             raise InfrastructureError(f"reading the inbox of {key} failed") from exc
         self._reload.discard(key)
+        self._requeue(key, pending)
+
+    def _requeue(self, key: ChannelKey, pending: list[InboxItem]) -> None:
+        """The channel's queue is ``pending`` (its inbox as just read), then what was
+        queued in RAM after it."""
         # What arrived during the read is in it, or (if committed after) still queued.
         last = pending[-1].seq if pending else 0
         later = [item for item in self._queues.get(key, ()) if item.seq > last]

@@ -48,13 +48,21 @@ _PAYLOAD_BYTES = 7900
 _TAKE_LOCK_WAIT = "2s"
 
 _TTL = "make_interval(secs => CAST(:ttl AS double precision))"
+#: Lease changes are not waited for on disk: a take, renewal or release that a crash
+#: of the database loses costs no safety, since every step's commit checks the row
+#: as the database has it (a lost take leaves an older generation: that worker's
+#: steps are refused) and costs an fsync each otherwise.
+_NOT_FLUSHED = "SET LOCAL synchronous_commit = off"
 
 _CLAIM = text(
     f"""
 WITH wanted AS (SELECT DISTINCT unnest(CAST(:channels AS text[])) AS channel),
 free AS (
+    -- expired, or this worker's name from an earlier run (never this run's own: taking
+    -- it again would raise the generation under this run's own steps)
     SELECT l.channel FROM leases AS l JOIN wanted USING (channel)
-    WHERE l.expires_at <= now() OR l.worker = :worker
+    WHERE l.expires_at <= now() OR (l.worker = :worker AND l.incarnation <> :incarnation)
+    ORDER BY l.channel
     FOR UPDATE OF l SKIP LOCKED
 ),
 taken AS (
@@ -67,6 +75,7 @@ taken AS (
 fresh AS (
     INSERT INTO leases (channel, worker, incarnation, generation, expires_at)
     SELECT channel, :worker, :incarnation, 1, now() + {_TTL} FROM wanted
+    ORDER BY channel  -- (workers inserting the same channels in one order: no deadlock)
     ON CONFLICT (channel) DO NOTHING
     RETURNING channel, generation
 )
@@ -263,7 +272,10 @@ class SQLLeases(ChannelLeases):
         async with self.engine.begin() as conn:
             # A row a commit's fence holds (FOR SHARE) is skipped, not waited for;
             # this bounds the wait for one a stopped worker's transaction holds.
-            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{_TAKE_LOCK_WAIT}'")
+            await conn.exec_driver_sql(
+                f"SELECT set_config('lock_timeout', '{_TAKE_LOCK_WAIT}', true), "
+                "set_config('synchronous_commit', 'off', true)"
+            )
             rows = (await conn.execute(_CLAIM, self._me(channels=wanted))).all()
         for row in rows:
             self._held[row.channel] = int(row.generation)
@@ -275,6 +287,7 @@ class SQLLeases(ChannelLeases):
         # meanwhile has another generation: only what the renewal could see is judged.
         before = dict(self._held)
         async with self.engine.begin() as conn:
+            await conn.exec_driver_sql(_NOT_FLUSHED)
             rows = (await conn.execute(_RENEW, self._me())).all()
             kept = {row.channel: int(row.generation) for row in rows}
             await conn.execute(_SEEN, self._me(leases=len(kept)))
@@ -303,6 +316,7 @@ class SQLLeases(ChannelLeases):
         for channel in given:
             self._refused.discard(channel)
         async with self.engine.begin() as conn:
+            await conn.exec_driver_sql(_NOT_FLUSHED)
             await conn.execute(
                 _RELEASE,
                 self._me(channels=list(given), generations=list(given.values())),

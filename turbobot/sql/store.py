@@ -406,6 +406,9 @@ class SQLStore(BaseStore):
             options["connect_args"] = {
                 "server_settings": {"idle_in_transaction_session_timeout": idle}
             }
+            # Channels taken are read at once, several at a time: a pool of 5 made
+            # PostgreSQL sessions come and go (at most 15 + 1 listening; README).
+            options.update(pool_size=10, max_overflow=5)
         try:
             engine = create_async_engine(self.url, **options)
         except ImportError as exc:
