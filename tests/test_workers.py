@@ -99,6 +99,7 @@ async def workers(
     sender: Any = None,
     settings: RuntimeSettings | None = None,
     prefix: str = "w",
+    clock: Any = None,
 ) -> AsyncIterator[list[Worker]]:
     async with contextlib.AsyncExitStack() as stack:
         started = []
@@ -112,6 +113,7 @@ async def workers(
                 sender=sender or RecordingSender(),
                 store=store,
                 settings=settings,
+                clock=clock,
             )
             await stack.enter_async_context(runtime)
             started.append(Worker(f"{prefix}{i}", store, runtime))
@@ -205,6 +207,41 @@ async def test_a_worker_past_its_lease_cannot_commit_its_step(database: str) -> 
     # the slow message answered once (by the second worker), then the next one
     assert sender.texts(key) == ["echo: m1", "echo: slow one", "echo: m3"]
     assert llm.asked.count("slow one") == 2  # the first worker's answer was never committed
+
+
+@turbo()
+async def patient():
+    """Waits a minute for each answer."""
+    while True:
+        said = yield GetUserInput(timeout=60)
+        yield Result("still there?" if said.timed_out else f"got {said}")
+
+
+async def test_a_deadline_fires_once_across_workers_even_after_a_takeover(database: str) -> None:
+    """Only the channel's holder arms its deadline; when the holder is past its lease,
+    the worker that takes the channel fires it, and the old holder's own timer fires
+    into a step the fence refuses: the user is asked once."""
+    from turbobot.clock import FakeClock
+
+    clock = FakeClock()  # (shared: both workers' time moves together)
+    sender = RecordingSender()
+    key = ChannelKey("test", "5")
+    async with workers(database, 2, patient, sender=sender, clock=clock) as crew:
+        await crew[0].runtime.receive(message(5, 1))
+        await settle(crew, lambda: len(sender.sent) == 1)
+        first, second = crew if crew[0].leases.holds(key) else crew[::-1]
+        clock.advance(61)
+        await settle(crew, lambda: len(sender.sent) == 2)
+        assert sender.texts(key) == ["got m1", "still there?"]  # fired once, by the holder
+        await expire(database, first.name)
+        await second.runtime.check_leases()  # its deadline is due within a lease: taken
+        await settle(crew, lambda: second.leases.holds(key))
+        clock.advance(61)  # both workers' timers are due now
+        await settle(
+            crew, lambda: len(sender.sent) == 3 and not first.leases.holds(key), rounds=300
+        )
+        await asyncio.gather(*(w.runtime.join() for w in crew))
+    assert sender.texts(key) == ["got m1", "still there?", "still there?"]
 
 
 class DownSender(RecordingSender):
