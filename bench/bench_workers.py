@@ -82,8 +82,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "anchors"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib as B
+from bench_turbobot import message, twostep
 
-from turbobot import ChannelKey, GetUserInput, IncomingMessage, Result, ScriptedLLM, turbo
+from turbobot import ChannelKey, IncomingMessage, ScriptedLLM
 from turbobot.runtime import BaseSender, Runtime, RuntimeSettings
 
 BATCH = 100
@@ -92,24 +93,6 @@ LEASE_SECONDS = 10.0
 #: seconds a run may wait for its replies before it is reported as stalled
 STALL_AFTER = 120.0
 POLL = 0.002
-
-
-@turbo()
-async def twostep():
-    name = yield GetUserInput(B.ASK_TEXT)
-    yield Result(f"Hello {name}")
-
-
-def message(i: int, update_id: int, text: str) -> IncomingMessage:
-    uid = B.BASE_ID + i
-    return IncomingMessage(
-        ChannelKey("telegram", str(uid)),
-        text,
-        str(update_id),
-        author_id=str(uid),
-        author_name=f"U{i}",
-        timestamp=1700000000.0,
-    )
 
 
 def hi(chats: int, c: int) -> IncomingMessage:

@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from turbobot import Generate, GetUserInput, Result, User, turbo
+from turbobot import GetUserInput, Result, turbo
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.llm.base import DeltaCallback, LLMRequest, LLMResponse
 from turbobot.runtime import Runtime, RuntimeSettings
@@ -26,25 +26,7 @@ from turbobot.sql import SQLStore
 from turbobot.testing import RecordingSender
 
 from .conftest import _create_database
-
-
-@turbo()
-async def tally():
-    """Numbers each message: a conversation rebuilt elsewhere must count on."""
-    n = 0
-    while True:
-        said = yield GetUserInput()
-        n += 1
-        yield Result(f"{n}:{said}")
-
-
-@turbo()
-async def asks():
-    """Asks the model about each message."""
-    while True:
-        said = yield GetUserInput()
-        yield User(content=said)
-        yield Generate()
+from .workers_bot import asks, tally
 
 
 class GatedLLM:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ from typing import Any
 import pytest
 
 from tests.fakes.discord_server import FakeDiscord, shard_for
-from tests.test_console import clean_env, spawn_turbobot
+from tests.test_console import clean_env
 from tests.test_crash import API_KEY, model_server, upgrade_schema
-from tests.test_workers_processes import sql
+from tests.test_workers_processes import sql, turbobot_run
 from turbobot import ChannelKey
 from turbobot.sql import SQLStore
 from turbobot.sql.store import channel_column, parse_channel_column
@@ -74,34 +73,17 @@ def expected(rounds: int = ROUNDS) -> list[str]:
     return [f"{n}:m{n}" for n in range(1, rounds + 1)]
 
 
-@contextlib.asynccontextmanager
-async def worker(
+def worker(
     env: dict[str, str], name: str, shard: int, log: Path
-) -> AsyncIterator[asyncio.subprocess.Process]:
+) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
     """``turbobot run`` for one shard, stopped (SIGTERM) at the end if still running."""
-    with log.open("ab") as out:
-        proc = await spawn_turbobot(
-            {**env, "TURBOBOT_WORKER_NAME": name, "DISCORD_SHARD_IDS": str(shard)},
-            "--log-level",
-            "INFO",
-            "run",
-            "tests.workers_bot:tally",
-            "--platform",
-            "discord",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=out,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+    return turbobot_run(
+        {**env, "TURBOBOT_WORKER_NAME": name, "DISCORD_SHARD_IDS": str(shard)},
+        log,
+        "tests.workers_bot:tally",
+        "--platform",
+        "discord",
+    )
 
 
 async def talk(discord: FakeDiscord, conv: Conversation) -> None:

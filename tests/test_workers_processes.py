@@ -50,22 +50,16 @@ async def sql(url: str, statement: str, *args: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def worker(
-    env: dict[str, str], name: str, port: int, log: Path, bot: str = "tests.workers_bot:tally"
-) -> AsyncIterator[Any]:
+async def turbobot_run(env: dict[str, str], log: Path, *args: str) -> AsyncIterator[Any]:
+    """``turbobot --log-level INFO run ARGS`` logging to ``log``, stopped at the end
+    (SIGCONT, SIGTERM) if still running."""
     with log.open("ab") as out:
         proc = await spawn_turbobot(
-            {**env, "TURBOBOT_WORKER_NAME": name},
+            env,
             "--log-level",
             "INFO",
             "run",
-            bot,
-            "--platform",
-            "telegram",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(port),
+            *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=out,
@@ -76,7 +70,28 @@ async def worker(
         if proc.returncode is None:
             proc.send_signal(signal.SIGCONT)  # (a test may leave it stopped)
             proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), 60)
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def worker(
+    env: dict[str, str], name: str, port: int, log: Path, bot: str = "tests.workers_bot:tally"
+) -> contextlib.AbstractAsyncContextManager[Any]:
+    """One Telegram webhook worker on ``port``."""
+    return turbobot_run(
+        {**env, "TURBOBOT_WORKER_NAME": name},
+        log,
+        bot,
+        "--platform",
+        "telegram",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    )
 
 
 async def deliver(telegram: FakeTelegram, chat: int, text: str) -> int:
@@ -192,24 +207,19 @@ async def test_three_workers_from_one_command_share_the_chats(
             TURBOBOT_WORKER_NAME="box",
         )
         await upgrade_schema(env)
-        with log.open("ab") as out:
-            supervisor = await spawn_turbobot(
-                env,
-                "run",
-                "tests.workers_bot:tally",
-                "--platform",
-                "telegram",
-                "--workers",
-                "3",
-                "--listen",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=out,
-            )
-        try:
+        async with turbobot_run(
+            env,
+            log,
+            "tests.workers_bot:tally",
+            "--platform",
+            "telegram",
+            "--workers",
+            "3",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ) as supervisor:
             await telegram.wait_until(
                 lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 3, timeout=60
             )
@@ -227,7 +237,6 @@ async def test_three_workers_from_one_command_share_the_chats(
                 "SELECT worker, count(*) AS n FROM leases WHERE expires_at > now() "
                 "GROUP BY worker ORDER BY worker",
             )
-        finally:
             supervisor.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(supervisor.wait(), 90)
     output = shown.decode()
