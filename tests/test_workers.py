@@ -110,7 +110,17 @@ async def settle(crew: list[Worker], done: Callable[[], bool], rounds: int = 500
         if done():
             return
         await asyncio.sleep(0.01)  # a notification on its way
-    raise AssertionError("the workers did not finish their work")
+    state = {
+        w.name: {
+            "held": w.leases.held(),
+            "refused": sorted(w.leases._refused),
+            "queued": {str(k): len(q) for k, q in w.runtime._queues.items()},
+            "reload": list(w.runtime._reload),
+            "busy": [str(k) for k, _ in w.runtime._workers.tasks()],
+        }
+        for w in crew
+    }
+    raise AssertionError(f"the workers did not finish their work: {state}")
 
 
 async def expire(url: str, worker: str) -> None:
@@ -333,3 +343,140 @@ async def test_status_needs_postgresql(tmp_path: Any, capsys: Any) -> None:
     )
     assert code == 2
     assert "PostgreSQL" in capsys.readouterr().err
+
+
+# -- found in review: each was reproduced before its fix -------------------------------
+
+
+@contextlib.asynccontextmanager
+async def crew_of(
+    url: str, specs: list[tuple[str, Any, Any]], template: Any = asks, **runtime: Any
+) -> AsyncIterator[list[Worker]]:
+    """Workers named and equipped one by one: (name, llm, sender)."""
+    async with contextlib.AsyncExitStack() as stack:
+        crew = []
+        for name, llm, sender in specs:
+            store = SQLStore(url, worker=name, lease_seconds=600)
+            await stack.enter_async_context(store)
+            run = Runtime(template, llm=llm, sender=sender, store=store, **runtime)
+            await stack.enter_async_context(run)
+            crew.append(Worker(name, store, run))
+        yield crew
+
+
+async def unread(url: str) -> int:
+    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM inbox WHERE NOT consumed"))
+    finally:
+        await conn.close()
+
+
+async def test_a_step_begun_under_a_lost_lease_is_refused_though_the_channel_came_back(
+    database: str,
+) -> None:
+    """A's step began under one lease; A lost it, B took the channel, answered and gave
+    it up; A's own look at the leases must not take it back under A's running step
+    (its writes would carry the new generation and pass)."""
+    gated, quick = GatedLLM(), GatedLLM()
+    quick.gate.set()
+    sender = RecordingSender()
+    key = ChannelKey("test", "1")
+    async with crew_of(database, [("a", gated, sender), ("b", quick, sender)]) as (a, b):
+        await a.runtime.receive(message(1, 1))
+        await settle([a, b], lambda: len(sender.sent) == 1)
+        await a.runtime.receive(IncomingMessage(key, "slow one", "1-2", "u"))
+        await asyncio.wait_for(gated.started.wait(), 10)
+        await expire(database, "a")
+        await b.runtime.receive(message(1, 3))
+        await settle([b], lambda: len(sender.sent) == 3)
+        await b.runtime.evict(key)
+        await b.runtime.check_leases()  # idle: given up
+        await a.runtime.receive(message(1, 4))  # A's channel worker is still in its step
+        await a.runtime.check_leases()
+        gated.gate.set()
+        await settle([a, b], lambda: len(sender.sent) >= 4)
+        await a.runtime.check_leases()
+        await asyncio.gather(a.runtime.join(), b.runtime.join())
+    assert sender.texts(key) == ["echo: m1", "echo: slow one", "echo: m3", "echo: m4"]
+
+
+async def test_a_failed_release_leaves_the_channel_held_and_given_up_later(
+    database: str,
+) -> None:
+    from sqlalchemy import text
+
+    import turbobot.sql.leases as leases_module
+
+    sender = RecordingSender()
+    key = ChannelKey("test", "1")
+    specs = [("a", GatedLLM(), sender), ("b", GatedLLM(), sender)]
+    async with crew_of(database, specs, tally) as crew:
+        await crew[0].runtime.receive(message(1, 1))
+        await settle(crew, lambda: len(sender.sent) == 1)
+        holder, other = crew if crew[0].leases.holds(key) else crew[::-1]
+        await holder.runtime.evict(key)
+        good = leases_module._RELEASE
+        leases_module._RELEASE = text("SELECT no_such_column FROM leases")  # one failure
+        try:
+            with pytest.raises(Exception, match="no_such_column"):
+                await holder.runtime.check_leases()
+        finally:
+            leases_module._RELEASE = good
+        assert holder.leases.held() == [key]  # still held (and renewed), not forgotten
+        await holder.runtime.check_leases()  # given up now
+        assert holder.leases.held() == []
+        for n in (2, 3):
+            await other.runtime.receive(message(1, n))
+            await settle(crew, lambda n=n: len(sender.sent) == n)
+    assert sender.texts(key) == ["1:m1", "2:m2", "3:m3"]
+    assert await unread(database) == 0
+
+
+async def test_a_lone_worker_past_its_lease_mid_step_takes_its_channel_back(
+    database: str,
+) -> None:
+    gated = GatedLLM()
+    sender = RecordingSender()
+    key = ChannelKey("test", "1")
+    async with crew_of(database, [("a", gated, sender)]) as (a,):
+        await a.runtime.receive(IncomingMessage(key, "slow one", "1-1", "u"))
+        await gated.started.wait()
+        await expire(database, "a")
+        await a.runtime.check_leases()  # lost (its worker is busy: not taken back yet)
+        gated.gate.set()
+        await a.runtime.join()
+        await a.runtime.check_leases()  # its own expired lease is free: taken back
+        await settle([a], lambda: len(sender.sent) == 1)
+    assert sender.texts(key) == ["echo: slow one"]
+    assert gated.asked == ["slow one", "slow one"]  # the refused step's answer, asked again
+    assert await unread(database) == 0
+
+
+async def test_a_database_error_while_confirming_a_lease_is_retried(database: str) -> None:
+    from turbobot.clock import FakeClock
+
+    clock = FakeClock()
+    sender = DownSender()
+    key = ChannelKey("test", "1")
+    settings = RuntimeSettings(retry_delays=(5.0,))
+    async with crew_of(
+        database, [("a", GatedLLM(), sender)], tally, settings=settings, clock=clock
+    ) as (a,):
+        await a.runtime.receive(message(1, 1))
+        await a.runtime.join()  # the reply is kept: the platform is down
+        real, calls = a.leases.confirm, []
+
+        async def blip(k: ChannelKey) -> bool:
+            calls.append(k)
+            if len(calls) == 1:
+                raise OSError("connection reset")
+            return bool(await real(k))
+
+        a.leases.confirm = blip
+        sender.up = True
+        for _ in range(3):
+            clock.advance(6)  # the retry timers
+            await a.runtime.join()
+    assert len(calls) >= 2
+    assert sender.texts(key) == ["1:m1"]

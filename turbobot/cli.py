@@ -683,7 +683,7 @@ async def _status(args: argparse.Namespace, env: Mapping[str, str]) -> None:
         assert isinstance(store, SQLStore) and store.engine is not None
         status = await worker_status(store.engine)
     workers = status["workers"]
-    lease = float(env.get(LEASE_VARIABLE, "").strip() or 10)
+    lease = _worker(env).lease_seconds
     print(f"{len(workers)} worker(s)")
     if workers:
         print("name\thost\tpid\tstarted\tlast seen\tleases")

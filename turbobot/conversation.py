@@ -519,7 +519,17 @@ class Conversations:
         except Exception as exc:
             raise InfrastructureError("committing a step failed") from exc
         leases = self.store.leases
-        if key is not None and leases is not None and not leases.holds(key):
+        if key is None or leases is None:
+            return
+        held = leases.holds(key)
+        if held and not leases.fresh():
+            # Not renewed for a while (this worker was paused?): asked before a reply
+            # goes out, since another worker may have taken the channel and sent it.
+            try:
+                held = await leases.confirm(key)
+            except Exception as exc:
+                raise InfrastructureError(f"confirming the lease of {key} failed") from exc
+        if not held:
             raise LeaseLostError(f"another worker took the channel {key}")
 
     async def advance(

@@ -183,11 +183,13 @@ class Runtime:
         self._lease_task: asyncio.Task[None] | None = None
         #: channels check_leases took whose state is not read yet (see _adopt)
         self._taken: set[ChannelKey] = set()
-        #: channels another worker was found holding, until when not to ask again
-        self._elsewhere: dict[ChannelKey, float] = {}
         #: channels whose workers wait for a claim, and the task making it (see _claim)
         self._claims: dict[ChannelKey, asyncio.Future[None]] = {}
         self._claimer: asyncio.Task[None] | None = None
+        #: channels this worker gave up at its last look at the leases
+        self._given_up: set[ChannelKey] = set()
+        #: looks at the leases on the listener's say-so (kept: tasks are weakly held)
+        self._lease_checks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -275,23 +277,36 @@ class Runtime:
         Runs every third of a lease's life; a test calls it to make it happen now.
         """
         leases = self._leases
-        if leases is None or self._closed:
+        if leases is None:
             return
-        for key in await leases.renew():
+        lost = await leases.renew()
+        if self._closed:
+            return  # (renewed while the last steps finish: nothing new is taken)
+        for key in lost:
             self._wake(key)  # its worker lets it go (another worker has it)
         idle = [key for key in leases.held() if self._idle(key)]
         if idle:
             await self.store.flush()  # (an eviction's last write must pass its fence)
-            await leases.release([key for key in idle if self._idle(key)])
+            idle = [key for key in idle if self._idle(key)]
+            await leases.release(idle)
+        # A message committed elsewhere just before a release was refused a claim by
+        # this worker's lease and may be told of after it: until the next look, those
+        # channels are taken back on notice (else their message waits for the poll).
+        self._given_up = set(idle)
         due = self.clock() + leases.ttl
         refs = [self.template.ref, *(mode.ref for mode in self.personalities.others())]
-        orphans = await leases.orphans(due, refs, limit=1000)
+        # Never a channel in the middle of a step: its writes would be tagged with the
+        # new generation and pass the fence, though the step began under a lost lease.
+        orphans = [
+            key
+            for key in await leases.orphans(due, refs, limit=1000)
+            if not self._workers.busy(key)
+        ]
+        if orphans:
+            await self.store.flush()  # (what finished steps wrote passes its own fence)
         for key in await leases.claim(orphans) if orphans else ():
             self._taken.add(key)  # its worker reads its state (see _adopt)
             self._wake(key)
-        now = time.monotonic()
-        for key in [k for k, until in self._elsewhere.items() if until <= now]:
-            del self._elsewhere[key]
         for key in await leases.unread():
             if not self._workers.busy(key):
                 self._reload.add(key)  # a message another worker committed, unannounced
@@ -324,13 +339,21 @@ class Runtime:
                     exc,
                 )
 
+    async def _check_leases_now(self) -> None:
+        try:
+            await self.check_leases()
+        except Exception as exc:  # (the periodic look tries again)
+            _log.warning("could not look at the channel leases (%s)", exc)
+
     def _notified(self, keys: list[ChannelKey] | None) -> None:
         """Another worker committed messages for ``keys`` (``None``: some may have been
         missed)."""
         if self._closed:
             return
         if keys is None:
-            asyncio.get_running_loop().create_task(self.check_leases())
+            check = asyncio.get_running_loop().create_task(self._check_leases_now())
+            self._lease_checks.add(check)
+            check.add_done_callback(self._lease_checks.discard)
             return
         assert self._leases is not None
         for key in keys:
@@ -341,23 +364,21 @@ class Runtime:
             if self._leases.holds(key):
                 self._reload.add(key)  # committed elsewhere: the inbox has it, RAM not
                 self._wake(key)
+            elif key in self._given_up:
+                self._wake(key)  # its worker takes it again (see check_leases)
 
     async def _take(self, key: ChannelKey) -> bool:
         """The channel's worker found it not held: take it, or let it go (``False``)."""
         assert self._leases is not None
-        if self._elsewhere.get(key, 0.0) > time.monotonic():
-            await self._let_go(key)  # another worker took it a moment ago: leave it be
-            return False
         try:
             await self._claim(key)
         except Exception as exc:
             raise InfrastructureError(f"taking the lease of {key} failed") from exc
         if not self._leases.holds(key):  # (or check_leases took it meanwhile)
-            # Another worker has it, and its messages. Not asked again for a third of a
-            # lease: each message another worker commits would ask otherwise. (A dead
-            # holder's channels are found by check_leases, which claims regardless.)
-            if len(self._elsewhere) < 100_000:
-                self._elsewhere[key] = time.monotonic() + self._leases.ttl / 3
+            # Another worker has it, and its messages: asked again with the next message
+            # this worker receives for it (no memory of who holds what: a holder may give
+            # a channel up at any moment, and a remembered "held elsewhere" then strands
+            # its next message until the slow poll).
             await self._let_go(key)
             return False
         await self._adopt(key)
@@ -397,7 +418,6 @@ class Runtime:
         did: what this one knew of it is stale; it is read again from the store."""
         assert self._leases is not None
         await self._let_go(key)
-        self._elsewhere.pop(key, None)
         try:
             recovery = await self._recovery([key])
         except Exception as exc:
@@ -430,10 +450,6 @@ class Runtime:
         (Ctrl-C, SIGTERM) lose no reply.
         """
         self._closed = True
-        if self._lease_task is not None:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
         self.conversations.stop_timers()
         if self._notices:  # (notices to people the allowlists leave out)
             _, late = await asyncio.wait(set(self._notices), timeout=self.settings.stop_grace)
@@ -467,6 +483,17 @@ class Runtime:
                 await self.conversations.drop(key)  # not committed: as the store has it
         await self.conversations.close()
         await self.store.flush()
+        # Renewed until here: the steps finishing above still held their channels.
+        tasks: list[asyncio.Task[None] | None] = [
+            self._lease_task,
+            self._claimer,
+            *self._lease_checks,
+        ]
+        for helper in tasks:
+            if helper is not None:
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await helper
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -649,7 +676,9 @@ class Runtime:
         except LeaseLostError:
             _log.info("channel %s: another worker took it; its step here is dropped", key)
             await self._let_go(key)
-            return False
+            # Go on if woken meanwhile (a message received here): the next run takes the
+            # channel again if it is free, or leaves it to its holder.
+            return True
         except InfrastructureError as exc:
             await self._retry_later(key, exc.__cause__ or exc)
             return False
@@ -683,7 +712,11 @@ class Runtime:
         conversations = self.conversations
         if self._outbox.has_kept(key):
             leases = self._leases
-            if leases is not None and not await leases.confirm(key):
+            try:
+                confirmed = leases is None or await leases.confirm(key)
+            except Exception as exc:
+                raise InfrastructureError(f"confirming the lease of {key} failed") from exc
+            if not confirmed:
                 # (a worker paused past its lease: its kept replies are the new holder's)
                 raise LeaseLostError(f"another worker took the channel {key}")
             await self._outbox.resend(key)

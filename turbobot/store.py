@@ -263,6 +263,11 @@ class ChannelLeases(ABC):
     def held(self) -> list[ChannelKey]:
         """The channels whose lease this worker holds."""
 
+    def fresh(self) -> bool:
+        """Whether the leases held are surely still valid by the local clock (if not,
+        :meth:`confirm` asks the store)."""
+        return True
+
     @abstractmethod
     async def confirm(self, key: ChannelKey) -> bool:
         """Whether this worker still holds the channel, asked of the store (before

@@ -138,7 +138,9 @@ def _watch(children: list[_Child], command: list[str], stopping: list[int]) -> i
             if code is None:
                 continue
             child.process = None
-            if code == 2:  # a configuration error: starting it again would not help
+            if code == 2 and child.restarts == 1:
+                # a configuration error at its first start: starting again would not help
+                # (later, 2 may be a database or platform out of reach for a while)
                 print(
                     f"turbobot: worker {child.index} stopped on a configuration error; "
                     "stopping the others",
@@ -157,9 +159,24 @@ def _watch(children: list[_Child], command: list[str], stopping: list[int]) -> i
 
 
 def _start(child: _Child, command: list[str]) -> None:
-    child.process = subprocess.Popen(command, env=child.env, stdin=subprocess.DEVNULL)
+    child.process = subprocess.Popen(
+        command, env=child.env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
     child.started = time.monotonic()
     child.restarts += 1
+
+
+def _die_with_parent() -> None:
+    """In the worker, before it runs: SIGTERM it if the supervisor dies (even by
+    SIGKILL), so that no orphaned worker keeps running beside the next supervisor's
+    worker of the same name."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the operator stops the workers
+        pass
 
 
 def _wait(process: subprocess.Popen[bytes]) -> None:

@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,7 +87,8 @@ SELECT channel, generation FROM taken UNION ALL SELECT channel, generation FROM 
 _RENEW = text(
     f"""
 UPDATE leases SET expires_at = now() + {_TTL}
-WHERE incarnation = :incarnation AND expires_at > now()
+WHERE channel = ANY(CAST(:channels AS text[])) AND incarnation = :incarnation
+  AND expires_at > now()
 RETURNING channel, generation
 """
 )
@@ -122,8 +124,8 @@ SELECT w.channel FROM (
 ) AS w
 WHERE NOT EXISTS (
     -- free: no lease, an expired one, or one of this worker's name from an earlier run
-    SELECT 1 FROM leases AS l WHERE l.channel = w.channel
-      AND (l.incarnation = :incarnation OR (l.expires_at > now() AND l.worker <> :worker))
+    SELECT 1 FROM leases AS l WHERE l.channel = w.channel AND l.expires_at > now()
+      AND (l.incarnation = :incarnation OR l.worker <> :worker)
 )
 LIMIT :limit
 """
@@ -193,6 +195,8 @@ class SQLLeases(ChannelLeases):
         #: channels held whose step a commit refused (taken and given back meanwhile,
         #: or expired): what this worker has of them in RAM is wrong until taken again
         self._refused: set[str] = set()
+        #: when the last renewal began (monotonic): the leases it kept last a ttl from it
+        self._renewed = time.monotonic()
         self._listener: asyncio.Task[None] | None = None
         self._opened = False
         self._subscribers: list[Callable[[list[ChannelKey] | None], None]] = []
@@ -251,6 +255,11 @@ class SQLLeases(ChannelLeases):
         """The generation this worker holds ``channel``'s lease at (``None``: not held)."""
         return self._held.get(channel)
 
+    def fresh(self) -> bool:
+        """Whether the leases held are surely still valid by the local clock (renewed
+        within the last two thirds of a lease): if not, ask with :meth:`confirm`."""
+        return time.monotonic() < self._renewed + self.ttl * 2 / 3
+
     async def confirm(self, key: ChannelKey) -> bool:
         channel = _column(key)
         generation = self._held.get(channel)
@@ -269,6 +278,9 @@ class SQLLeases(ChannelLeases):
         ]
         if not wanted:
             return []
+        refused = [c for c in wanted if c in self._refused]
+        if refused:  # (its row is this run's own: given up first, then taken again)
+            await self.release([_key(c) for c in refused])
         async with self.engine.begin() as conn:
             # A row a commit's fence holds (FOR SHARE) is skipped, not waited for;
             # this bounds the wait for one a stopped worker's transaction holds.
@@ -286,9 +298,10 @@ class SQLLeases(ChannelLeases):
         # Leases taken while this runs are not in the snapshot, and one taken again
         # meanwhile has another generation: only what the renewal could see is judged.
         before = dict(self._held)
+        started = time.monotonic()
         async with self.engine.begin() as conn:
             await conn.exec_driver_sql(_NOT_FLUSHED)
-            rows = (await conn.execute(_RENEW, self._me())).all()
+            rows = (await conn.execute(_RENEW, self._me(channels=list(before)))).all()
             kept = {row.channel: int(row.generation) for row in rows}
             await conn.execute(_SEEN, self._me(leases=len(kept)))
         lost = [
@@ -299,6 +312,7 @@ class SQLLeases(ChannelLeases):
         for channel in lost:
             del self._held[channel]
             self._refused.discard(channel)
+        self._renewed = started
         if lost:
             _log.warning(
                 "worker %s lost the leases of %d channels (it was paused or cut off for "
@@ -313,14 +327,22 @@ class SQLLeases(ChannelLeases):
         given = {c: self._held.pop(c) for c in (_column(key) for key in keys) if c in self._held}
         if not given:
             return
-        for channel in given:
-            self._refused.discard(channel)
-        async with self.engine.begin() as conn:
-            await conn.exec_driver_sql(_NOT_FLUSHED)
-            await conn.execute(
-                _RELEASE,
-                self._me(channels=list(given), generations=list(given.values())),
-            )
+        refused = {c for c in given if c in self._refused}
+        self._refused -= refused
+        try:
+            async with self.engine.begin() as conn:
+                await conn.exec_driver_sql(_NOT_FLUSHED)
+                await conn.execute(
+                    _RELEASE,
+                    self._me(channels=list(given), generations=list(given.values())),
+                )
+        except BaseException:
+            # Still held, then: renewed, and given up again later (never left behind
+            # renewed by nobody and taken by no one).
+            for channel, generation in given.items():
+                self._held.setdefault(channel, generation)
+            self._refused |= refused
+            raise
 
     async def orphans(self, due: float, refs: Sequence[str], limit: int) -> list[ChannelKey]:
         async with self.engine.connect() as conn:
@@ -396,12 +418,15 @@ class SQLLeases(ChannelLeases):
     async def _listen(self) -> None:
         import asyncpg  # type: ignore[import-untyped]  # the driver (turbobot[postgres])
 
-        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # The dialect's own reading of the URL (its query options are SQLAlchemy's, not
+        # all asyncpg's).
+        _, params = self.engine.dialect.create_connect_args(self.engine.url)
+        params = {k: v for k, v in params.items() if k != "prepared_statement_cache_size"}
         pause = 0.1
         while True:
             connection = None
             try:
-                connection = await asyncpg.connect(dsn)
+                connection = await asyncpg.connect(**params)
                 closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 connection.add_termination_listener(functools.partial(_closed, closed))
                 await connection.add_listener(NOTIFY_CHANNEL, self._received)
