@@ -123,16 +123,28 @@ async def settle(crew: list[Worker], done: Callable[[], bool], rounds: int = 500
     raise AssertionError(f"the workers did not finish their work: {state}")
 
 
-async def expire(url: str, worker: str) -> None:
-    """The worker's leases run out now (on the database's clock, as time would)."""
+async def sql(url: str, statement: str, *args: Any) -> Any:
+    """The rows of ``statement`` run on the database at ``url`` (asyncpg, directly)."""
     conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
     try:
-        await conn.execute(
-            "UPDATE leases SET expires_at = now() - interval '1 second' WHERE worker = $1",
-            worker,
-        )
+        return await conn.fetch(statement, *args)
     finally:
         await conn.close()
+
+
+async def expire(url: str, worker: str) -> None:
+    """The worker's leases run out now (on the database's clock, as time would)."""
+    await sql(
+        url,
+        "UPDATE leases SET expires_at = now() - interval '1 second' WHERE worker = $1",
+        worker,
+    )
+
+
+def holder_first(crew: list[Worker], key: ChannelKey) -> list[Worker]:
+    """The worker holding ``key``, then the other (either may have taken it: the one
+    that did not receive its message, on its first look at the leases)."""
+    return crew if crew[0].leases.holds(key) else crew[::-1]
 
 
 def message(channel: int, n: int) -> IncomingMessage:
@@ -183,8 +195,7 @@ async def test_a_worker_past_its_lease_cannot_commit_its_step(database: str) -> 
     async with workers(database, 2, asks, llm=llm, sender=sender) as crew:
         await crew[0].runtime.receive(message(1, 1))
         await settle(crew, lambda: len(sender.sent) == 1)
-        # (either may have taken the channel: both heard of the message)
-        first, second = crew if crew[0].leases.holds(key) else crew[::-1]
+        first, second = holder_first(crew, key)
         slow = IncomingMessage(key, "slow one", "1-2", "u")
         await first.runtime.receive(slow)
         await llm.started.wait()  # the first worker is in its step
@@ -221,7 +232,7 @@ async def test_a_deadline_fires_once_across_workers_even_after_a_takeover(databa
     async with workers(database, 2, patient, sender=sender, clock=clock) as crew:
         await crew[0].runtime.receive(message(5, 1))
         await settle(crew, lambda: len(sender.sent) == 1)
-        first, second = crew if crew[0].leases.holds(key) else crew[::-1]
+        first, second = holder_first(crew, key)
         clock.advance(61)
         await settle(crew, lambda: len(sender.sent) == 2)
         assert sender.texts(key) == ["got m1", "still there?"]  # fired once, by the holder
@@ -365,11 +376,8 @@ async def crew_of(
 
 
 async def unread(url: str) -> int:
-    conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM inbox WHERE NOT consumed"))
-    finally:
-        await conn.close()
+    rows = await sql(url, "SELECT count(*) AS n FROM inbox WHERE NOT consumed")
+    return int(rows[0]["n"])
 
 
 async def test_a_step_begun_under_a_lost_lease_is_refused_though_the_channel_came_back(
@@ -414,7 +422,7 @@ async def test_a_failed_release_leaves_the_channel_held_and_given_up_later(
     async with crew_of(database, specs, tally) as crew:
         await crew[0].runtime.receive(message(1, 1))
         await settle(crew, lambda: len(sender.sent) == 1)
-        holder, other = crew if crew[0].leases.holds(key) else crew[::-1]
+        holder, other = holder_first(crew, key)
         await holder.runtime.evict(key)
         good = leases_module._RELEASE
         leases_module._RELEASE = text("SELECT no_such_column FROM leases")  # one failure

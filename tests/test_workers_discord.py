@@ -26,7 +26,8 @@ import pytest
 from tests.fakes.discord_server import FakeDiscord, shard_for
 from tests.test_console import clean_env
 from tests.test_crash import API_KEY, model_server, upgrade_schema
-from tests.test_workers_processes import sql, turbobot_run
+from tests.test_workers import sql
+from tests.test_workers_processes import turbobot_run
 from turbobot import ChannelKey
 from turbobot.sql import SQLStore
 from turbobot.sql.store import channel_column, parse_channel_column

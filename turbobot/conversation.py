@@ -518,13 +518,19 @@ class Conversations:
             await self.store.flush()
         except Exception as exc:
             raise InfrastructureError("committing a step failed") from exc
+        if key is not None:
+            await self.check_lease(key)
+
+    async def check_lease(self, key: ChannelKey, *, ask: bool = False) -> None:
+        """Raise :class:`LeaseLostError` unless this worker still holds the channel (when
+        several share the store). The store is asked with ``ask``, and whenever the
+        leases were not renewed for a while (this worker was paused?): another worker
+        may have taken the channel and sent what this one is about to send."""
         leases = self.store.leases
-        if key is None or leases is None:
+        if leases is None:
             return
         held = leases.holds(key)
-        if held and not leases.fresh():
-            # Not renewed for a while (this worker was paused?): asked before a reply
-            # goes out, since another worker may have taken the channel and sent it.
+        if held and (ask or not leases.fresh()):
             try:
                 held = await leases.confirm(key)
             except Exception as exc:

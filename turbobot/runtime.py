@@ -217,10 +217,7 @@ class Runtime:
             # Several workers share the store: this one recovers the channels it takes
             # (see _take), and takes those nobody holds (check_leases).
             leases.subscribe(self._notified)
-            try:
-                await self.check_leases()
-            except Exception as exc:  # (tried again every third of a lease)
-                _log.warning("could not look at the channel leases at start (%s)", exc)
+            await self._check_leases_now()
             self._lease_task = asyncio.create_task(self._keep_leases(), name="turbobot:leases")
         else:
             recovery = await self._recovery()
@@ -330,20 +327,19 @@ class Runtime:
         assert self._leases is not None
         while True:
             await asyncio.sleep(self._leases.ttl / 3)
-            try:
-                await self.check_leases()
-            except Exception as exc:
-                _log.warning(
-                    "could not renew the channel leases (%s: %s); trying again",
-                    type(exc).__name__,
-                    exc,
-                )
+            await self._check_leases_now()
 
     async def _check_leases_now(self) -> None:
+        """:meth:`check_leases`; a failure is logged (the next look, a third of a lease
+        later, tries again)."""
         try:
             await self.check_leases()
-        except Exception as exc:  # (the periodic look tries again)
-            _log.warning("could not look at the channel leases (%s)", exc)
+        except Exception as exc:
+            _log.warning(
+                "could not renew or take channel leases (%s: %s); trying again",
+                type(exc).__name__,
+                exc,
+            )
 
     def _notified(self, keys: list[ChannelKey] | None) -> None:
         """Another worker committed messages for ``keys`` (``None``: some may have been
@@ -711,14 +707,8 @@ class Runtime:
     async def _drain(self, key: ChannelKey) -> None:
         conversations = self.conversations
         if self._outbox.has_kept(key):
-            leases = self._leases
-            try:
-                confirmed = leases is None or await leases.confirm(key)
-            except Exception as exc:
-                raise InfrastructureError(f"confirming the lease of {key} failed") from exc
-            if not confirmed:
-                # (a worker paused past its lease: its kept replies are the new holder's)
-                raise LeaseLostError(f"another worker took the channel {key}")
+            # (a worker paused past its lease: its kept replies are the new holder's)
+            await conversations.check_lease(key, ask=True)
             await self._outbox.resend(key)
         if key in self._reload:
             await self._reload_inbox(key)
