@@ -29,6 +29,7 @@ from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM
 from turbobot.messages import Assistant
+from turbobot.metrics import Metrics, StepTimer, current_step, error_detail, message_arrived
 from turbobot.modes import Personalities
 from turbobot.settings import RuntimeSettings
 from turbobot.signals import GetUserInput, Result, UserInput
@@ -36,8 +37,10 @@ from turbobot.store import (
     BaseStore,
     ConversationRecord,
     ConversationStatus,
+    ErrorRecord,
     LeaseLostError,
     OutgoingRecord,
+    StepStats,
     StepWrite,
     TokenUsage,
     TranscriptLine,
@@ -76,6 +79,8 @@ def _refusal(exc: LLMError) -> str | None:
 _NO_JOURNAL: list[JournalEntry] = []
 #: journal entries that record a call of the model (their value may hold its "usage")
 _MODEL_CALLS = frozenset({"generate", "summary"})
+#: arrival times kept for inputs not yet handled (beyond: the oldest are forgotten)
+_ARRIVALS = 100_000
 #: stands for a context already stored with its conversation (one shared empty dict,
 #: never changed: a new one per conversation would cost 64 bytes each)
 _STORED_CONTEXT: dict[str, Any] = {}
@@ -121,6 +126,7 @@ class Conversations:
         call_later: Callable[..., TimerHandle],
         wake: Callable[[ChannelKey], None],
         on_usage: Callable[[TokenUsage], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.personalities = personalities
         self.llm = llm
@@ -151,6 +157,13 @@ class Conversations:
         idle = settings.idle_evict_seconds
         self._used_tick = min(1.0, idle / 10) if idle else 1.0
         self._typing = type(sender).typing is not BaseSender.typing
+        self.metrics = metrics
+        #: when each input waiting in RAM arrived, by (channel, message id): a step's
+        #: latency starts there (see turbobot.metrics; bounded by ``_ARRIVALS``)
+        self.arrivals: dict[tuple[ChannelKey, str], float] = {}
+        #: since this process started (the operator's samples)
+        self.evictions = 0
+        self.replays = 0
 
     # -- what is where ------------------------------------------------------------------
 
@@ -204,6 +217,9 @@ class Conversations:
             self.stored_keys.add(key)
         if live.status == "waiting" and live.deadline is not None:
             self._deadlines[key] = live.deadline
+        self.evictions += 1
+        if self.metrics is not None:
+            self.metrics.evictions.inc()
         await self.commit(live)
         await self._close_app(key, live)
         return True
@@ -370,7 +386,10 @@ class Conversations:
         )
         live.saved = len(record.journal)
         record.broken = False
-        await self.advance(key, live, None)
+        self.replays += 1
+        if self.metrics is not None:
+            self.metrics.replays.inc()
+        await self.advance(key, live, None, trigger="replay")
         if record.status != "diverged":
             return True
         await self.send_standalone(key, self.settings.notices.diverged)
@@ -497,6 +516,12 @@ class Conversations:
                     completion += count(reported[1]) or 0
         if not calls:
             return
+        timer = current_step.get()
+        if timer is not None:
+            stats = timer.stats
+            stats.prompt_tokens = (stats.prompt_tokens or 0) + prompt
+            stats.completion_tokens = (stats.completion_tokens or 0) + completion
+            stats.generations += calls
         message = answering.get()
         user = message.author_id if message is not None else app.context.author_id
         used = TokenUsage(live.key.platform, user, utc_day(self.clock()), prompt, completion, calls)
@@ -538,13 +563,73 @@ class Conversations:
         if not held:
             raise LeaseLostError(f"another worker took the channel {key}")
 
+    def arrived(self, message: IncomingMessage, at: float) -> None:
+        """``message`` arrived in this process at ``at`` (it waits in RAM to be handled)."""
+        arrivals = self.arrivals
+        if len(arrivals) >= _ARRIVALS:  # messages handled elsewhere (another worker)
+            del arrivals[next(iter(arrivals))]
+        arrivals[message.key, message.message_id] = at
+
     async def advance(
-        self, key: ChannelKey, live: Live, value: IncomingMessage | UserInput | None
+        self,
+        key: ChannelKey,
+        live: Live,
+        value: IncomingMessage | UserInput | None,
+        *,
+        trigger: str | None = None,
     ) -> bool:
         """Resume the app with ``value`` and deliver outputs until it waits or ends.
 
-        Returns whether anything was sent.
+        Returns whether anything was sent. The step is timed (:class:`StepTimer`);
+        its stats are written with its last commit.
         """
+        message = answering.get()
+        if trigger is None:
+            timed_out = isinstance(value, UserInput) and value.timed_out
+            trigger = "timeout" if timed_out else "resume" if value is None else "message"
+        app = live.app
+        user = (
+            message.author_id
+            if message is not None
+            else app.context.author_id
+            if app is not None
+            else None
+        )
+        stats = StepStats(live.id, key, user or None, trigger, self.clock())
+        if trigger == "message":
+            stats.arrived = message_arrived.get()
+        timer = StepTimer(stats, self.clock, self.metrics)
+        token = current_step.set(timer)
+        try:
+            return await self._advance(key, live, value)
+        finally:
+            current_step.reset(token)
+
+    def _step_ended(self, live: Live, error: ErrorRecord | None = None) -> None:
+        """Add the running step's stats (and ``error``) to its last write."""
+        timer = current_step.get()
+        if timer is None:
+            return
+        stats = timer.stats
+        stats.duration = max(0.0, self.clock() - stats.at)
+        step = self.step(live)
+        step.stats.append(stats)
+        if self.metrics is not None:
+            self.metrics.step(stats)
+
+    def _error(self, live: Live, kind: str, exc: BaseException) -> None:
+        """Record an error of the running step (written with it)."""
+        error = ErrorRecord(self.clock(), kind[:32], error_detail(exc), live.key, live.id)
+        self.step(live).errors.append(error)
+        timer = current_step.get()
+        if timer is not None:
+            timer.stats.error = error.kind
+        if self.metrics is not None:
+            self.metrics.error(error)
+
+    async def _advance(
+        self, key: ChannelKey, live: Live, value: IncomingMessage | UserInput | None
+    ) -> bool:
         app = live.app
         assert app is not None
         record = live
@@ -583,6 +668,7 @@ class Conversations:
             record.status = "finished"
         except LLMError as exc:
             refusal = _refusal(exc)
+            self._error(live, "refused" if refusal else f"llm:{type(exc).__name__}", exc)
             if refusal is None:
                 _log.warning(
                     "channel %s: generation failed (%s: %s); it is retried with the "
@@ -606,11 +692,13 @@ class Conversations:
             sent = True
         except ReplayDivergedError as exc:
             _log.warning("channel %s: %s", key, exc)
+            self._error(live, "diverged", exc)
             record.status = "diverged"
         except (InfrastructureError, LeaseLostError):
             raise
-        except Exception:
+        except Exception as exc:
             _log.exception("channel %s: template %s failed", key, record.template_ref)
+            self._error(live, "template", exc)
             record.status = "failed"
             await self.say(key, live, self.settings.notices.failure)
             sent = True
@@ -624,6 +712,7 @@ class Conversations:
             record.deadline = None
         if app.waiting is None or record.broken:
             self.use_wake(live)  # it ended (or failed) before asking for input
+        self._step_ended(live)
         await self.commit(live, state=not asked)
         if not record.active:
             live.app = None
@@ -660,6 +749,7 @@ class Conversations:
     ) -> OutgoingRecord:
         step = self.step(live)
         usage = message.usage if message is not None else None
+        outgoing = OutgoingRecord(outgoing_id or new_id(), key, text)
         step.transcript.append(
             TranscriptLine(
                 live.id,
@@ -668,9 +758,10 @@ class Conversations:
                 self.clock(),
                 count(usage.prompt_tokens) if usage else None,
                 count(usage.completion_tokens) if usage else None,
+                reply_id=outgoing.id,
+                streamed=outgoing_id is not None,  # (a stream's id is chosen before)
             )
         )
-        outgoing = OutgoingRecord(outgoing_id or new_id(), key, text)
         step.outgoing.append(outgoing)
         return outgoing
 
@@ -680,6 +771,10 @@ class Conversations:
         """Record a reply, commit everything that led to it, then send it."""
         outgoing = self._record_reply(key, live, text, message)
         await self.commit(live, wait=True)
+        timer = current_step.get()
+        if timer is not None:
+            timer.stats.replies += 1
+            timer.reply()
         platform_id = await self.outbox.deliver(outgoing)
         if platform_id is not FAILED:
             self.step(live).sent.append((outgoing.id, platform_id))
@@ -706,7 +801,14 @@ class Conversations:
         if stream.interrupted and platform_id not in (None, FAILED):
             # The sender left the broken-off part on screen, marked: the transcript says so.
             self.step(live).transcript.append(
-                TranscriptLine(live.id, "assistant", stream.text + INTERRUPTED, self.clock())
+                TranscriptLine(
+                    live.id,
+                    "assistant",
+                    stream.text + INTERRUPTED,
+                    self.clock(),
+                    reply_id=reply_id,
+                    streamed=True,
+                )
             )
         elif stream.text and stream.message is not None:
             # Complete: recorded either way; a reply that could not be sent is kept and
@@ -714,6 +816,9 @@ class Conversations:
             outgoing = recorded or self._record_reply(
                 key, live, stream.text, stream.message, reply_id
             )
+            timer = current_step.get()
+            if timer is not None:
+                timer.stats.replies += 1
             if platform_id is FAILED:
                 self.outbox.keep(outgoing)
             else:

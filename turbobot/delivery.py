@@ -13,6 +13,7 @@ start-up never waits on the platform.
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from turbobot.chat import ChannelKey, IncomingMessage
 from turbobot.clock import SystemClock, TimerHandle
 from turbobot.exceptions import UndeliverableError
-from turbobot.store import BaseStore, OutgoingRecord, StepWrite
+from turbobot.metrics import Metrics, error_detail
+from turbobot.store import BaseStore, ErrorRecord, OutgoingRecord, StepWrite
 
 if TYPE_CHECKING:
     from turbobot.template import AssistantStream
@@ -96,6 +98,8 @@ class Outbox:
             :class:`~turbobot.clock.FakeClock` fires them without sleeping).
         wake: called with a channel when its kept replies are due (the runtime's
             worker then calls :meth:`resend` before anything else).
+        clock, metrics: failures are recorded for the operator (``errors``) and
+            counted, with the replies sent (see turbobot.metrics).
     """
 
     def __init__(
@@ -106,8 +110,12 @@ class Outbox:
         retry_delays: Sequence[float],
         wake: Callable[[ChannelKey], None],
         call_later: Callable[..., TimerHandle] | None = None,
+        clock: Callable[[], float] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sender = sender
+        self.clock = clock or time.time
+        self.metrics = metrics
         self._call_later = call_later or SystemClock().call_later
         self.store = store
         self.retry_delays = tuple(retry_delays) or (1.0,)
@@ -142,7 +150,7 @@ class Outbox:
         if outgoing.key in self._kept:
             self.keep(outgoing)
             return FAILED
-        result = await self._attempt(outgoing.key, self._plain(outgoing))
+        result = await self._attempt(outgoing.key, self._plain(outgoing), outgoing.id)
         if result is FAILED:
             self._kept.setdefault(outgoing.key, deque()).append(outgoing)
             self._schedule(outgoing.key)
@@ -157,7 +165,7 @@ class Outbox:
         kept = self._kept.get(key)
         while kept:
             outgoing = kept[0]
-            platform_id = await self._attempt(key, self._plain(outgoing))
+            platform_id = await self._attempt(key, self._plain(outgoing), outgoing.id)
             if platform_id is FAILED:
                 self._schedule(key)
                 return False
@@ -182,11 +190,17 @@ class Outbox:
 
         return send
 
-    async def _attempt(self, key: ChannelKey, sending: Callable[[], Awaitable[str | None]]) -> Any:
+    async def _attempt(
+        self,
+        key: ChannelKey,
+        sending: Callable[[], Awaitable[str | None]],
+        reply_id: str | None = None,
+    ) -> Any:
         try:
-            return await sending()
+            platform_id = await sending()
         except UndeliverableError as exc:
             _log.warning("channel %s: the reply cannot be delivered, dropped: %s", key, exc)
+            await self._failed(key, "undeliverable", exc, reply_id)
             return None
         except Exception as exc:
             _log.warning(
@@ -195,7 +209,25 @@ class Outbox:
                 type(exc).__name__,
                 exc,
             )
+            await self._failed(key, "send", exc, reply_id)
             return FAILED
+        if self.metrics is not None:
+            self.metrics.replies.labels(key.platform).inc()
+        return platform_id
+
+    async def _failed(
+        self, key: ChannelKey, kind: str, exc: BaseException, reply_id: str | None
+    ) -> None:
+        """Record a failed send for the operator (never raises: it is only a record)."""
+        error = ErrorRecord(
+            self.clock(), kind, error_detail(exc), key, reply_id=reply_id or delivering.get()
+        )
+        if self.metrics is not None:
+            self.metrics.error(error)
+        try:
+            await self.store.write(StepWrite(errors=[error]))
+        except Exception as failure:  # (a closed store: the log line above stays)
+            _log.debug("channel %s: the failed send was not recorded: %s", key, failure)
 
     def _schedule(self, key: ChannelKey) -> None:
         if key in self._timers:

@@ -35,6 +35,8 @@ import contextlib
 import gc
 import logging
 import math
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -49,6 +51,7 @@ from turbobot.conversation import Conversations, InfrastructureError
 from turbobot.delivery import BaseSender, Outbox, answering
 from turbobot.limits import RateLimiter, TokenBudget, duration
 from turbobot.llm.base import LLM
+from turbobot.metrics import Metrics, message_arrived
 from turbobot.modes import Personalities
 from turbobot.scheduler import ChannelWorkers
 from turbobot.settings import Notices, RuntimeSettings
@@ -61,6 +64,7 @@ from turbobot.store import (
     InMemoryStore,
     LeaseLostError,
     Recovery,
+    Sample,
     StepWrite,
 )
 from turbobot.template import Template
@@ -108,8 +112,11 @@ class Runtime:
         clock: Clock | Callable[[], float] | None = None,
         commands: CommandRegistry | None = None,
         modes: Sequence[Template] = (),
+        metrics: Metrics | None = None,
     ) -> None:
         self.template = template
+        #: Prometheus metrics (None: not collected; see turbobot.metrics)
+        self.metrics = metrics
         #: the personalities users may switch to with /mode (see turbobot.modes)
         self.personalities = Personalities(template, modes)
         self.commands = commands or CommandRegistry(self.personalities.commands())
@@ -127,12 +134,15 @@ class Runtime:
         #: channels whose conversation stopped mid-step and must be replayed to go on
         self._resume: set[ChannelKey] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self._outbox = Outbox(
             sender,
             self.store,
             retry_delays=self.settings.retry_delays,
             wake=self._wake_unless_closed,
             call_later=self._call_later,
+            clock=self.clock,
+            metrics=metrics,
         )
         limits = self.settings.limits
         #: the token budgets (None: none; see turbobot.limits)
@@ -153,7 +163,13 @@ class Runtime:
             call_later=self._call_later,
             wake=self._wake,
             on_usage=self._budget.spend if self._budget is not None else None,
+            metrics=metrics,
         )
+        if metrics is not None:
+            metrics.watch(
+                lambda: sum(map(len, self._queues.values())), lambda: len(self.conversations.live)
+            )
+            self.store.on_commit = metrics.commit
         self._commands = BuiltinCommands(
             self.commands, self.conversations, self.personalities, self.settings, self._budget
         )
@@ -231,6 +247,31 @@ class Runtime:
         idle = self.settings.idle_evict_seconds
         if idle is not None:
             self._sweeper = asyncio.create_task(self._sweep(idle), name="turbobot:sweeper")
+        every = self.settings.sample_seconds
+        if every is not None and every > 0:
+            self._sampler = asyncio.create_task(self._sample_every(every), name="turbobot:samples")
+
+    async def sample(self) -> Sample:
+        """Write this process's gauges now (the operator's health page plots them)."""
+        conversations = self.conversations
+        sample = Sample(
+            self.clock(),
+            getattr(self.store, "worker", None) or f"{socket.gethostname()}:{os.getpid()}",
+            len(conversations.live),
+            sum(map(len, self._queues.values())),
+            conversations.evictions,
+            conversations.replays,
+        )
+        await self.store.write(StepWrite(samples=[sample]))
+        return sample
+
+    async def _sample_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.sample()
+            except Exception as exc:  # only a record: the bot goes on
+                _log.debug("the gauges were not written: %s", exc)
 
     async def _recovery(self, keys: Sequence[ChannelKey] | None = None) -> Recovery:
         """What the store says every channel (or ``keys``) was left at, for each mode."""
@@ -455,10 +496,11 @@ class Runtime:
             timer.cancel()
         self._retry_timers.clear()
         self._outbox.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         workers = self._workers.tasks()
         if workers:
             _, pending = await asyncio.wait(
@@ -515,6 +557,7 @@ class Runtime:
             raise RuntimeError("the runtime is closed")
         if not self._started:
             await self.start()
+        arrived = self.clock()
         allowed = [not m.is_bot and self._allowed(m) for m in messages]
         wanted = [self._admit(m) for m, ok in zip(messages, allowed, strict=True) if ok]
         failure: IncomingBatchError | None = None
@@ -535,6 +578,9 @@ class Runtime:
                 _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
             elif seq is not None and admitted is not None and not self._closed:
                 # (once closed, the next start has it)
+                self.conversations.arrived(admitted, arrived)
+                if self.metrics is not None:
+                    self.metrics.messages_in.labels(message.key.platform).inc()
                 self._commands.cancel_if_asked(admitted)
                 if self._leases is None:
                     self._queues.setdefault(message.key, deque()).append(InboxItem(seq, admitted))
@@ -875,9 +921,13 @@ class Runtime:
     async def _handle(self, key: ChannelKey, message: IncomingMessage) -> bool:
         """Handle one inbox message; ``False`` leaves it in the inbox."""
         token = answering.set(message)
+        arrival = message_arrived.set(
+            self.conversations.arrivals.pop((message.key, message.message_id), None)
+        )
         try:
             handled = await self._handle_message(key, message)
         finally:
+            message_arrived.reset(arrival)
             answering.reset(token)
         if handled:
             try:

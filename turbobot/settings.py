@@ -125,5 +125,8 @@ class RuntimeSettings:
     #: seconds ``Runtime.aclose`` lets steps in flight finish before abandoning them
     stop_grace: float = 10.0
     gc_threshold: int | None = None
+    #: seconds between the gauges written for the operator's health page (``samples``
+    #: table: live and evicted conversations, queued inputs); ``None``: none written
+    sample_seconds: float | None = 60.0
     #: allowlists and the per-user rate (see turbobot.limits)
     limits: Limits = field(default_factory=Limits)

@@ -23,6 +23,7 @@ import itertools
 import os
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Self
@@ -37,12 +38,15 @@ __all__ = [
     "ChannelLeases",
     "ConversationRecord",
     "ConversationStatus",
+    "ErrorRecord",
     "InMemoryStore",
     "InboxItem",
     "IncomingBatchError",
     "LeaseLostError",
     "OutgoingRecord",
     "Recovery",
+    "Sample",
+    "StepStats",
     "StepWrite",
     "TokenUsage",
     "TranscriptLine",
@@ -57,6 +61,8 @@ ConversationStatus = Literal[
 FINAL_STATUSES = frozenset({"finished", "reset", "restarted", "failed", "diverged"})
 
 _counter = itertools.count()
+#: records of each kind an InMemoryStore keeps
+_RECORDS = 10_000
 
 
 _RANDOM = os.urandom(4).hex()
@@ -126,6 +132,10 @@ class TranscriptLine:
     #: a user's line that is an inbox message: that message's id (a store may keep the
     #: text once, with the message)
     message_id: str | None = None
+    #: an assistant's line: the outbox id of the reply that showed it
+    reply_id: str | None = None
+    #: shown while it was generated (``Generate(stream=True)``)
+    streamed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +167,74 @@ class TokenUsage:
             completion_tokens=self.completion_tokens + other.completion_tokens,
             generations=self.generations + other.generations,
         )
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one step cost and how long the user waited, for the operator's page and
+    the metrics (docs/architecture.md, "Operator's view"). Times are on the runtime's
+    clock: ``at`` is when the step began; durations are seconds."""
+
+    conversation_id: str
+    key: ChannelKey
+    #: the user whose input began the step (else the one who began the conversation)
+    user_id: str | None
+    #: ``message``, ``timeout`` (a GetUserInput's deadline) or ``resume``
+    trigger: str
+    at: float
+    #: when the input arrived in this process (``None``: before a restart, or elsewhere)
+    arrived: float | None = None
+    #: when the first byte of a reply was handed to the adapter
+    first_reply_at: float | None = None
+    llm_seconds: float = 0.0
+    duration: float = 0.0
+    #: the model of the step's last model call
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    generations: int = 0
+    replies: int = 0
+    #: the kind of error that ended the step abnormally (an :class:`ErrorRecord` too)
+    error: str | None = None
+
+    @property
+    def waited(self) -> float | None:
+        return None if self.arrived is None else max(0.0, self.at - self.arrived)
+
+    @property
+    def first_reply(self) -> float | None:
+        """Seconds from the input's arrival to the first reply byte."""
+        if self.arrived is None or self.first_reply_at is None:
+            return None
+        return max(0.0, self.first_reply_at - self.arrived)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRecord:
+    """An error worth an operator's look (kinds: ``llm:<ErrorType>``, ``template``,
+    ``diverged``, ``refused``, ``send``, ``undeliverable``). ``detail`` is one line and
+    never holds a secret: an exception's type and first line."""
+
+    at: float
+    kind: str
+    detail: str
+    key: ChannelKey | None = None
+    conversation_id: str | None = None
+    reply_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A worker's gauges at one moment (written once a minute, for the health plots)."""
+
+    at: float
+    worker: str
+    live: int
+    #: inputs received and not yet handled, in this process's RAM queues
+    queued: int
+    #: since the process started
+    evictions: int
+    replays: int
 
 
 @dataclass(slots=True)
@@ -199,6 +277,10 @@ class StepWrite:
     sent: list[tuple[str, str | None]] = field(default_factory=list)
     #: tokens the step's generations used, added to the user's day
     usage: list[TokenUsage] = field(default_factory=list)
+    #: the timings of steps that ended, and errors met (stored where a store keeps them)
+    stats: list[StepStats] = field(default_factory=list)
+    errors: list[ErrorRecord] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -312,6 +394,9 @@ class BaseStore(ABC):
     #: channel leases, when several workers share this store (``None``: this process
     #: processes every channel)
     leases: ChannelLeases | None = None
+    #: told each commit's size (operations) and seconds, if the store groups commits
+    #: (the metrics; see turbobot.metrics)
+    on_commit: Callable[[int, float], None] | None = None
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the store (create or upgrade the schema, start writers)."""
@@ -407,6 +492,10 @@ class InMemoryStore(BaseStore):
         self._transcript: dict[ChannelKey, list[TranscriptLine]] = {}
         self._outbox: dict[str, OutgoingRecord] = {}
         self._usage: dict[tuple[str, str, str], TokenUsage] = {}
+        #: the operator's records, the newest ``_RECORDS`` of each (for tests)
+        self.stats: deque[StepStats] = deque(maxlen=_RECORDS)
+        self.errors: deque[ErrorRecord] = deque(maxlen=_RECORDS)
+        self.samples: deque[Sample] = deque(maxlen=_RECORDS)
 
     async def add_incoming(self, message: IncomingMessage) -> int | None:
         seen = (message.key, message.message_id)
@@ -452,6 +541,9 @@ class InMemoryStore(BaseStore):
             day = (used.platform, used.user_id, used.day)
             known = self._usage.get(day)
             self._usage[day] = used if known is None else known + used
+        self.stats.extend(step.stats)
+        self.errors.extend(step.errors)
+        self.samples.extend(step.samples)
 
     async def flush(self) -> None:
         return None

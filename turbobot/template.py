@@ -53,6 +53,7 @@ from turbobot.messages import (
     ToolMessage,
     message_from_dict,
 )
+from turbobot.metrics import first_reply, model_call_ended, model_call_started
 from turbobot.signals import (
     Delegate,
     Generate,
@@ -251,6 +252,8 @@ class AssistantStream:
         self._closed_event: asyncio.Event | None = None
 
     async def push(self, delta: str) -> None:
+        if not self.parts:
+            first_reply()  # the reply's first byte goes to the adapter (the step's latency)
         self.parts.append(delta)
         self._queue.put_nowait(delta)
 
@@ -899,7 +902,13 @@ class App:
             model=model,
             settings={"max_tokens": memory.summary_tokens, "temperature": 0},
         )
-        response = await self.llm.complete(request)
+        started = model_call_started()
+        try:
+            response = await self.llm.complete(request)
+        except BaseException:
+            model_call_ended(model, started, failed=True)
+            raise
+        model_call_ended(model, started)
         text = response.content.strip()
         summary: dict[str, Any] = {"upto": plan.upto, "text": text}
         if response.usage is not None:  # counted in the user's token use
@@ -956,7 +965,13 @@ async def _complete(
             if on_delta is not None and cached.content:
                 await on_delta(cached.content)
             return cached
-    response = await llm.complete(request, on_delta=on_delta)
+    started = model_call_started()
+    try:
+        response = await llm.complete(request, on_delta=on_delta)
+    except BaseException:
+        model_call_ended(model, started, failed=True)
+        raise
+    model_call_ended(model, started)
     if cache is not None and key is not None:
         await cache.set(key, response)
     return response

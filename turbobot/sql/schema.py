@@ -20,12 +20,15 @@ from sqlalchemy import (
 
 __all__ = [
     "conversations",
+    "errors",
     "inbox",
     "journal",
     "leases",
     "messages",
     "metadata",
     "outbox",
+    "samples",
+    "steps",
     "usage",
     "workers",
 ]
@@ -58,8 +61,16 @@ conversations = Table(
     Column("broken", Boolean, nullable=False),
     Column("started_at", Float, nullable=False),
     Column("ended_at", Float, nullable=True),
+    #: the channel's platform and the user who began the conversation, for the
+    #: operator's page (migration 0005; ``NULL`` in rows written before it)
+    Column("platform", String(32), nullable=True),
+    Column("user_id", String(128), nullable=True),
     Index(None, "channel", "status"),
     Index(None, "status", "deadline"),
+    Index(None, "started_at"),
+    Index(None, "platform", "started_at"),
+    Index(None, "user_id", "started_at"),
+    Index(None, "status", "started_at"),
 )
 
 journal = Table(
@@ -107,6 +118,10 @@ messages = Table(
     #: a user's line that is an inbox message: its text is that message's, not stored
     #: again (``text`` is then empty)
     Column("message_id", String(128), nullable=True),
+    #: an assistant's line: the outbox id of the reply that showed it, and whether it
+    #: was streamed (migration 0005)
+    Column("reply_id", String(48), nullable=True),
+    Column("streamed", Boolean, nullable=True),
     Index(None, "channel", "id"),
     Index(None, "conversation_id"),
 )
@@ -171,4 +186,72 @@ workers = Table(
     #: renewed with the worker's leases
     Column("seen_at", DateTime(timezone=True), nullable=False),
     Column("leases", Integer, nullable=False),
+)
+
+#: one row per step (an input answered, a deadline, a resumed step), for the
+#: operator's page and its latency figures (docs/architecture.md, "Operator's view").
+#: Times are epoch seconds on the runtime's clock; durations in seconds.
+steps = Table(
+    "steps",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("conversation_id", String(48), nullable=False),
+    Column("channel", ChannelColumn, nullable=False),
+    Column("platform", String(PLATFORM_SIZE), nullable=False),
+    Column("user_id", String(USER_ID_SIZE), nullable=True),
+    #: what began the step: message, timeout, resume
+    Column("trigger", String(16), nullable=False),
+    #: when it began
+    Column("at", Float, nullable=False),
+    #: the input's time in the process before the step began (from its arrival)
+    Column("waited", Float, nullable=True),
+    #: from the input's arrival to the first byte of a reply handed to the adapter
+    Column("first_reply", Float, nullable=True),
+    #: in model calls, and in all
+    Column("llm", Float, nullable=False),
+    Column("duration", Float, nullable=False),
+    Column("model", String(64), nullable=True),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("generations", Integer, nullable=False),
+    Column("replies", Integer, nullable=False),
+    #: the kind of error that ended the step abnormally (see the ``errors`` table)
+    Column("error", String(32), nullable=True),
+    Index(None, "at"),
+    Index(None, "conversation_id"),
+)
+
+#: errors worth an operator's look: a failed generation, a template that raised, a
+#: replay that diverged, a reply the platform refused (kept and sent again) or that
+#: cannot be delivered
+errors = Table(
+    "errors",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("channel", ChannelColumn, nullable=True),
+    Column("conversation_id", String(48), nullable=True),
+    #: the outbox id of the reply it concerns
+    Column("reply_id", String(48), nullable=True),
+    #: one line, secrets never (an exception's type and first line)
+    Column("detail", String(500), nullable=False),
+    Index(None, "at"),
+    Index(None, "conversation_id"),
+)
+
+#: a worker's gauges once a minute: RAM queues, live and evicted conversations
+samples = Table(
+    "samples",
+    metadata,
+    Column("id", AutoId, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("worker", String(128), nullable=False),
+    Column("live", Integer, nullable=False),
+    #: inputs received and not yet handled (this process's RAM queues)
+    Column("queued", Integer, nullable=False),
+    #: counted since the process started
+    Column("evictions", BigInteger, nullable=False),
+    Column("replays", BigInteger, nullable=False),
+    Index(None, "at"),
 )

@@ -22,7 +22,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,10 +57,13 @@ from turbobot.sql.schema import (
     PLATFORM_SIZE,
     USER_ID_SIZE,
     conversations,
+    errors,
     inbox,
     journal,
     messages,
     outbox,
+    samples,
+    steps,
     usage,
 )
 from turbobot.store import (
@@ -208,6 +211,11 @@ class _Op:
     consumed: _Rows = field(default_factory=lambda: _NONE)
     #: tokens to add: (platform, user id, day, prompt, completion, generations)
     usage: _Rows = field(default_factory=lambda: _NONE)
+    #: the operator's records: step timings, errors, gauges (never fenced: they
+    #: describe what happened, whoever holds the channel now)
+    steps: _Rows = field(default_factory=lambda: _NONE)
+    errors: _Rows = field(default_factory=lambda: _NONE)
+    samples: _Rows = field(default_factory=lambda: _NONE)
     #: why the database refused this operation (it was dropped)
     failure: BaseException | None = None
     #: for a page of incoming messages: the positions of the rows that were refused
@@ -253,6 +261,9 @@ class _Merged:
     consumed: _Rows
     #: one row per user and day (an upsert may not touch a row twice in one statement)
     usage: _Rows
+    steps: _Rows
+    errors: _Rows
+    samples: _Rows
 
     @classmethod
     def of(cls, ops: Sequence[_Op]) -> _Merged:
@@ -269,8 +280,11 @@ class _Merged:
                 op.sent,
                 op.consumed,
                 _summed(op.usage) if len(op.usage) > 1 else op.usage,
+                op.steps,
+                op.errors,
+                op.samples,
             )
-        merged = cls([], [], [], [], [], [], [], [], [], [])
+        merged = cls([], [], [], [], [], [], [], [], [], [], [], [], [])
         states: dict[str, tuple[Any, ...]] = {}
         for op in ops:
             if op.incoming:
@@ -293,6 +307,12 @@ class _Merged:
                 merged.consumed += op.consumed
             if op.usage:
                 merged.usage += op.usage
+            if op.steps:
+                merged.steps += op.steps
+            if op.errors:
+                merged.errors += op.errors
+            if op.samples:
+                merged.samples += op.samples
         merged.conversation_states = list(states.values())
         if len(merged.usage) > 1:
             merged.usage = _summed(merged.usage)
@@ -307,6 +327,12 @@ def _usage_key(text: str, size: int) -> str:
     if len(text) <= size:
         return text
     return "#" + hashlib.sha256(text.encode()).hexdigest()[: size - 1]
+
+
+def _author(context: Mapping[str, Any]) -> str | None:
+    """The user who began a conversation, as its stored context names them."""
+    author = context.get("author_id")
+    return _usage_key(author, USER_ID_SIZE) if isinstance(author, str) and author else None
 
 
 def _total(value: int) -> int:
@@ -334,6 +360,9 @@ _OUTBOX_ROW = ("id", "channel", "text", "created_at", "sent")
 _SENT_ROW = ("b_platform_id", "b_sent_at", "b_id")
 _CONSUMED_ROW = ("b_channel", "b_message_id")
 _USAGE_ROW = tuple(c.name for c in usage.c)
+_STEP_ROW = tuple(c.name for c in steps.c if c.name != "id")
+_ERROR_ROW = tuple(c.name for c in errors.c if c.name != "id")
+_SAMPLE_ROW = tuple(c.name for c in samples.c if c.name != "id")
 
 
 class SQLStore(BaseStore):
@@ -536,6 +565,8 @@ class SQLStore(BaseStore):
                     record.broken,
                     record.started_at,
                     record.ended_at,
+                    _usage_key(record.key.platform, PLATFORM_SIZE),
+                    _author(record.context),
                 )
             else:
                 op.state = (
@@ -565,6 +596,8 @@ class SQLStore(BaseStore):
                         count(line.prompt_tokens),
                         count(line.completion_tokens),
                         None if line.message_id is None else writable_text(line.message_id),
+                        line.reply_id,
+                        line.streamed or None,
                     )
                     for line in step.transcript
                 ]
@@ -607,6 +640,8 @@ class SQLStore(BaseStore):
                 )
                 for used in step.usage
             ]
+        if step.stats or step.errors or step.samples:
+            self._operator_rows(op, step)
         if self.leases is not None and op.channel:
             generation = self.leases.generation(op.channel)
             if generation is None:
@@ -637,7 +672,10 @@ class SQLStore(BaseStore):
             self._busy = True
             if batch.ops or batch.waiters:
                 try:
+                    began = time.perf_counter()
                     inserted = await self._commit_riding_out(batch.ops) if batch.ops else {}
+                    if self.on_commit is not None and batch.ops:
+                        self.on_commit(len(batch.ops), time.perf_counter() - began)
                 except Exception as exc:
                     # Only when closing (the fault did not clear in time) or on a bug.
                     _log.exception(
@@ -756,6 +794,53 @@ class SQLStore(BaseStore):
         for op in ops:
             op.done = True
 
+    @staticmethod
+    def _operator_rows(op: _Op, step: StepWrite) -> None:
+        """The step's timings, errors and gauges as rows (see schema.steps)."""
+        op.steps = [
+            (
+                stats.conversation_id,
+                channel_column(stats.key),
+                _usage_key(stats.key.platform, PLATFORM_SIZE),
+                None if stats.user_id is None else _usage_key(stats.user_id, USER_ID_SIZE),
+                stats.trigger,
+                stats.at,
+                stats.waited,
+                stats.first_reply,
+                stats.llm_seconds,
+                stats.duration,
+                None if stats.model is None else writable_text(stats.model)[:64],
+                count(stats.prompt_tokens),
+                count(stats.completion_tokens),
+                _total(stats.generations),
+                _total(stats.replies),
+                stats.error,
+            )
+            for stats in step.stats
+        ]
+        op.errors = [
+            (
+                error.at,
+                writable_text(error.kind)[:32],
+                None if error.key is None else channel_column(error.key),
+                error.conversation_id,
+                error.reply_id,
+                writable_text(error.detail)[:500],
+            )
+            for error in step.errors
+        ]
+        op.samples = [
+            (
+                sample.at,
+                writable_text(sample.worker)[:128],
+                sample.live,
+                sample.queued,
+                sample.evictions,
+                sample.replays,
+            )
+            for sample in step.samples
+        ]
+
     def _statements(self, batch: _Merged) -> list[tuple[_Prepared, list[tuple[Any, ...]]]]:
         """The batch's statements with their rows, in an order the foreign keys accept."""
         prepared = self._prepared
@@ -771,6 +856,9 @@ class SQLStore(BaseStore):
                 (prepared.sent, batch.sent),
                 (prepared.consumed, batch.consumed),
                 (prepared.usage, batch.usage),
+                (prepared.steps, batch.steps),
+                (prepared.errors, batch.errors),
+                (prepared.samples, batch.samples),
             )
             if rows
         ]
@@ -1173,6 +1261,9 @@ class _Statements:
             dialect,
             _CONSUMED_ROW,
         )
+        self.steps = _Prepared(insert(steps).values(_binds(_STEP_ROW)), dialect, _STEP_ROW)
+        self.errors = _Prepared(insert(errors).values(_binds(_ERROR_ROW)), dialect, _ERROR_ROW)
+        self.samples = _Prepared(insert(samples).values(_binds(_SAMPLE_ROW)), dialect, _SAMPLE_ROW)
         added = upsert(usage)
         self.usage = _Prepared(
             added.values(_binds(_USAGE_ROW)).on_conflict_do_update(
