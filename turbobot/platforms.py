@@ -22,6 +22,7 @@ from importlib.metadata import EntryPoint, entry_points
 
 from turbobot.exceptions import ConfigurationError
 from turbobot.llm.base import LLM
+from turbobot.metrics import Metrics
 from turbobot.runtime import RuntimeSettings
 from turbobot.store import BaseStore
 from turbobot.template import Template
@@ -46,6 +47,8 @@ class Launch:
     parts: Callable[[], AbstractAsyncContextManager[tuple[Template, BaseStore, LLM]]]
     #: more personalities users may switch to with /mode (``--mode``); none: no /mode
     modes: tuple[Template, ...] = ()
+    #: the Prometheus metrics to give the runtime (``--metrics-port``; None: none)
+    metrics: Metrics | None = None
 
 
 PlatformRunner = Callable[[Launch], Coroutine[object, object, None]]

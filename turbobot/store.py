@@ -179,7 +179,8 @@ class StepStats:
     key: ChannelKey
     #: the user whose input began the step (else the one who began the conversation)
     user_id: str | None
-    #: ``message``, ``timeout`` (a GetUserInput's deadline) or ``resume``
+    #: ``begin`` (a message began the conversation), ``message``, ``timeout`` (a
+    #: GetUserInput's deadline), ``replay`` (rebuilt from the journal) or ``resume``
     trigger: str
     at: float
     #: when the input arrived in this process (``None``: before a restart, or elsewhere)

@@ -54,7 +54,13 @@ class _Child:
 def plan(args: argparse.Namespace, env: Mapping[str, str]) -> list[dict[str, str]]:
     """Each worker's environment (what differs from this process's): checked first, so a
     configuration that cannot work fails here, once, not in every worker."""
-    from turbobot.cli import WORKER_NAME_VARIABLE, _database, check_database_url
+    from turbobot.cli import (
+        ADMIN_PORT_VARIABLE,
+        WORKER_INDEX_VARIABLE,
+        WORKER_NAME_VARIABLE,
+        _database,
+        check_database_url,
+    )
     from turbobot.sql.leases import default_worker_name
 
     count = args.workers
@@ -68,7 +74,14 @@ def plan(args: argparse.Namespace, env: Mapping[str, str]) -> list[dict[str, str
             "to one process): set TURBOBOT_DATABASE_URL to postgresql+asyncpg://..."
         )
     base = env.get(WORKER_NAME_VARIABLE, "").strip() or default_worker_name()
-    plans = [{WORKER_NAME_VARIABLE: f"{base}-{i}"} for i in range(count)]
+    if args.admin_port is not None or env.get(ADMIN_PORT_VARIABLE):
+        raise ConfigurationError(
+            "--workers runs several processes, and one admin page reads them all: run "
+            "`turbobot admin` beside them instead of --admin-port"
+        )
+    plans = [
+        {WORKER_NAME_VARIABLE: f"{base}-{i}", WORKER_INDEX_VARIABLE: str(i)} for i in range(count)
+    ]
     platform = args.platform
     if platform == "console":
         raise ConfigurationError("the console is one terminal: run it without --workers")

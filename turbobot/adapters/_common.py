@@ -131,6 +131,7 @@ async def serve(launch: Launch, adapter: _Adapter, shown_as: str) -> None:
             store=store,
             settings=settings,
             modes=launch.modes,
+            metrics=launch.metrics,
         ) as runtime:
             running = asyncio.create_task(adapter.run(runtime))
             ready = getattr(adapter, "wait_until_ready", None)

@@ -181,6 +181,7 @@ async def run_platform(launch: Launch) -> None:
                 store=store,
                 settings=launch.settings,
                 modes=launch.modes,
+                metrics=launch.metrics,
             ) as runtime,
         ):
             await adapter.run(runtime)

@@ -199,7 +199,7 @@ steps = Table(
     Column("channel", ChannelColumn, nullable=False),
     Column("platform", String(PLATFORM_SIZE), nullable=False),
     Column("user_id", String(USER_ID_SIZE), nullable=True),
-    #: what began the step: message, timeout, resume
+    #: what began the step: begin, message, timeout, replay, resume
     Column("trigger", String(16), nullable=False),
     #: when it began
     Column("at", Float, nullable=False),
@@ -238,6 +238,7 @@ errors = Table(
     Column("detail", String(500), nullable=False),
     Index(None, "at"),
     Index(None, "conversation_id"),
+    Index(None, "reply_id"),
 )
 
 #: a worker's gauges once a minute: RAM queues, live and evicted conversations

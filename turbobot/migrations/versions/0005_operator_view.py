@@ -77,6 +77,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_errors_at"), "errors", ["at"])
     op.create_index(op.f("ix_errors_conversation_id"), "errors", ["conversation_id"])
+    op.create_index(op.f("ix_errors_reply_id"), "errors", ["reply_id"])
     op.create_table(
         "samples",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -143,6 +144,7 @@ def _platform_and_user(channel: str, context: str) -> tuple[str | None, str | No
 def downgrade() -> None:
     op.drop_index(op.f("ix_samples_at"), table_name="samples")
     op.drop_table("samples")
+    op.drop_index(op.f("ix_errors_reply_id"), table_name="errors")
     op.drop_index(op.f("ix_errors_conversation_id"), table_name="errors")
     op.drop_index(op.f("ix_errors_at"), table_name="errors")
     op.drop_table("errors")
