@@ -68,7 +68,9 @@ async def _fill(url: str) -> None:
         store = SQLStore(url)
         await store.open()
         try:
-            chat = BotSession(helper, llm=_model(clock), store=store, clock=clock, platform=platform)
+            chat = BotSession(
+                helper, llm=_model(clock), store=store, clock=clock, platform=platform
+            )
             async with chat:
                 for i in range(users):
                     channel, author = f"{platform}-chat-{i}", f"user{i}"
@@ -123,7 +125,9 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 break
             except httpx.TransportError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"turbobot admin did not start: {log.read_text()}") from None
+                    raise AssertionError(
+                        f"turbobot admin did not start: {log.read_text()}"
+                    ) from None
                 time.sleep(0.1)  # (polling a starting process, not waiting for time)
         yield base
     finally:
@@ -136,7 +140,9 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.fail("the admin page's tests need Debian's chromium and chromium-driver: make browser")
+        pytest.fail(
+            "the admin page's tests need Debian's chromium and chromium-driver: make browser"
+        )
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager never downloads a driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

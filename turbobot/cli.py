@@ -13,7 +13,15 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -515,7 +523,7 @@ async def _operator_view(
 
 async def _serve_admin(
     app: Any, host: str, port: int
-) -> tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]:
+) -> tuple[asyncio.Task[None], Callable[[], Coroutine[Any, Any, None]]]:
     """Start serving ``app``: its task, and how to stop it. Signals stay the caller's
     (uvicorn would take SIGINT and SIGTERM for itself, and die by them at the end)."""
     import uvicorn

@@ -601,9 +601,12 @@ class Conversations:
         timer = StepTimer(stats, self.clock, self.metrics)
         token = current_step.set(timer)
         try:
-            return await self._advance(key, live, value)
+            sent = await self._advance(key, live, value)
         finally:
             current_step.reset(token)
+        if self.metrics is not None:  # (after its last commit, which counted its tokens)
+            self.metrics.step(stats)
+        return sent
 
     def _step_ended(self, live: Live, error: ErrorRecord | None = None) -> None:
         """Add the running step's stats (and ``error``) to its last write."""
@@ -612,10 +615,7 @@ class Conversations:
             return
         stats = timer.stats
         stats.duration = max(0.0, self.clock() - stats.at)
-        step = self.step(live)
-        step.stats.append(stats)
-        if self.metrics is not None:
-            self.metrics.step(stats)
+        self.step(live).stats.append(stats)
 
     def _error(self, live: Live, kind: str, exc: BaseException) -> None:
         """Record an error of the running step (written with it)."""
@@ -823,6 +823,8 @@ class Conversations:
                 self.outbox.keep(outgoing)
             else:
                 self.step(live).sent.append((outgoing.id, platform_id))
+                if self.metrics is not None:
+                    self.metrics.replies.labels(key.platform).inc()
 
     async def _show_stream(
         self, key: ChannelKey, live: Live, stream: AssistantStream, reply_id: str

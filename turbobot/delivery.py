@@ -157,8 +157,9 @@ class Outbox:
         return result
 
     async def attempt(self, key: ChannelKey, sending: Awaitable[str | None]) -> Any:
-        """Send something that cannot be kept (a live stream): its id, or ``FAILED``."""
-        return await self._attempt(key, lambda: sending)
+        """Send something that cannot be kept (a live stream): its id, or ``FAILED``.
+        (Not counted as a reply sent: the caller knows whether it was one.)"""
+        return await self._attempt(key, lambda: sending, counted=False)
 
     async def resend(self, key: ChannelKey) -> bool:
         """Send the channel's kept replies, in order. ``False``: some are still kept."""
@@ -195,6 +196,8 @@ class Outbox:
         key: ChannelKey,
         sending: Callable[[], Awaitable[str | None]],
         reply_id: str | None = None,
+        *,
+        counted: bool = True,
     ) -> Any:
         try:
             platform_id = await sending()
@@ -211,7 +214,7 @@ class Outbox:
             )
             await self._failed(key, "send", exc, reply_id)
             return FAILED
-        if self.metrics is not None:
+        if counted and self.metrics is not None:
             self.metrics.replies.labels(key.platform).inc()
         return platform_id
 

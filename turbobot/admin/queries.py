@@ -335,6 +335,7 @@ class AdminData:
             select(slot, func.count().label("steps"))
             .where(s.at >= since)
             .where(s.trigger.in_(("message", "begin")))
+            .where(s.replies > 0)  # (a chat-style template's first message: two steps)
             .group_by(slot)
             .order_by(slot)
         )
