@@ -114,6 +114,8 @@ async def test_metrics_match_the_database_after_a_scripted_run(openai_server: Fa
     assert value("turbobot_llm_tokens_total", model=model, kind="prompt") == prompt == 3 * 11
     assert value("turbobot_llm_tokens_total", model=model, kind="completion") == completion
     assert (await scalar(url, "SELECT sum(prompt_tokens) FROM usage")) == prompt
+    assert (await scalar(url, "SELECT sum(prompt_tokens) FROM model_usage")) == prompt
+    assert (await scalar(url, "SELECT sum(generations) FROM model_usage")) == 3
     kinds = await scalar(url, "SELECT group_concat(kind) FROM errors")
     assert kinds == "llm:LLMUnavailableError"  # the second message's model call failed
     assert value("turbobot_errors_total", kind="llm:LLMUnavailableError") == 1

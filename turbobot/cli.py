@@ -11,6 +11,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import (
@@ -538,15 +539,19 @@ async def _serve_admin(
         app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
     )
     server = Server(config)
-    task = asyncio.create_task(server.serve(), name="turbobot:admin")
+    try:  # bound here, so that a taken port is a clear error (uvicorn would exit)
+        listening = socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve the admin page on {host}:{port} ({exc.strerror}); choose another "
+            "port (--port, --admin-port) or stop what uses it"
+        ) from exc
+    task = asyncio.create_task(server.serve(sockets=[listening]), name="turbobot:admin")
     while not server.started:
         if task.done():
-            # uvicorn logs why (the port is taken, say) and exits; say what to do
-            with contextlib.suppress(BaseException):
-                task.result()
-            raise ConfigurationError(
-                f"cannot serve the admin page on {host}:{port} (see above); choose another port"
-            )
+            listening.close()
+            task.result()  # (raises what stopped it)
+            raise ConfigurationError(f"the admin page on {host}:{port} stopped at start")
         await asyncio.sleep(0.05)
     print(f"turbobot: the admin page is at http://{host}:{port}/", file=sys.stderr)
 

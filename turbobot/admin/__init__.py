@@ -242,10 +242,7 @@ def create_app(
         usage = await data.usage(days, clock())
         per_day = plots.bars(
             f"Tokens per day (last {days} days, UTC)",
-            [
-                (_when(r["day"])[5:10], float(r["prompt"] + r["completion"]))
-                for r in usage["per_day"]
-            ],
+            [(r["day"][5:], float(r["prompt"] + r["completion"])) for r in usage["per_day"]],
             unit="tokens",
             empty="no tokens used in this window",
         )

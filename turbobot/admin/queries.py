@@ -27,10 +27,13 @@ from turbobot.sql.schema import (
     inbox,
     journal,
     messages,
+    model_usage,
     outbox,
     samples,
     steps,
+    usage,
 )
+from turbobot.store import utc_day
 from turbobot.template import INTERRUPTED
 
 __all__ = ["PAGE", "STATES", "AdminData", "Filters"]
@@ -166,8 +169,12 @@ class AdminData:
         elif filters.state:
             query = query.where(c.status == filters.state)
         if filters.text:
-            said = select(messages.c.conversation_id).where(
-                messages.c.text.like(_like(filters.text), escape="\\")
+            # Correlated (EXISTS), so that newest first the scan stops at a page of
+            # matches; a rare text still reads every transcript (see the module's doc).
+            said = (
+                select(messages.c.id)
+                .where(messages.c.conversation_id == c.id)
+                .where(messages.c.text.like(_like(filters.text), escape="\\"))
             )
             # A user's line is stored once, with its inbox message (JSON: its text escaped).
             by_reference = and_(
@@ -176,11 +183,12 @@ class AdminData:
             )
             as_json = json.dumps(filters.text, ensure_ascii=False)[1:-1]
             sent = (
-                select(messages.c.conversation_id)
+                select(messages.c.id)
                 .select_from(messages.join(inbox, by_reference))
+                .where(messages.c.conversation_id == c.id)
                 .where(inbox.c.payload.like(_like(as_json), escape="\\"))
             )
-            query = query.where(or_(c.id.in_(said), c.id.in_(sent)))
+            query = query.where(or_(said.exists(), sent.exists()))
         cursor = _cursor(filters.before)
         if cursor is not None:
             at, last_id = cursor
@@ -278,46 +286,43 @@ class AdminData:
     # -- usage ------------------------------------------------------------------------------
 
     async def usage(self, days: int, now: float | None = None) -> dict[str, Any]:
-        """Tokens per UTC day, per user and per model over the last ``days`` days."""
+        """Tokens per UTC day, per user and per model over the last ``days`` days, from
+        the sums kept as steps are written (tables ``usage`` and ``model_usage``)."""
         now = time.time() if now is None else now
-        since = (int(now // 86400) - days + 1) * 86400
-        s = steps.c
-        in_window = s.at >= since
-        prompt = func.coalesce(func.sum(s.prompt_tokens), 0)
-        completion = func.coalesce(func.sum(s.completion_tokens), 0)
-        day = self._bucket(s.at, 86400).label("day")
+        since_epoch = (int(now // 86400) - days + 1) * 86400
+        since = utc_day(since_epoch)
+        u, m = usage.c, model_usage.c
+        prompt, completion = func.sum(u.prompt_tokens), func.sum(u.completion_tokens)
         per_day = await self._all(
-            select(day, prompt.label("prompt"), completion.label("completion"))
-            .where(in_window)
-            .where(s.generations > 0)
-            .group_by(day)
-            .order_by(day)
+            select(u.day, prompt.label("prompt"), completion.label("completion"))
+            .where(u.day >= since)
+            .group_by(u.day)
+            .order_by(u.day)
         )
         tokens = (prompt + completion).label("tokens")
         per_user = await self._all(
-            select(s.platform, s.user_id, tokens, func.sum(s.generations).label("generations"))
-            .where(in_window)
-            .where(s.generations > 0)
-            .group_by(s.platform, s.user_id)
+            select(u.platform, u.user_id, tokens, func.sum(u.generations).label("generations"))
+            .where(u.day >= since)
+            .group_by(u.platform, u.user_id)
             .order_by(tokens.desc())
             .limit(20)
         )
+        model_prompt, model_completion = func.sum(m.prompt_tokens), func.sum(m.completion_tokens)
         per_model = await self._all(
             select(
-                s.model,
-                prompt.label("prompt"),
-                completion.label("completion"),
-                func.sum(s.generations).label("generations"),
-                func.sum(s.llm).label("llm"),
+                m.model,
+                model_prompt.label("prompt"),
+                model_completion.label("completion"),
+                func.sum(m.generations).label("generations"),
+                func.sum(m.llm_seconds).label("llm"),
             )
-            .where(in_window)
-            .where(s.generations > 0)
-            .group_by(s.model)
-            .order_by((prompt + completion).desc())
+            .where(m.day >= since)
+            .group_by(m.model)
+            .order_by((model_prompt + model_completion).desc())
         )
         return {
-            "since": since,
-            "per_day": [{**r, "day": int(r["day"])} for r in per_day],
+            "since": since_epoch,
+            "per_day": per_day,
             "per_user": per_user,
             "per_model": per_model,
         }

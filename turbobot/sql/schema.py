@@ -26,6 +26,7 @@ __all__ = [
     "leases",
     "messages",
     "metadata",
+    "model_usage",
     "outbox",
     "samples",
     "steps",
@@ -219,6 +220,20 @@ steps = Table(
     Column("error", String(32), nullable=True),
     Index(None, "at"),
     Index(None, "conversation_id"),
+)
+
+#: tokens and model time per UTC day per model (the operator's usage page; summed as
+#: steps are written, so the page reads a few rows, not every step)
+model_usage = Table(
+    "model_usage",
+    metadata,
+    Column("day", String(10), primary_key=True),
+    #: a model name may be empty (an LLM that names none): "" then, never NULL
+    Column("model", String(64), primary_key=True),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("generations", BigInteger, nullable=False),
+    Column("llm_seconds", Float, nullable=False),
 )
 
 #: errors worth an operator's look: a failed generation, a template that raised, a

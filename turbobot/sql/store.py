@@ -61,6 +61,7 @@ from turbobot.sql.schema import (
     inbox,
     journal,
     messages,
+    model_usage,
     outbox,
     samples,
     steps,
@@ -78,6 +79,7 @@ from turbobot.store import (
     StepWrite,
     TokenUsage,
     TranscriptLine,
+    utc_day,
 )
 
 __all__ = ["SQLStore", "channel_column", "configure_sqlite_engine", "parse_channel_column"]
@@ -214,6 +216,8 @@ class _Op:
     #: the operator's records: step timings, errors, gauges (never fenced: they
     #: describe what happened, whoever holds the channel now)
     steps: _Rows = field(default_factory=lambda: _NONE)
+    #: tokens per (day, model) to add: (day, model, prompt, completion, calls, seconds)
+    model_usage: _Rows = field(default_factory=lambda: _NONE)
     errors: _Rows = field(default_factory=lambda: _NONE)
     samples: _Rows = field(default_factory=lambda: _NONE)
     #: why the database refused this operation (it was dropped)
@@ -262,6 +266,7 @@ class _Merged:
     #: one row per user and day (an upsert may not touch a row twice in one statement)
     usage: _Rows
     steps: _Rows
+    model_usage: _Rows
     errors: _Rows
     samples: _Rows
 
@@ -281,10 +286,11 @@ class _Merged:
                 op.consumed,
                 _summed(op.usage) if len(op.usage) > 1 else op.usage,
                 op.steps,
+                _summed(op.model_usage, 2) if len(op.model_usage) > 1 else op.model_usage,
                 op.errors,
                 op.samples,
             )
-        merged = cls([], [], [], [], [], [], [], [], [], [], [], [], [])
+        merged = cls([], [], [], [], [], [], [], [], [], [], [], [], [], [])
         states: dict[str, tuple[Any, ...]] = {}
         for op in ops:
             if op.incoming:
@@ -309,6 +315,8 @@ class _Merged:
                 merged.usage += op.usage
             if op.steps:
                 merged.steps += op.steps
+            if op.model_usage:
+                merged.model_usage += op.model_usage
             if op.errors:
                 merged.errors += op.errors
             if op.samples:
@@ -316,6 +324,8 @@ class _Merged:
         merged.conversation_states = list(states.values())
         if len(merged.usage) > 1:
             merged.usage = _summed(merged.usage)
+        if len(merged.model_usage) > 1:
+            merged.model_usage = _summed(merged.model_usage, 2)
         return merged
 
 
@@ -340,14 +350,19 @@ def _total(value: int) -> int:
     return value if type(value) is int and 0 <= value < 2**62 else 0
 
 
-def _summed(rows: _Rows) -> _Rows:
-    """Usage rows added up per (platform, user, day)."""
-    sums: dict[tuple[Any, ...], list[int]] = {}
-    for platform, user_id, day, *counts in rows:
-        total = sums.setdefault((platform, user_id, day), [0, 0, 0])
-        for i, value in enumerate(counts):
-            total[i] += value
-    return [(*day, *counts) for day, counts in sums.items()]
+def _summed(rows: _Rows, keys: int = 3) -> _Rows:
+    """Usage rows added up per key (their first ``keys`` columns: platform, user and
+    day; or day and model), so that one upsert touches each row once."""
+    sums: dict[tuple[Any, ...], list[Any]] = {}
+    for row in rows:
+        key = row[:keys]
+        total = sums.get(key)
+        if total is None:
+            sums[key] = list(row[keys:])
+        else:
+            for i, value in enumerate(row[keys:]):
+                total[i] += value
+    return [(*key, *counts) for key, counts in sums.items()]
 
 
 # Column orders of the rows above; each statement is checked against its order once.
@@ -361,6 +376,7 @@ _SENT_ROW = ("b_platform_id", "b_sent_at", "b_id")
 _CONSUMED_ROW = ("b_channel", "b_message_id")
 _USAGE_ROW = tuple(c.name for c in usage.c)
 _STEP_ROW = tuple(c.name for c in steps.c if c.name != "id")
+_MODEL_USAGE_ROW = tuple(c.name for c in model_usage.c)
 _ERROR_ROW = tuple(c.name for c in errors.c if c.name != "id")
 _SAMPLE_ROW = tuple(c.name for c in samples.c if c.name != "id")
 
@@ -818,6 +834,18 @@ class SQLStore(BaseStore):
             )
             for stats in step.stats
         ]
+        op.model_usage = [
+            (
+                utc_day(stats.at),
+                writable_text(stats.model or "")[:64],
+                _total(stats.prompt_tokens or 0),
+                _total(stats.completion_tokens or 0),
+                _total(stats.generations),
+                stats.llm_seconds,
+            )
+            for stats in step.stats
+            if stats.generations
+        ]
         op.errors = [
             (
                 error.at,
@@ -857,6 +885,7 @@ class SQLStore(BaseStore):
                 (prepared.consumed, batch.consumed),
                 (prepared.usage, batch.usage),
                 (prepared.steps, batch.steps),
+                (prepared.model_usage, batch.model_usage),
                 (prepared.errors, batch.errors),
                 (prepared.samples, batch.samples),
             )
@@ -1264,6 +1293,18 @@ class _Statements:
         self.steps = _Prepared(insert(steps).values(_binds(_STEP_ROW)), dialect, _STEP_ROW)
         self.errors = _Prepared(insert(errors).values(_binds(_ERROR_ROW)), dialect, _ERROR_ROW)
         self.samples = _Prepared(insert(samples).values(_binds(_SAMPLE_ROW)), dialect, _SAMPLE_ROW)
+        per_model = upsert(model_usage)
+        self.model_usage = _Prepared(
+            per_model.values(_binds(_MODEL_USAGE_ROW)).on_conflict_do_update(
+                index_elements=["day", "model"],
+                set_={
+                    name: model_usage.c[name] + per_model.excluded[name]
+                    for name in _MODEL_USAGE_ROW[2:]
+                },
+            ),
+            dialect,
+            _MODEL_USAGE_ROW,
+        )
         added = upsert(usage)
         self.usage = _Prepared(
             added.values(_binds(_USAGE_ROW)).on_conflict_do_update(

@@ -1,4 +1,4 @@
-"""what the operator's page shows: steps with timings, errors, gauges once a minute
+"""what the operator's page shows: steps with timings, tokens per model, errors, gauges
 
 Revision ID: 0005
 Revises: 0004
@@ -64,6 +64,16 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_steps_at"), "steps", ["at"])
     op.create_index(op.f("ix_steps_conversation_id"), "steps", ["conversation_id"])
+    op.create_table(
+        "model_usage",
+        sa.Column("day", sa.String(length=10), nullable=False),
+        sa.Column("model", sa.String(length=64), nullable=False),
+        sa.Column("prompt_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("completion_tokens", sa.BigInteger(), nullable=False),
+        sa.Column("generations", sa.BigInteger(), nullable=False),
+        sa.Column("llm_seconds", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("day", "model", name=op.f("pk_model_usage")),
+    )
     op.create_table(
         "errors",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -144,6 +154,7 @@ def _platform_and_user(channel: str, context: str) -> tuple[str | None, str | No
 def downgrade() -> None:
     op.drop_index(op.f("ix_samples_at"), table_name="samples")
     op.drop_table("samples")
+    op.drop_table("model_usage")
     op.drop_index(op.f("ix_errors_reply_id"), table_name="errors")
     op.drop_index(op.f("ix_errors_conversation_id"), table_name="errors")
     op.drop_index(op.f("ix_errors_at"), table_name="errors")
