@@ -157,9 +157,7 @@ async def test_failed_and_undeliverable_replies_are_recorded_with_the_reply(
     url: str, store: SQLStore
 ) -> None:
     clock = FakeClock()
-    chat = BotSession(greeter, store=store, clock=clock)
-    chat.sender = chat.runtime.sender = chat.runtime._outbox.sender = RefusingSender()
-    chat.runtime.conversations.sender = chat.sender
+    chat = BotSession(greeter, store=store, clock=clock, sender=RefusingSender())
     async with chat:
         await chat.say("hi")  # "Your name?" fails once, and is kept
         await chat.advance(1)  # ... and sent again

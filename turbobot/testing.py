@@ -77,6 +77,8 @@ class BotSession:
         expect_divergence: do not fail when a conversation cannot be rebuilt by
             replay (for testing what users see after an incompatible redeploy).
         modes: more personalities users switch to with ``/mode NAME``.
+        sender: what records the bot's messages (default: a :class:`RecordingSender`;
+            a subclass may fail some sends, or show streams its own way).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class BotSession:
         clock: Any = None,
         expect_divergence: bool = False,
         modes: Sequence[Template] = (),
+        sender: RecordingSender | None = None,
     ) -> None:
         self.template = template
         self.modes = tuple(modes)
@@ -98,7 +101,7 @@ class BotSession:
         self.store = store if store is not None else InMemoryStore()
         self.settings = settings
         self.clock = clock if clock is not None else FakeClock()
-        self.sender = RecordingSender()
+        self.sender = sender if sender is not None else RecordingSender()
         self.platform = platform
         self.runtime = self._runtime()
         self._ids = itertools.count(1)
