@@ -128,7 +128,7 @@ def generate(count: int, now: float, seed: int = 7) -> dict[str, list[dict[str, 
                 {
                     "channel": channel,
                     "message_id": message_id,
-                    "payload": json.dumps(payload),
+                    "payload": json.dumps(payload, separators=(",", ":")),
                     "received_at": at,
                     "consumed": True,
                 }
@@ -347,6 +347,7 @@ async def measure(url: str, now: float, rounds: int) -> list[tuple[str, float, f
                 assert answer.status_code == 200, (path, answer.status_code)
                 size = len(answer.content)
             results.append((name, statistics.median(times), max(times), size))
+    await app.state.engine.dispose()
     return results
 
 

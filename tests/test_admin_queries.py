@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -132,3 +134,79 @@ def test_the_admin_token_must_be_given_and_long() -> None:
     with pytest.raises(ConfigurationError, match="too short"):
         check_token("short")
     assert check_token("x" * 16) == "x" * 16
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
+async def test_hostile_text_and_parameters_never_break_a_page(store_url: str) -> None:
+    """(Review: a lone surrogate in a message made its transcript fail for good; the
+    text search matched the inbox JSON's keys; a NUL in a parameter failed on
+    PostgreSQL; a non-ASCII cookie failed every page.)"""
+    import httpx
+
+    from turbobot.admin import create_app
+
+    clock = FakeClock(NOW - 600)
+    store = SQLStore(store_url, upgrade=True)
+    await store.open()
+    try:
+        chat = BotSession(echo, llm=_model(clock), store=store, clock=clock)
+        async with chat:
+            await chat.say("broken \ud83d emoji", channel="odd", author="x" * 200)
+            await store.flush()
+    finally:
+        await store.aclose()
+    token = "t" * 20
+    app = create_app(store_url, token, must_exist=False)
+    auth = {"authorization": f"Bearer {token}"}
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a")
+    async with client, contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(app.state.engine.dispose)  # (no lifespan through ASGI)
+        listed = await client.get("/conversations", headers=auth)
+        assert listed.status_code == 200
+        (link,) = [part.split('"')[0] for part in listed.text.split('href="/conversations/')[1:]]
+        page = await client.get(f"/conversations/{link}", headers=auth)
+        assert page.status_code == 200 and "broken \ufffd emoji" in page.text
+        for query in ("q=author_name", "q=is_bot", "q=message_id"):  # keys, not text
+            found = await client.get(f"/conversations?{query}", headers=auth)
+            assert found.status_code == 200 and 'id="none"' in found.text, query
+        for path in (
+            "/conversations?q=%00", "/conversations?user=%00", "/conversations?platform=%00",
+            "/conversations?before=1:%00", "/conversations/%00", "/conversations?q=%ED%A0%BD",
+            "/usage?days=%00", "/health?hours=%00",
+        ):  # fmt: skip
+            answer = await client.get(path, headers=auth)
+            assert answer.status_code in (200, 404), (path, answer.status_code)
+        for cookie in ("é", "1.x", "99999999999999999999999.abc", ""):
+            header = f"turbobot_admin={cookie}".encode()
+            refused = await client.get("/usage", headers={"cookie": header})
+            assert refused.status_code == 401, cookie
+        # a user id longer than the column is kept as its hash, and filters the same way
+        from turbobot.sql.store import _usage_key
+
+        mine = await client.get(
+            "/conversations", params={"user": _usage_key("x" * 200, 128)}, headers=auth
+        )
+        assert f"/conversations/{link}" in mine.text
+
+
+def test_the_upgrade_keys_long_user_ids_as_the_bot_does() -> None:
+    import importlib
+
+    from turbobot.sql.store import _usage_key
+
+    revision = importlib.import_module("turbobot.migrations.versions.0005_operator_view")
+    for user in ("7", "x" * 128, "y" * 129, "z" * 300, "nul\x00and \ud83d"):
+        context = json.dumps({"author_id": user})
+        assert revision._platform_and_user('["telegram", "1", null, null]', context) == (
+            "telegram",
+            _usage_key(user, 128),
+        ), user
+
+
+def test_an_inbox_payload_has_its_text_right_before_its_message_id() -> None:
+    """What the text search relies on (queries._text_like)."""
+    from turbobot.chat import ChannelKey, IncomingMessage
+    from turbobot.codec import to_json
+
+    payload = to_json(IncomingMessage(ChannelKey("t", "1"), 'say "hi"', "m1", "u").to_dict())
+    assert '"text":"say \\"hi\\"","message_id":"m1"' in payload

@@ -26,6 +26,7 @@ from turbobot.chat import ChannelKey
 from turbobot.clock import FakeClock
 from turbobot.llm.base import LLMRequest, LLMResponse
 from turbobot.messages import Usage
+from turbobot.runtime import Runtime
 from turbobot.sql import SQLStore
 from turbobot.sql.migrate import upgrade_schema
 from turbobot.testing import BotSession, RecordingSender
@@ -169,6 +170,9 @@ async def test_failed_and_undeliverable_replies_are_recorded_with_the_reply(
     }
     assert [e["kind"] for e in errors] == ["send", "undeliverable"]
     assert errors[0]["detail"] == "ConnectionError: platform down"
+    # no latency for a reply that did not get through in its step, nor for one dropped
+    steps = await rows(url, "SELECT * FROM steps WHERE replies > 0 ORDER BY id")
+    assert [s["first_reply"] for s in steps] == [None, None]
     assert errors[0]["reply_id"] == outbox["Your name?"]["id"]
     assert errors[0]["reply_id"] != errors[1]["reply_id"] is not None
     assert chat.sender.texts() == ["Your name?"]
@@ -224,3 +228,57 @@ async def test_the_upgrade_fills_in_platform_and_user_of_conversations_already_t
     finally:
         await engine.dispose()
     assert [tuple(r) for r in found] == [("discord", "7"), ("telegram", None), (None, None)]
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise AttributeError("no message")
+
+
+@turbo()
+async def unprintable():
+    yield GetUserInput("Go?")
+    raise Unprintable
+
+
+async def test_an_error_that_cannot_be_printed_still_ends_its_step_well(
+    url: str, store: SQLStore
+) -> None:
+    """(Review: error_detail raised, the failure notice was never sent, and the
+    conversation stayed waiting.)"""
+    chat = BotSession(unprintable, store=store, clock=FakeClock())
+    async with chat:
+        await chat.say("hi")
+        said = await chat.say("go")
+        await store.flush()
+    assert said == [chat.runtime.settings.notices.failure]
+    (error,) = await rows(url, "SELECT kind, detail FROM errors")
+    assert (error["kind"], error["detail"]) == ("template", "Unprintable")
+    (conversation,) = await rows(url, "SELECT status FROM conversations")
+    assert conversation["status"] == "failed"
+
+
+class BlockedSender(RecordingSender):
+    async def send(self, key: ChannelKey, text: str) -> str | None:
+        raise UndeliverableError("Forbidden: bot was blocked by the user")
+
+
+async def test_a_streamed_reply_that_cannot_be_delivered_is_not_counted_as_sent(
+    url: str, store: SQLStore
+) -> None:
+    from turbobot.metrics import Metrics
+
+    clock = FakeClock()
+    metrics = Metrics()
+    chat = BotSession(assistant, llm=slow_model(clock), store=store, clock=clock,
+                      sender=BlockedSender())  # fmt: skip
+    chat.runtime = Runtime(assistant, llm=chat.llm, sender=chat.sender, store=store,
+                           clock=clock, metrics=metrics)  # fmt: skip
+    async with chat:
+        await chat.say("stream")
+        await chat.say("plain")
+        await store.flush()
+    assert metrics.value("turbobot_replies_sent_total", platform="test") == 0
+    assert metrics.value("turbobot_errors_total", kind="undeliverable") == 2
+    steps = await rows(url, "SELECT first_reply FROM steps WHERE replies > 0")
+    assert [s["first_reply"] for s in steps] == [None, None]

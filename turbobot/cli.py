@@ -491,6 +491,11 @@ async def _operator_view(
             base = _port(args.metrics_port, env, METRICS_PORT_VARIABLE, "--metrics-port")
             assert base is not None
             port = base + int(env.get(WORKER_INDEX_VARIABLE, "0") or 0)
+            if port > 65535:
+                raise ConfigurationError(
+                    f"--metrics-port {base} leaves no port for worker "
+                    f"{env.get(WORKER_INDEX_VARIABLE)} (it would use {port}): choose a lower one"
+                )
             _warn_if_exposed(host, "the metrics endpoint")
             try:
                 server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
@@ -506,6 +511,11 @@ async def _operator_view(
 
             token = check_token(env.get(ADMIN_TOKEN_VARIABLE))
             database = _database(args.database, env)
+            if check_database_url(database.url, database.source) is None:
+                raise ConfigurationError(
+                    "--admin-port shows what the bot stores: it needs a database, not "
+                    "'memory' (TURBOBOT_DATABASE_URL or --database)"
+                )
             app = create_app(
                 database.url,
                 token,
@@ -540,7 +550,8 @@ async def _serve_admin(
     )
     server = Server(config)
     try:  # bound here, so that a taken port is a clear error (uvicorn would exit)
-        listening = socket.create_server((host, port), reuse_port=False)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listening = socket.create_server((host, port), family=family)
     except OSError as exc:
         raise ConfigurationError(
             f"cannot serve the admin page on {host}:{port} ({exc.strerror}); choose another "

@@ -24,7 +24,15 @@ from typing import Any
 from turbobot.chat import ChannelKey, IncomingMessage, TemplateContext
 from turbobot.clock import TimerHandle
 from turbobot.codec import count
-from turbobot.delivery import FAILED, BaseSender, Outbox, answering, delivering
+from turbobot.delivery import (
+    FAILED,
+    UNDELIVERABLE,
+    BaseSender,
+    Outbox,
+    answering,
+    delivering,
+    stored_id,
+)
 from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
 from turbobot.journal import JournalEntry
 from turbobot.llm.base import LLM
@@ -771,13 +779,15 @@ class Conversations:
         """Record a reply, commit everything that led to it, then send it."""
         outgoing = self._record_reply(key, live, text, message)
         await self.commit(live, wait=True)
+        handed = self.clock()
+        platform_id = await self.outbox.deliver(outgoing)
+        if platform_id is not FAILED:
+            self.step(live).sent.append((outgoing.id, stored_id(platform_id)))
         timer = current_step.get()
         if timer is not None:
             timer.stats.replies += 1
-            timer.reply()
-        platform_id = await self.outbox.deliver(outgoing)
-        if platform_id is not FAILED:
-            self.step(live).sent.append((outgoing.id, platform_id))
+            if platform_id is not FAILED and platform_id is not UNDELIVERABLE:
+                timer.reply(handed)  # (the latency of a reply that reached the user)
 
     async def _say_stream(self, key: ChannelKey, live: Live, stream: AssistantStream) -> None:
         # The input is committed before the first fragment is shown, without counting
@@ -795,6 +805,11 @@ class Conversations:
             platform_id = FAILED
         else:
             platform_id, recorded = await self._show_stream(key, live, stream, reply_id)
+        delivered = platform_id is not FAILED and platform_id is not UNDELIVERABLE
+        platform_id = stored_id(platform_id)
+        timer = current_step.get()
+        if timer is not None and delivered and stream.first_at is not None:
+            timer.reply(stream.first_at)
         if not stream.closed:
             async for _ in stream:  # the sender gave up early: let the generation finish
                 pass
@@ -816,14 +831,13 @@ class Conversations:
             outgoing = recorded or self._record_reply(
                 key, live, stream.text, stream.message, reply_id
             )
-            timer = current_step.get()
             if timer is not None:
                 timer.stats.replies += 1
             if platform_id is FAILED:
                 self.outbox.keep(outgoing)
             else:
                 self.step(live).sent.append((outgoing.id, platform_id))
-                if self.metrics is not None:
+                if delivered and self.metrics is not None:
                     self.metrics.replies.labels(key.platform).inc()
 
     async def _show_stream(
@@ -872,4 +886,4 @@ class Conversations:
         await self.flush(key)
         platform_id = await self.outbox.deliver(outgoing)
         if platform_id is not FAILED:
-            await self.write(StepWrite(sent=[(outgoing.id, platform_id)]))
+            await self.write(StepWrite(sent=[(outgoing.id, stored_id(platform_id))]))

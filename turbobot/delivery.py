@@ -29,7 +29,15 @@ from turbobot.store import BaseStore, ErrorRecord, OutgoingRecord, StepWrite
 if TYPE_CHECKING:
     from turbobot.template import AssistantStream
 
-__all__ = ["FAILED", "BaseSender", "Outbox", "answering", "delivering"]
+__all__ = [
+    "FAILED",
+    "UNDELIVERABLE",
+    "BaseSender",
+    "Outbox",
+    "answering",
+    "delivering",
+    "stored_id",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -84,6 +92,14 @@ class BaseSender(ABC):
 
 #: what :meth:`Outbox.deliver` returns when the reply was kept to be sent later
 FAILED: Any = object()
+#: what a send returns when the platform will never take the reply (the user blocked
+#: the bot): it is dropped, and marked sent with no platform id (see ``stored_id``)
+UNDELIVERABLE: Any = object()
+
+
+def stored_id(result: Any) -> str | None:
+    """The platform id to store for a send's result (none for an undeliverable reply)."""
+    return None if result is UNDELIVERABLE else result
 
 
 class Outbox:
@@ -143,7 +159,8 @@ class Outbox:
         return key in self._kept
 
     async def deliver(self, outgoing: OutgoingRecord) -> Any:
-        """Send a recorded reply now: its platform id, or :data:`FAILED` if it was kept.
+        """Send a recorded reply now: its platform id, :data:`FAILED` if it was kept,
+        or :data:`UNDELIVERABLE` if it was dropped.
 
         A reply never overtakes the channel's kept ones: it is kept behind them.
         """
@@ -171,7 +188,7 @@ class Outbox:
                 self._schedule(key)
                 return False
             kept.popleft()
-            await self.store.write(StepWrite(sent=[(outgoing.id, platform_id)]))
+            await self.store.write(StepWrite(sent=[(outgoing.id, stored_id(platform_id))]))
         self._kept.pop(key, None)
         self._attempts.pop(key, None)
         return True
@@ -204,7 +221,7 @@ class Outbox:
         except UndeliverableError as exc:
             _log.warning("channel %s: the reply cannot be delivered, dropped: %s", key, exc)
             await self._failed(key, "undeliverable", exc, reply_id)
-            return None
+            return UNDELIVERABLE
         except Exception as exc:
             _log.warning(
                 "channel %s: sending a reply failed (%s: %s); it is kept and sent again later",
@@ -222,12 +239,12 @@ class Outbox:
         self, key: ChannelKey, kind: str, exc: BaseException, reply_id: str | None
     ) -> None:
         """Record a failed send for the operator (never raises: it is only a record)."""
-        error = ErrorRecord(
-            self.clock(), kind, error_detail(exc), key, reply_id=reply_id or delivering.get()
-        )
-        if self.metrics is not None:
-            self.metrics.error(error)
         try:
+            error = ErrorRecord(
+                self.clock(), kind, error_detail(exc), key, reply_id=reply_id or delivering.get()
+            )
+            if self.metrics is not None:
+                self.metrics.error(error)
             await self.store.write(StepWrite(errors=[error]))
         except Exception as failure:  # (a closed store: the log line above stays)
             _log.debug("channel %s: the failed send was not recorded: %s", key, failure)

@@ -44,10 +44,11 @@ class StepTimer:
             if failed:
                 self.metrics.llm_failures.labels(model).inc()
 
-    def reply(self) -> None:
-        """The first byte of a reply of this step is handed to the adapter now."""
+    def reply(self, at: float) -> None:
+        """A reply of this step reached the platform; its first byte was handed to the
+        adapter at ``at`` (the first one counts)."""
         if self.stats.first_reply_at is None:
-            self.stats.first_reply_at = self.clock()
+            self.stats.first_reply_at = at
 
 
 #: the step running in this context (see :class:`StepTimer`)
@@ -57,31 +58,32 @@ current_step: ContextVar[StepTimer | None] = ContextVar("turbobot_step", default
 message_arrived: ContextVar[float | None] = ContextVar("turbobot_arrived", default=None)
 
 
-def model_call_started() -> float | None:
-    """The time a model call begins, on the running step's clock (``None``: no step)."""
-    timer = current_step.get()
-    return None if timer is None else timer.clock()
-
-
 def model_call_ended(model: str, started: float | None, failed: bool = False) -> None:
     timer = current_step.get()
     if timer is not None and started is not None:
         timer.model_call(model, started, failed)
 
 
-def first_reply() -> None:
-    """A reply's first byte is handed to the adapter (the step's latency ends here)."""
+def step_clock() -> float | None:
+    """The running step's clock's time (``None``: no step)."""
     timer = current_step.get()
-    if timer is not None:
-        timer.reply()
+    return None if timer is None else timer.clock()
+
+
+#: when a model call begins (the running step's clock)
+model_call_started = step_clock
 
 
 def error_detail(exc: BaseException) -> str:
     """One line for an operator: the exception's type and its message's first line
     (what turbobot logs too; exception messages carry no credentials)."""
-    text = str(exc).strip().splitlines()
+    name = type(exc).__name__
+    try:
+        text = str(exc).strip().splitlines()
+    except Exception:  # a broken __str__ must not break what records it
+        return name
     first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:300] if first else type(exc).__name__
+    return f"{name}: {first}"[:300] if first else name
 
 
 #: seconds: a reply's latency, a step, a model call (the model's dominate)

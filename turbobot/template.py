@@ -53,7 +53,7 @@ from turbobot.messages import (
     ToolMessage,
     message_from_dict,
 )
-from turbobot.metrics import first_reply, model_call_ended, model_call_started
+from turbobot.metrics import model_call_ended, model_call_started, step_clock
 from turbobot.signals import (
     Delegate,
     Generate,
@@ -247,13 +247,17 @@ class AssistantStream:
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
         self.message: Assistant | None = None
         self.parts: list[str] = []
+        #: when the first fragment came (the running step's clock; ``None``: none yet)
+        self.first_at: float | None = None
         #: the generation is over (``message`` is ``None`` if it failed)
         self.closed = False
         self._closed_event: asyncio.Event | None = None
 
     async def push(self, delta: str) -> None:
         if not self.parts:
-            first_reply()  # the reply's first byte goes to the adapter (the step's latency)
+            # the reply's first byte goes to the adapter: the step's latency, once the
+            # adapter showed it (see Conversations._say_stream)
+            self.first_at = step_clock()
         self.parts.append(delta)
         self._queue.put_nowait(delta)
 

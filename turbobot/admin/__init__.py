@@ -5,7 +5,7 @@ as SVG; no JavaScript and nothing fetched from elsewhere). It is read-only: the
 database is opened read-only where the driver allows (SQLite ``mode=ro``; a
 PostgreSQL session with read-only transactions). Every page needs the admin token
 (``TURBOBOT_ADMIN_TOKEN``): given once on the login form, it is kept as a cookie
-holding a keyed hash of it (never the token itself), or sent as
+holding its end time signed with it (never the token itself; 12 hours), or sent as
 ``Authorization: Bearer <token>`` by scripts. See docs/architecture.md, "Operator's view".
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from turbobot.codec import writable_text
 from turbobot.exceptions import ConfigurationError
 
 __all__ = ["MIN_TOKEN_LENGTH", "TOKEN_VARIABLE", "create_app", "read_only_engine"]
@@ -28,6 +29,8 @@ __all__ = ["MIN_TOKEN_LENGTH", "TOKEN_VARIABLE", "create_app", "read_only_engine
 TOKEN_VARIABLE = "TURBOBOT_ADMIN_TOKEN"
 MIN_TOKEN_LENGTH = 16
 COOKIE = "turbobot_admin"
+#: how long a login lasts (the cookie carries its end, signed with the token)
+SESSION_SECONDS = 12 * 3600
 _HERE = Path(__file__).parent
 #: headers of every answer: no scripts, no frames, nothing from elsewhere, no caching
 _HEADERS = {
@@ -113,7 +116,17 @@ def create_app(
     from turbobot.admin.queries import PAGE, STATES, AdminData, Filters, per_worker
 
     check_token(token)
-    session = hmac.new(token.encode(), b"turbobot admin session", hashlib.sha256).hexdigest()
+
+    def signed(expires: int) -> str:
+        mac = hmac.new(token.encode(), f"turbobot admin {expires}".encode(), hashlib.sha256)
+        return f"{expires}.{mac.hexdigest()}"
+
+    def session_valid(cookie: str) -> bool:
+        expires, _, _ = cookie.partition(".")
+        if not expires.isascii() or not expires.isdigit() or int(expires) < clock():
+            return False
+        return hmac.compare_digest(cookie.encode(), signed(int(expires)).encode())
+
     engine = read_only_engine(url, must_exist=must_exist)
     data = AdminData(engine)
     env = Environment(
@@ -129,7 +142,7 @@ def create_app(
 
     def allowed(request: Request) -> bool:
         cookie = request.cookies.get(COOKIE, "")
-        if cookie and hmac.compare_digest(cookie, session):
+        if cookie and session_valid(cookie):
             return True
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
@@ -163,7 +176,12 @@ def create_app(
             return page("login.html", 401, failed=True, next=target)
         response = RedirectResponse(target, status_code=303, headers=_HEADERS)
         response.set_cookie(
-            COOKIE, session, httponly=True, samesite="strict", secure=request.url.scheme == "https"
+            COOKIE,
+            signed(int(clock()) + SESSION_SECONDS),
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
         )
         return response
 
@@ -176,7 +194,7 @@ def create_app(
         return RedirectResponse("/conversations", status_code=303, headers=_HEADERS)
 
     async def conversation_list(request: Request) -> Response:
-        q = request.query_params
+        q = _Params(request)
         filters = Filters(
             platform=q.get("platform", "")[:32],
             state=q.get("state", "") if q.get("state", "") in STATES else "",
@@ -201,7 +219,7 @@ def create_app(
         )
 
     async def conversation_page(request: Request) -> Response:
-        found = await data.conversation(request.path_params["id"])
+        found = await data.conversation(writable_text(request.path_params["id"])[:48])
         if found is None:
             return page("missing.html", 404, section="conversations")
         llm = sum(s["llm"] for s in found.steps)
@@ -238,7 +256,7 @@ def create_app(
         )
 
     async def usage_page(request: Request) -> Response:
-        days = _bounded(request.query_params.get("days"), 14, 1, 366)
+        days = _bounded(_Params(request).get("days"), 14, 1, 366)
         usage = await data.usage(days, clock())
         per_day = plots.bars(
             f"Tokens per day (last {days} days, UTC)",
@@ -270,7 +288,7 @@ def create_app(
         )
 
     async def health_page(request: Request) -> Response:
-        hours = _bounded(request.query_params.get("hours"), 6, 1, 24 * 14)
+        hours = _bounded(_Params(request).get("hours"), 6, 1, 24 * 14)
         began = time.perf_counter()
         health = await data.health(hours, clock())
         took = time.perf_counter() - began
@@ -364,7 +382,20 @@ def create_app(
 
     from contextlib import asynccontextmanager
 
-    return Starlette(routes=routes, lifespan=asynccontextmanager(lifespan))
+    app = Starlette(routes=routes, lifespan=asynccontextmanager(lifespan))
+    app.state.engine = engine  # (disposed when the app's lifespan ends, else by its owner)
+    return app
+
+
+class _Params:
+    """A request's query parameters as a database takes them (no NUL, no lone
+    surrogate: PostgreSQL refuses both)."""
+
+    def __init__(self, request: Any) -> None:
+        self._params = request.query_params
+
+    def get(self, name: str, default: str = "") -> str:
+        return writable_text(self._params.get(name, default)).replace("\ufffd", "")
 
 
 def _bounded(text: str | None, default: int, low: int, high: int) -> int:

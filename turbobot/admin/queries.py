@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from sqlalchemy import ColumnElement, Integer, and_, cast, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,6 +32,7 @@ from turbobot.sql.schema import (
     steps,
     usage,
 )
+from turbobot.sql.store import _loads
 from turbobot.store import utc_day
 from turbobot.template import INTERRUPTED
 
@@ -108,6 +108,13 @@ def _like(text: str) -> str:
     """``text`` as a LIKE pattern matching it anywhere, its wildcards escaped."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
+
+
+def _text_like(as_json: str) -> str:
+    """A LIKE pattern matching an inbox payload whose text holds ``as_json`` (the text
+    searched for, JSON-escaped)."""
+    escaped = _like(as_json)[1:-1]
+    return f'%"text":"%{escaped}%","message_id":%'
 
 
 def percentile(values: Sequence[float], share: float) -> float:
@@ -186,7 +193,11 @@ class AdminData:
                 select(messages.c.id)
                 .select_from(messages.join(inbox, by_reference))
                 .where(messages.c.conversation_id == c.id)
-                .where(inbox.c.payload.like(_like(as_json), escape="\\"))
+                # Its text alone, not its keys, ids or names: the store writes a payload
+                # as compact JSON whose "text" comes right before "message_id"
+                # (IncomingMessage.to_dict; a test holds it). Parsing the JSON in SQL
+                # would fail on PostgreSQL for a text with a lone surrogate.
+                .where(inbox.c.payload.like(_text_like(as_json), escape="\\"))
             )
             query = query.where(or_(said.exists(), sent.exists()))
         cursor = _cursor(filters.before)
@@ -252,7 +263,8 @@ class AdminData:
         undeliverable = {e["reply_id"] for e in errors_found if e["kind"] == "undeliverable"}
         limit = SPLIT_AT.get(row.get("platform") or "")
         for r in rows:
-            text = r["text"] if r["payload"] is None else orjson.loads(r["payload"])["text"]
+            # (the store's reader: a lone surrogate, kept escaped in JSON, reads back)
+            text = r["text"] if r["payload"] is None else _loads(r["payload"])["text"]
             line = Line(r["role"], text, r["at"], bool(r["streamed"]))
             line.prompt_tokens, line.completion_tokens = r["prompt_tokens"], r["completion_tokens"]
             if r["role"] == "assistant":
@@ -444,8 +456,8 @@ def _cursor(text: str) -> tuple[float, str] | None:
 def _channel_text(stored: str) -> str:
     """A stored channel key as the CLI shows it (``platform:channel[:thread=..]``)."""
     try:
-        platform, channel, thread, user = orjson.loads(stored)
-    except (orjson.JSONDecodeError, ValueError, TypeError):
+        platform, channel, thread, user = _loads(stored)
+    except (ValueError, TypeError):
         return stored
     parts = [str(platform), str(channel)]
     if thread is not None:

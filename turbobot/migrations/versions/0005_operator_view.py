@@ -13,6 +13,7 @@ start empty: timings were not recorded before.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import sqlalchemy as sa
@@ -146,9 +147,20 @@ def _platform_and_user(channel: str, context: str) -> tuple[str | None, str | No
         user = json.loads(context).get("author_id") or None
     except (ValueError, AttributeError):
         user = None
-    platform = platform[:32] if isinstance(platform, str) else None
-    user = user[:128] if isinstance(user, str) else None
+    platform = _key(platform, 32) if isinstance(platform, str) else None
+    user = _key(user, 128) if isinstance(user, str) else None
     return platform, user
+
+
+def _key(text: str, size: int) -> str:
+    """An id as the running bot writes it (``turbobot.sql.store._usage_key`` as of this
+    revision, frozen here): at most ``size`` characters, a longer one as its hash."""
+    text = (
+        text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").replace("\0", "\ufffd")
+    )
+    if len(text) <= size:
+        return text
+    return "#" + hashlib.sha256(text.encode()).hexdigest()[: size - 1]
 
 
 def downgrade() -> None:
