@@ -507,17 +507,11 @@ async def _operator_view(
             stops.append(server.shutdown)
             print(f"turbobot: metrics at http://{host}:{port}/metrics", file=sys.stderr)
         if admin_port is not None:
-            from turbobot.admin import check_token, create_app
+            from turbobot.admin import create_app
 
-            token = check_token(env.get(ADMIN_TOKEN_VARIABLE))
-            database = _database(args.database, env)
-            if check_database_url(database.url, database.source) is None:
-                raise ConfigurationError(
-                    "--admin-port shows what the bot stores: it needs a database, not "
-                    "'memory' (TURBOBOT_DATABASE_URL or --database)"
-                )
+            url, token = _admin_database(args, env)
             app = create_app(
-                database.url,
+                url,
                 token,
                 metrics=metrics.exposition if metrics is not None else None,
                 must_exist=False,
@@ -573,6 +567,21 @@ async def _serve_admin(
     return task, stop
 
 
+def _admin_database(args: argparse.Namespace, env: Mapping[str, str]) -> tuple[str, str]:
+    """The database the admin page reads and its token (``turbobot admin`` and
+    ``--admin-port`` alike), or a clear error."""
+    from turbobot.admin import check_token
+
+    token = check_token(env.get(ADMIN_TOKEN_VARIABLE))
+    database = _database(args.database, env)
+    if check_database_url(database.url, database.source) is None:
+        raise ConfigurationError(
+            "the admin page reads the bot's database: give its URL with --database or "
+            f"{DATABASE_VARIABLE} ('memory' lives and dies with the bot's process)"
+        )
+    return database.url, token
+
+
 async def _check_schema(url: str) -> None:
     """Refuse to serve a database whose schema is older than this turbobot's."""
     from turbobot.admin import read_only_engine
@@ -611,17 +620,11 @@ async def _run(
 
 async def _admin(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     """``turbobot admin``: serve the operator's page until Ctrl-C or SIGTERM."""
-    from turbobot.admin import check_token, create_app
+    from turbobot.admin import create_app
 
-    token = check_token(env.get(ADMIN_TOKEN_VARIABLE))
-    database = _database(args.database, env)
-    if check_database_url(database.url, database.source) is None:
-        raise ConfigurationError(
-            "the admin page reads the bot's database: give its URL with --database or "
-            f"{DATABASE_VARIABLE} ('memory' lives and dies with the bot's process)"
-        )
-    await _check_schema(database.url)
-    app = create_app(database.url, token)
+    url, token = _admin_database(args, env)
+    await _check_schema(url)
+    app = create_app(url, token)
     task, stop = await _serve_admin(app, args.host, args.port)
     loop = asyncio.get_running_loop()
     stopping: set[asyncio.Task[None]] = set()

@@ -26,11 +26,11 @@ from turbobot.clock import TimerHandle
 from turbobot.codec import count
 from turbobot.delivery import (
     FAILED,
-    UNDELIVERABLE,
     BaseSender,
     Outbox,
     answering,
     delivering,
+    reached,
     stored_id,
 )
 from turbobot.exceptions import LLMError, LLMRequestError, ReplayDivergedError
@@ -87,8 +87,6 @@ def _refusal(exc: LLMError) -> str | None:
 _NO_JOURNAL: list[JournalEntry] = []
 #: journal entries that record a call of the model (their value may hold its "usage")
 _MODEL_CALLS = frozenset({"generate", "summary"})
-#: arrival times kept for inputs not yet handled (beyond: the oldest are forgotten)
-_ARRIVALS = 100_000
 #: stands for a context already stored with its conversation (one shared empty dict,
 #: never changed: a new one per conversation would cost 64 bytes each)
 _STORED_CONTEXT: dict[str, Any] = {}
@@ -166,9 +164,6 @@ class Conversations:
         self._used_tick = min(1.0, idle / 10) if idle else 1.0
         self._typing = type(sender).typing is not BaseSender.typing
         self.metrics = metrics
-        #: when each input waiting in RAM arrived, by (channel, message id): a step's
-        #: latency starts there (see turbobot.metrics; bounded by ``_ARRIVALS``)
-        self.arrivals: dict[tuple[ChannelKey, str], float] = {}
         #: since this process started (the operator's samples)
         self.evictions = 0
         self.replays = 0
@@ -571,13 +566,6 @@ class Conversations:
         if not held:
             raise LeaseLostError(f"another worker took the channel {key}")
 
-    def arrived(self, message: IncomingMessage, at: float) -> None:
-        """``message`` arrived in this process at ``at`` (it waits in RAM to be handled)."""
-        arrivals = self.arrivals
-        if len(arrivals) >= _ARRIVALS:  # messages handled elsewhere (another worker)
-            del arrivals[next(iter(arrivals))]
-        arrivals[message.key, message.message_id] = at
-
     async def advance(
         self,
         key: ChannelKey,
@@ -616,8 +604,8 @@ class Conversations:
             self.metrics.step(stats)
         return sent
 
-    def _step_ended(self, live: Live, error: ErrorRecord | None = None) -> None:
-        """Add the running step's stats (and ``error``) to its last write."""
+    def _step_ended(self, live: Live) -> None:
+        """Add the running step's stats to its last write."""
         timer = current_step.get()
         if timer is None:
             return
@@ -786,7 +774,7 @@ class Conversations:
         timer = current_step.get()
         if timer is not None:
             timer.stats.replies += 1
-            if platform_id is not FAILED and platform_id is not UNDELIVERABLE:
+            if reached(platform_id):
                 timer.reply(handed)  # (the latency of a reply that reached the user)
 
     async def _say_stream(self, key: ChannelKey, live: Live, stream: AssistantStream) -> None:
@@ -805,7 +793,7 @@ class Conversations:
             platform_id = FAILED
         else:
             platform_id, recorded = await self._show_stream(key, live, stream, reply_id)
-        delivered = platform_id is not FAILED and platform_id is not UNDELIVERABLE
+        delivered = reached(platform_id)
         platform_id = stored_id(platform_id)
         timer = current_step.get()
         if timer is not None and delivered and stream.first_at is not None:

@@ -36,6 +36,7 @@ __all__ = [
     "Outbox",
     "answering",
     "delivering",
+    "reached",
     "stored_id",
 ]
 
@@ -100,6 +101,11 @@ UNDELIVERABLE: Any = object()
 def stored_id(result: Any) -> str | None:
     """The platform id to store for a send's result (none for an undeliverable reply)."""
     return None if result is UNDELIVERABLE else result
+
+
+def reached(result: Any) -> bool:
+    """Whether a send's result means the platform took the reply."""
+    return result is not FAILED and result is not UNDELIVERABLE
 
 
 class Outbox:

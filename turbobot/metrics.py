@@ -185,6 +185,6 @@ class Metrics:
         return generate_latest(self.registry)
 
     def value(self, name: str, **labels: Any) -> float:
-        """One sample's value (0 if absent): for tests and the CLI."""
+        """One sample's value (0 if absent), e.g. for a test."""
         found = self.registry.get_sample_value(name, labels or None)
         return 0.0 if found is None else found

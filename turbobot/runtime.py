@@ -76,6 +76,10 @@ __all__ = ["BaseSender", "Notices", "Runtime", "RuntimeSettings", "answering", "
 _log = logging.getLogger(__name__)
 
 
+#: arrival times kept for inputs not yet handled (beyond: the oldest are forgotten)
+_ARRIVALS = 100_000
+
+
 def _loop_call_later(delay: float, callback: Callable[..., object], *args: object) -> TimerHandle:
     return asyncio.get_running_loop().call_later(delay, callback, *args)
 
@@ -128,6 +132,9 @@ class Runtime:
         timers = getattr(self.clock, "call_later", None)
         self._call_later: Callable[..., TimerHandle] = timers or _loop_call_later
         self._queues: dict[ChannelKey, deque[InboxItem]] = {}
+        #: when each input waiting in RAM arrived, by (channel, message id): its step's
+        #: latency starts there (see turbobot.metrics; bounded by ``_ARRIVALS``)
+        self._arrivals: dict[tuple[ChannelKey, str], float] = {}
         self._workers = ChannelWorkers(self._work_once)
         #: channels to try again after a store failure (see _retry_later)
         self._retry_timers: dict[ChannelKey, TimerHandle] = {}
@@ -166,9 +173,7 @@ class Runtime:
             metrics=metrics,
         )
         if metrics is not None:
-            metrics.watch(
-                lambda: sum(map(len, self._queues.values())), lambda: len(self.conversations.live)
-            )
+            metrics.watch(self._queued, lambda: len(self.conversations.live))
             self.store.on_commit = metrics.commit
         self._commands = BuiltinCommands(
             self.commands, self.conversations, self.personalities, self.settings, self._budget
@@ -258,12 +263,23 @@ class Runtime:
             self.clock(),
             getattr(self.store, "worker", None) or f"{socket.gethostname()}:{os.getpid()}",
             len(conversations.live),
-            sum(map(len, self._queues.values())),
+            self._queued(),
             conversations.evictions,
             conversations.replays,
         )
         await self.store.write(StepWrite(samples=[sample]))
         return sample
+
+    def _queued(self) -> int:
+        """Inputs received and not yet handled, in this process's RAM queues."""
+        return sum(map(len, self._queues.values()))
+
+    def _arrived(self, message: IncomingMessage, at: float) -> None:
+        """``message`` arrived in this process at ``at`` (it waits in RAM to be handled)."""
+        arrivals = self._arrivals
+        if len(arrivals) >= _ARRIVALS:  # messages handled elsewhere (another worker)
+            del arrivals[next(iter(arrivals))]
+        arrivals[message.key, message.message_id] = at
 
     async def _sample_every(self, seconds: float) -> None:
         while True:
@@ -578,7 +594,7 @@ class Runtime:
                 _log.debug("ignoring redelivered message %s in %s", message.message_id, message.key)
             elif seq is not None and admitted is not None and not self._closed:
                 # (once closed, the next start has it)
-                self.conversations.arrived(admitted, arrived)
+                self._arrived(admitted, arrived)
                 if self.metrics is not None:
                     self.metrics.messages_in.labels(message.key.platform).inc()
                 self._commands.cancel_if_asked(admitted)
@@ -921,9 +937,7 @@ class Runtime:
     async def _handle(self, key: ChannelKey, message: IncomingMessage) -> bool:
         """Handle one inbox message; ``False`` leaves it in the inbox."""
         token = answering.set(message)
-        arrival = message_arrived.set(
-            self.conversations.arrivals.pop((message.key, message.message_id), None)
-        )
+        arrival = message_arrived.set(self._arrivals.pop((message.key, message.message_id), None))
         try:
             handled = await self._handle_message(key, message)
         finally:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, and_, cast, func, or_, select, true
+from sqlalchemy import ColumnElement, Integer, and_, cast, false, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from turbobot.sql.schema import (
@@ -253,7 +253,7 @@ class AdminData:
             .where(
                 or_(
                     errors.c.conversation_id == conversation_id,
-                    errors.c.reply_id.in_(reply_ids) if reply_ids else false_(),
+                    errors.c.reply_id.in_(reply_ids) if reply_ids else false(),
                 )
             )
             .order_by(errors.c.at)
@@ -401,10 +401,10 @@ class AdminData:
             select(samples).where(samples.c.at >= since).order_by(samples.c.at).limit(20_000)
         )
         inbox_depth = await self._scalar(
-            select(func.count()).select_from(inbox).where(inbox.c.consumed == false_())
+            select(func.count()).select_from(inbox).where(inbox.c.consumed == false())
         )
         unsent = await self._scalar(
-            select(func.count()).select_from(outbox).where(outbox.c.sent == false_())
+            select(func.count()).select_from(outbox).where(outbox.c.sent == false())
         )
         active = await self._all(
             select(conversations.c.status, func.count().label("count"))
@@ -430,10 +430,6 @@ class AdminData:
             "unsent": int(unsent or 0),
             "active": {r["status"]: r["count"] for r in active},
         }
-
-
-def false_() -> ColumnElement[bool]:
-    return ~true()
 
 
 def _bucket_seconds(hours: int) -> int:

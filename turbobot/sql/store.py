@@ -813,10 +813,15 @@ class SQLStore(BaseStore):
     @staticmethod
     def _operator_rows(op: _Op, step: StepWrite) -> None:
         """The step's timings, errors and gauges as rows (see schema.steps)."""
+        own = step.record.key if step.record is not None else None
+
+        def column(key: ChannelKey) -> str:  # (the step's own channel is written already)
+            return op.channel if key == own else channel_column(key)
+
         op.steps = [
             (
                 stats.conversation_id,
-                channel_column(stats.key),
+                column(stats.key),
                 _usage_key(stats.key.platform, PLATFORM_SIZE),
                 None if stats.user_id is None else _usage_key(stats.user_id, USER_ID_SIZE),
                 stats.trigger,
@@ -850,7 +855,7 @@ class SQLStore(BaseStore):
             (
                 error.at,
                 writable_text(error.kind)[:32],
-                None if error.key is None else channel_column(error.key),
+                None if error.key is None else column(error.key),
                 error.conversation_id,
                 error.reply_id,
                 writable_text(error.detail)[:500],
