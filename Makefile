@@ -27,8 +27,8 @@ chat: install  ## run a bot in the console
 	$(VENV)/bin/turbobot run $(BOT) --platform console
 
 lint: install
-	$(VENV)/bin/ruff check turbobot tests bench
-	$(VENV)/bin/ruff format --check turbobot tests bench
+	$(VENV)/bin/ruff check turbobot tests bench fakes
+	$(VENV)/bin/ruff format --check turbobot tests bench fakes
 	$(VENV)/bin/mypy
 
 test: lint postgres browser  ## lint, type-check and run the whole suite

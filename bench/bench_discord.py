@@ -14,7 +14,7 @@ usage: python bench/bench_discord.py [USERS]
    to three edits. Reported: edits per second and whether the final message equals the
    full reply.
 
-The fake servers come from tests/fakes (the same ones the test suite uses).
+The fake servers come from fakes (the same ones the test suite uses).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_telegram import cpu_of, own_cpu  # noqa: E402
 
-from tests.fakes.discord_server import FakeDiscord  # noqa: E402
-from tests.fakes.openai_server import FakeOpenAI, Reply  # noqa: E402
+from fakes.discord_server import FakeDiscord  # noqa: E402
+from fakes.openai_server import FakeOpenAI, Reply  # noqa: E402
 
 
 async def throughput(users: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ Throughput runs twice: with the default global limit of 30 messages/s (what
 Telegram allows), and with the limit raised to 10,000/s (TELEGRAM_RATE) to show what
 the adapter itself sustains.
 
-The fake servers come from tests/fakes (the same ones the test suite uses).
+The fake servers come from fakes (the same ones the test suite uses).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fakes.openai_server import FakeOpenAI, Reply  # noqa: E402
-from tests.fakes.telegram_server import FakeTelegram  # noqa: E402
+from fakes.openai_server import FakeOpenAI, Reply  # noqa: E402
+from fakes.telegram_server import FakeTelegram  # noqa: E402
 
 
 def cpu_of(pid: int) -> float:

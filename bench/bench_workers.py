@@ -8,7 +8,7 @@ usage: python bench/bench_workers.py [--chats 2000] [--lease-chats 500] [--round
 PostgreSQL: ``BENCH_POSTGRES_URL`` (``postgresql+asyncpg://user@host:port/db``, a user
 allowed to create databases: every run gets a fresh one, dropped after). Unset, the
 bench starts a throwaway server of its own with the helper of the test suite
-(``tests.fakes.postgres``), durable (``fsync=on``, ``full_page_writes=on``,
+(``fakes.postgres``), durable (``fsync=on``, ``full_page_writes=on``,
 ``synchronous_commit=on``) unless ``--pg-fsync off`` (the test suite's settings).
 Each worker logs to a file (turbobot's loggers at ``BENCH_LOG_LEVEL``, default INFO);
 the lines of level INFO and above are summed up at the end (``--keep`` keeps the files).
@@ -365,7 +365,7 @@ async def _upgrade(url: str) -> None:
 
 
 def _start_postgres(fsync: bool) -> Any:
-    from tests.fakes.postgres import PostgresServer, find_bin_dir
+    from fakes.postgres import PostgresServer, find_bin_dir
 
     class DurablePostgres(PostgresServer):
         """The test suite's throwaway server, with PostgreSQL's durable defaults."""

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.discord_server import FakeDiscord
-from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.postgres import PostgresServer, find_bin_dir
+from fakes.discord_server import FakeDiscord
+from fakes.openai_server import FakeOpenAI
+from fakes.postgres import PostgresServer, find_bin_dir
 from turbobot import OpenAILLM, RetryPolicy
 from turbobot.store import BaseStore, InMemoryStore
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from fakes.discord_server import FakeDiscord
+from fakes.telegram_server import FakeTelegram
 from tests.bad_input_bot import BREAK, echo, probe
-from tests.fakes.discord_server import FakeDiscord
-from tests.fakes.telegram_server import FakeTelegram
 from tests.test_console import clean_env, communicate, spawn_turbobot
 from tests.test_discord import running as discord_running
 from tests.test_telegram import running as telegram_running

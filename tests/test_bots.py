@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from fakes.openai_server import FakeOpenAI, Reply
 from tests.conftest import StoreFactory
-from tests.fakes.openai_server import FakeOpenAI, Reply
 from turbobot import LLMCapabilityError, LLMResponse, OpenAILLM, ScriptedLLM, ToolCall
 from turbobot.bots import interviewer, qa, quiz, self_ask, summarizer, toolsmith
 from turbobot.loader import load_template

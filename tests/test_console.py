@@ -13,7 +13,7 @@ from typing import IO
 
 import pytest
 
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from fakes.openai_server import FakeOpenAI, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ async def spawn_turbobot(
     """``python -m turbobot ARGS`` from the repository root; its stderr is piped (or
     written to ``stderr``, a file, for a long run whose log would fill a pipe).
 
-    ``module="tests.fakes.faulty_cli"`` runs the same command with faults injected.
+    ``module="fakes.faulty_cli"`` runs the same command with faults injected.
     """
     return await asyncio.create_subprocess_exec(
         sys.executable,

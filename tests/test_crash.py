@@ -35,9 +35,9 @@ from typing import Any
 
 import pytest
 
+from fakes.openai_server import FakeOpenAI, Reply
+from fakes.telegram_server import FakeTelegram
 from tests import crash_bot as bot
-from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.fakes.telegram_server import FakeTelegram
 from tests.test_console import clean_env, spawn_turbobot
 from turbobot import ChannelKey
 from turbobot.sql import SQLStore

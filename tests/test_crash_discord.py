@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.discord_server import FakeDiscord
-from tests.fakes.openai_server import FakeOpenAI
+from fakes.discord_server import FakeDiscord
+from fakes.openai_server import FakeOpenAI
 from tests.test_console import clean_env
 from tests.test_crash import (
     API_KEY,

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.discord_server import OWNER_ID, FakeDiscord
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from fakes.discord_server import OWNER_ID, FakeDiscord
+from fakes.openai_server import FakeOpenAI, Reply
 from tests.test_telegram import chat, streamer
 from turbobot import ChannelKey
 from turbobot.adapters.console import ConsoleAdapter

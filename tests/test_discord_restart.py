@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from tests.fakes.discord_server import FakeDiscord
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from fakes.discord_server import FakeDiscord
+from fakes.openai_server import FakeOpenAI, Reply
 from tests.test_console import clean_env
 from tests.test_telegram_restart import CliBot, wait_for_outbox_empty
 

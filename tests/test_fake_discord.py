@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.discord_server import FakeDiscord, point_discord_py_at
+from fakes.discord_server import FakeDiscord, point_discord_py_at
 
 with warnings.catch_warnings():
     # discord.py imports audioop (voice), deprecated since Python 3.11

@@ -31,7 +31,7 @@ from telegram.ext import (
     filters,
 )
 
-from tests.fakes.telegram_server import (
+from fakes.telegram_server import (
     TEXT_TOO_LONG,
     EntityParseError,
     FakeTelegram,

@@ -33,10 +33,10 @@ from typing import Any
 
 import pytest
 
+from fakes.openai_server import FakeOpenAI, Reply
+from fakes.telegram_server import DISCONNECT, TIMEOUT, FakeTelegram
 from tests import crash_bot as bot
 from tests.conftest import fill
-from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.fakes.telegram_server import DISCONNECT, TIMEOUT, FakeTelegram
 from tests.test_crash import API_KEY, SEED, Run, answer, assert_no_secrets, bot_env
 from turbobot import ChannelKey
 from turbobot.runtime import Notices
@@ -269,8 +269,8 @@ async def test_faults_of_the_model_and_discord_end_well_without_a_restart(tmp_pa
     """The same users and checks on Discord, in one process: the model fails as above;
     Discord answers bursts of 429s and 5xx to sends, edits and typing, and drops the
     gateway connection (the client resumes and gets what it missed)."""
+    from fakes.discord_server import FakeDiscord
     from tests.conftest import fast_llm
-    from tests.fakes.discord_server import FakeDiscord
     from tests.test_discord import running
 
     rng = random.Random(SEED)

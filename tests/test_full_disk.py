@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fakes.openai_server import FakeOpenAI
 from tests.conftest import fill
-from tests.fakes.openai_server import FakeOpenAI
 from tests.test_console import clean_env, communicate, spawn_turbobot
 
 pytestmark = pytest.mark.slow

@@ -733,8 +733,8 @@ async def test_a_stop_mid_generation_is_done_again_on_the_next_start(
 async def test_a_commit_whose_answer_is_lost_is_not_committed_twice(
     request: pytest.FixtureRequest,
 ) -> None:
+    from fakes.cutting_proxy import CuttingProxy
     from tests.conftest import _create_database
-    from tests.fakes.cutting_proxy import CuttingProxy
     from turbobot.runtime import Runtime
     from turbobot.sql import SQLStore
     from turbobot.testing import RecordingSender

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from fakes.openai_server import FakeOpenAI, Reply
 from tests.conftest import fast_llm
-from tests.fakes.openai_server import FakeOpenAI, Reply
 from turbobot import (
     Generate,
     GetUserInput,

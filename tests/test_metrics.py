@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from fakes.openai_server import FakeOpenAI, Reply
 from tests.test_console import ROOT, clean_env, communicate, spawn_turbobot
 
 TOKEN = "metrics-test-token-0123456789"

@@ -3,8 +3,8 @@ choice is stored and survives restarts, each mode keeps its own commands."""
 
 from __future__ import annotations
 
+from fakes.openai_server import FakeOpenAI
 from tests.conftest import StoreFactory
-from tests.fakes.openai_server import FakeOpenAI
 from tests.test_console import clean_env, run_console
 from turbobot import ScriptedLLM
 from turbobot.bots import assistant, quiz, summarizer

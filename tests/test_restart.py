@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from fakes.openai_server import FakeOpenAI, Reply
 from tests.test_console import clean_env, spawn_turbobot
 from turbobot import ChannelKey
 from turbobot.sql import SQLStore
@@ -33,7 +33,7 @@ class Console:
 
     async def start(self) -> Console:
         faulty = "TEST_KILL_BEFORE_SEND" in self.env
-        module = "tests.fakes.faulty_cli" if faulty else "turbobot"
+        module = "fakes.faulty_cli" if faulty else "turbobot"
         self.proc = await spawn_turbobot(self.env, "run", "bots.horoscope", module=module)
         return self
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fakes.openai_server import FakeOpenAI
+from fakes.openai_server import FakeOpenAI
 from tests.test_console import clean_env, run_console
 from tests.test_testing_kit import assert_passes_alone
 from turbobot.scaffold import new_bot

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.fakes.telegram_server import FakeTelegram
+from fakes.openai_server import FakeOpenAI, Reply
+from fakes.telegram_server import FakeTelegram
 from turbobot import ChannelKey, Generate, GetUserInput, System, User, turbo
 from turbobot.adapters.console import ConsoleAdapter
 from turbobot.adapters.telegram import MESSAGE_LIMIT, TelegramAdapter, TelegramSettings

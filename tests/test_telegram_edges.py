@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from telegram import Update
 
-from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.fakes.telegram_server import FakeTelegram
+from fakes.openai_server import FakeOpenAI, Reply
+from fakes.telegram_server import FakeTelegram
 from tests.test_telegram import GROUP, PRIVATE, chat, running, streamer
 from turbobot.adapters.telegram import TelegramAdapter, TelegramSettings, _preview
 from turbobot.formatting import parse_markdown

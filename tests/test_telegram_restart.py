@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.fakes.telegram_server import FakeTelegram
+from fakes.openai_server import FakeOpenAI, Reply
+from fakes.telegram_server import FakeTelegram
 from tests.test_console import clean_env, communicate, spawn_turbobot
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import turbobot
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from fakes.openai_server import FakeOpenAI, Reply
 from turbobot import (
     Assistant,
     BaseMemory,

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.discord_server import FakeDiscord, shard_for
+from fakes.discord_server import FakeDiscord, shard_for
 from tests.test_console import clean_env
 from tests.test_crash import API_KEY, model_server, upgrade_schema
 from tests.test_workers import sql

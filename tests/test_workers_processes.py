@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.openai_server import FakeOpenAI, Reply
-from tests.fakes.round_robin import RoundRobinProxy
-from tests.fakes.telegram_server import FakeTelegram
+from fakes.openai_server import FakeOpenAI, Reply
+from fakes.round_robin import RoundRobinProxy
+from fakes.telegram_server import FakeTelegram
 from tests.test_console import spawn_turbobot
 from tests.test_crash import bot_env, model_server, upgrade_schema
 from tests.test_workers import sql

@@ -1,6 +1,6 @@
 """The ``turbobot`` command with faults injected from outside, for crash tests.
 
-``python -m tests.fakes.faulty_cli ARGS`` runs ``turbobot ARGS``; with
+``python -m fakes.faulty_cli ARGS`` runs ``turbobot ARGS``; with
 ``TEST_KILL_BEFORE_SEND=TEXT`` the process kills itself (SIGKILL) right before the
 console prints a reply containing TEXT, after the reply was recorded. The production
 adapter knows nothing of this.
