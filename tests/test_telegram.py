@@ -487,14 +487,28 @@ async def test_all_chats_together_stay_under_the_global_rate(
     assert times[19] - times[0] < 0.3
 
 
+@pytest.mark.parametrize("reader", ["raw", "ptb"])
 async def test_an_unreadable_update_is_logged_and_skipped(
+    reader: str,
     telegram: FakeTelegram,
     openai_llm: OpenAILLM,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Whichever reader fails: the raw one, or PTB's objects and ``to_incoming``."""
+    import turbobot.adapters.telegram as module
+
     async with running(telegram, chat, openai_llm) as (adapter, _runtime):
-        read = adapter.to_incoming
+        read, read_raw = adapter.to_incoming, module.read_private
+
+        def fragile_raw(update: Any) -> Any:
+            if reader == "ptb":
+                raise module.NotPlain
+            if update.get("message", {}).get("text") == "odd":
+                raise ValueError("an update this version cannot read")
+            return read_raw(update)
+
+        monkeypatch.setattr(module, "read_private", fragile_raw)
 
         def fragile(update: Any) -> Any:
             if update.message is not None and update.message.text == "odd":

@@ -70,7 +70,7 @@ try:
         TelegramError,
     )
     from telegram.ext import Application, ApplicationBuilder
-    from telegram.request import HTTPXRequest
+    from telegram.request import BaseRequest, HTTPXRequest
     from telegram.warnings import PTBDeprecationWarning
 except ImportError as exc:  # pragma: no cover - exercised through the CLI message
     raise ConfigurationError(
@@ -192,14 +192,21 @@ class TelegramAdapter(BaseSender):
     ``await adapter.run(runtime)`` until :meth:`stop` (or SIGINT/SIGTERM).
     """
 
-    def __init__(self, settings: TelegramSettings) -> None:
+    def __init__(
+        self,
+        settings: TelegramSettings,
+        *,
+        requests: tuple[BaseRequest, BaseRequest] | None = None,
+    ) -> None:
+        """``requests``: the transports for Bot API calls and for getUpdates (default:
+        httpx, the right pool sizes); the benchmark passes in-process ones."""
         self.settings = settings
         self._redact = RedactSecrets(settings.token, settings.secret_token or "")
         # before PTB logs its URLs (they contain the token); httpx logs every URL at INFO
         guard_logs(self._redact, quiet=("httpx", "httpcore"))
         # Our own request objects, so they can be closed even when getMe fails (PTB
         # only closes them after a successful initialize).
-        self._requests = (
+        self._requests = requests or (
             HTTPXRequest(connection_pool_size=_IN_FLIGHT),
             HTTPXRequest(connection_pool_size=1, read_timeout=10.0),  # getUpdates
         )
@@ -293,13 +300,7 @@ class TelegramAdapter(BaseSender):
         offset: int | None = None
         delay = 1.0
         while not self._stopping.is_set():
-            poll = asyncio.ensure_future(
-                self.bot.get_updates(
-                    offset=offset,
-                    timeout=max(1, int(self.settings.poll_timeout)),
-                    allowed_updates=_UPDATES,
-                )
-            )
+            poll = asyncio.ensure_future(self._get_updates(offset))
             stopping = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait([poll, stopping], return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
@@ -329,17 +330,38 @@ class TelegramAdapter(BaseSender):
                 delay = min(delay * 2, 30.0)
                 continue
             delay = 1.0
-            await self._receive_all(runtime, updates)
-            if updates:
-                offset = updates[-1].update_id + 1
+            await self._receive_raw(runtime, updates)
+            ids = [u["update_id"] for u in updates if type(u.get("update_id")) is int]
+            if ids:
+                offset = max(ids) + 1
         if offset is not None:
             # Confirm the last page, so a restart does not fetch it again.
             with contextlib.suppress(TelegramError):
-                await self.bot.get_updates(offset=offset, timeout=0, allowed_updates=_UPDATES)
+                await self._get_updates(offset, wait=0)
+
+    async def _get_updates(self, offset: int | None, *, wait: int | None = None) -> list[Any]:
+        """``getUpdates`` as Telegram's JSON: ``bot.get_updates`` builds a PTB
+        ``Update`` of every update, which cost more than the rest of a message's way
+        through turbobot (docs/architecture.md, "Reading updates"). PTB's ``_post``
+        still makes the request and turns Telegram's errors into its exceptions."""
+        if wait is None:
+            wait = max(1, int(self.settings.poll_timeout))
+        read_timeout = (self._requests[1].read_timeout or 0) + wait
+        params = {"offset": offset, "timeout": wait, "allowed_updates": _UPDATES}
+        result = await self.bot._post("getUpdates", params, read_timeout=read_timeout)
+        if not isinstance(result, list):
+            raise TelegramError("getUpdates answered something that is not a list")
+        return [u for u in result if isinstance(u, dict)]
+
+    async def _receive_raw(self, runtime: Runtime, updates: Sequence[Mapping[str, Any]]) -> None:
+        messages = [m for m in map(self._convert_raw, updates) if m is not None]
+        # The page is committed in one transaction, a chat's messages in their order.
+        await runtime.receive_many(messages)
 
     async def _receive_all(self, runtime: Runtime, updates: Sequence[Update]) -> None:
+        """The same for updates PTB has built (the path before raw reading; the
+        benchmark compares the two)."""
         messages = [m for m in map(self._convert, updates) if m is not None]
-        # The page is committed in one transaction, a chat's messages in their order.
         await runtime.receive_many(messages)
 
     # -- webhook ----------------------------------------------------------------------
@@ -390,6 +412,21 @@ class TelegramAdapter(BaseSender):
         return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
     # -- incoming ---------------------------------------------------------------------
+
+    def _convert_raw(self, data: Mapping[str, Any]) -> IncomingMessage | None:
+        """:meth:`to_incoming` of the update ``data`` (Telegram's JSON): read directly
+        where :func:`read_private` can, else through PTB's ``Update``."""
+        try:
+            try:
+                return read_private(data)
+            except NotPlain:
+                update = Update.de_json(dict(data), self.bot)
+        except Exception:  # raising would stop the bot, and Telegram would resend it
+            _log.exception(
+                "Telegram: skipped update %r: it could not be read", data.get("update_id")
+            )
+            return None
+        return self._convert(update)
 
     def _convert(self, update: Update) -> IncomingMessage | None:
         """:meth:`to_incoming`, except that an update it cannot read is logged and skipped
@@ -659,10 +696,26 @@ class TelegramAdapter(BaseSender):
         return platform_id(ids)
 
     async def _send_part(self, chat_id: int, thread: int | None, part: FormattedText) -> str:
-        message: Message = await self._formatted(
-            part, partial(self.bot.send_message, chat_id, part.text, message_thread_id=thread)
+        message: Mapping[str, Any] = await self._formatted(
+            part, partial(self._send_message, chat_id, part.text, thread)
         )
-        return str(message.message_id)
+        return str(message["message_id"])
+
+    async def _send_message(
+        self, chat_id: int, text: str, thread: int | None, *, entities: list[MessageEntity] | None
+    ) -> Mapping[str, Any]:
+        """``sendMessage``, with Telegram's answer as JSON: ``bot.send_message`` builds a
+        PTB ``Message`` of it, of which the bot reads only the id."""
+        params = {
+            "chat_id": chat_id,
+            "text": text,
+            "message_thread_id": thread,
+            "entities": entities,
+        }
+        result = await self.bot._post("sendMessage", params)
+        if not isinstance(result, dict) or type(result.get("message_id")) is not int:
+            raise TelegramError("sendMessage answered without a message id")
+        return result
 
     async def _edit_part(self, chat_id: int, message_id: int, part: FormattedText) -> None:
         edit = partial(
@@ -732,17 +785,90 @@ def _make_webhook_handler() -> type:
                 return
             try:
                 data = json.loads(self.request.body)
-                update = Update.de_json(data, self.adapter.bot)
-            except (ValueError, TypeError, KeyError) as exc:
+                if not isinstance(data, dict) or type(data.get("update_id")) is not int:
+                    raise TypeError("not an update")
+            except (ValueError, TypeError) as exc:
                 _log.warning("Telegram webhook: malformed update (%s)", type(exc).__name__)
                 self.set_status(400)
                 return
-            message = self.adapter._convert(update)
+            message = self.adapter._convert_raw(data)
             if message is not None:
                 await self.runtime.receive(message)
             self.set_status(200)
 
     return WebhookHandler
+
+
+class NotPlain(Exception):
+    """An update :func:`read_private` leaves to python-telegram-bot."""
+
+
+def read_private(update: Mapping[str, Any]) -> IncomingMessage | None:
+    """What :meth:`TelegramAdapter.to_incoming` gives for ``update`` (Telegram's JSON),
+    without building PTB objects: for messages in private chats, edits and update kinds
+    the bot ignores. Group messages (mentions, entities, replies to the bot) and anything
+    not shaped as the Bot API documents raise :class:`NotPlain`: PTB reads those."""
+    message = update.get("message")
+    if message is None:
+        if "edited_message" in update:
+            _log.debug("Telegram: ignoring an edited message (edits are not new input)")
+        return None  # edits, channel posts, callbacks...: not input
+    if type(message) is not dict:
+        raise NotPlain
+    chat = message.get("chat")
+    if type(chat) is not dict or chat.get("type") != "private":
+        raise NotPlain  # groups: PTB reads the entities; a malformed chat: PTB says why
+    text = message.get("text")
+    if text is None:
+        text = message.get("caption") or ""
+    if type(text) is not str:
+        raise NotPlain
+    attachments = tuple(Attachment(kind) for kind in _MEDIA if message.get(kind))
+    if not text.strip() and not attachments:
+        return None  # a service message: not for us
+    sender_chat = message.get("sender_chat")
+    user = message.get("from")
+    if sender_chat is not None:
+        raise NotPlain  # (never in a private chat)
+    if user is None:
+        return None
+    if type(user) is not dict:
+        raise NotPlain
+    user_id, first, last, is_bot = (
+        user.get("id"),
+        user.get("first_name"),
+        user.get("last_name"),
+        user.get("is_bot"),
+    )
+    chat_id, message_id, date = chat.get("id"), message.get("message_id"), message.get("date")
+    thread = message.get("message_thread_id") if message.get("is_topic_message") else None
+    reply = message.get("reply_to_message")
+    if (
+        type(user_id) is not int
+        or type(chat_id) is not int
+        or type(message_id) is not int
+        or type(date) is not int
+        or type(first) is not str
+        or (last is not None and type(last) is not str)
+        or type(is_bot) is not bool
+        or (thread is not None and type(thread) is not int)
+        or (
+            reply is not None
+            and (type(reply) is not dict or type(reply.get("message_id")) is not int)
+        )
+    ):
+        raise NotPlain
+    return IncomingMessage(
+        key=ChannelKey("telegram", str(chat_id), str(thread) if thread else None),
+        text=text,
+        message_id=str(message_id),
+        author_id=str(user_id),
+        author_name=f"{first} {last}" if last else first,
+        timestamp=float(date),
+        attachments=attachments,
+        is_bot=is_bot,
+        reply_to=str(reply["message_id"]) if reply is not None else None,
+    )
 
 
 @contextlib.contextmanager

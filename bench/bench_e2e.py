@@ -1,0 +1,348 @@
+"""turbobot end to end on the anchors' two-step workload, from the same platform payloads.
+
+usage: python bench/bench_e2e.py CHATS telegram|telegram-ptb|discord [memory|sqlite]
+
+Where ``bench/bench_turbobot.py`` hands ``IncomingMessage`` objects to the runtime, this
+starts from what the platform sends, exactly as the anchors do (``bench/anchors``):
+
+telegram       the anchors' update dicts (``make_update``), a getUpdates page of 100 at a
+               time, through the real ``TelegramAdapter``: its raw-update reader, the
+               runtime, and its replies through python-telegram-bot's ``send_message``
+               (the HTTP transport is a local ``BaseRequest``, as in the PTB anchor, so
+               PTB still builds each request and parses Telegram's answer).
+telegram-ptb   the same, but each page parsed by PTB first (``Update.de_list``, what
+               ``bot.get_updates`` does) and converted by ``to_incoming``: the adapter's
+               path before it read raw updates.
+discord        the anchors' MESSAGE_CREATE payloads fed to discord.py's
+               ``parse_message_create`` (what the gateway handler calls) with the real
+               ``DiscordAdapter`` listening; replies through its ``send`` and discord.py's
+               HTTP client, whose ``request`` is a local stub (as in the discord.py anchor).
+
+Store: ``sqlite`` (default; WAL, synchronous=FULL) or ``memory``. Prints one JSON line
+in the anchors' format (``benchlib.emit``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "anchors"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import benchlib as B
+from bench_turbobot import make_store, twostep
+
+from turbobot.llm.scripted import ScriptedLLM
+from turbobot.runtime import Runtime, RuntimeSettings
+
+BOT_ID = 123456789
+TOKEN = f"{BOT_ID}:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+PAGE = 100
+LOG = B.ReplyLog()
+
+
+# -- Telegram -----------------------------------------------------------------------
+
+
+def make_update(uid_idx: int, update_id: int, text: str) -> dict[str, Any]:
+    """The anchors' update (bench/anchors/bench_ptb.py), byte for byte."""
+    uid = B.BASE_ID + uid_idx
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": 1700000000,
+            "chat": {"id": uid, "type": "private", "first_name": f"U{uid_idx}"},
+            "from": {"id": uid, "is_bot": False, "first_name": f"U{uid_idx}"},
+            "text": text,
+        },
+    }
+
+
+def _local_request() -> Any:
+    from telegram.request import BaseRequest, RequestData
+
+    bot_user = {"id": BOT_ID, "is_bot": True, "first_name": "Bench", "username": "bench_bot"}
+
+    class LocalRequest(BaseRequest):
+        """Answers the Bot API in-process, as the PTB anchor's transport does."""
+
+        def __init__(self) -> None:
+            self._msg_id = 0
+
+        @property
+        def read_timeout(self) -> float | None:
+            return None
+
+        async def initialize(self) -> None:
+            pass
+
+        async def shutdown(self) -> None:
+            pass
+
+        async def do_request(
+            self,
+            url: str,
+            method: str,
+            request_data: RequestData | None = None,
+            read_timeout: Any = None,
+            write_timeout: Any = None,
+            connect_timeout: Any = None,
+            pool_timeout: Any = None,
+        ) -> tuple[int, bytes]:
+            api = url.rsplit("/", 1)[-1]
+            result: Any
+            if api == "getMe":
+                result = bot_user
+            elif api == "sendMessage":
+                assert request_data is not None
+                params = request_data.json_parameters
+                chat_id = int(params["chat_id"])
+                LOG.record(chat_id, params["text"])
+                self._msg_id += 1
+                result = {
+                    "message_id": self._msg_id,
+                    "date": 1700000000,
+                    "chat": {"id": chat_id, "type": "private", "first_name": "U"},
+                    "from": bot_user,
+                    "text": params["text"],
+                }
+            elif api in ("sendChatAction", "deleteWebhook", "setMyCommands"):
+                result = True
+            else:
+                raise RuntimeError(f"unexpected API call {api}")
+            return 200, json.dumps({"ok": True, "result": result}).encode()
+
+    return LocalRequest()
+
+
+async def run_telegram(runtime: Runtime, adapter: Any, variant: str, phases: Any) -> None:
+    from telegram import Update
+
+    async def feed(updates: Iterable[dict[str, Any]]) -> None:
+        page: list[dict[str, Any]] = []
+        for update in updates:
+            page.append(update)
+            if len(page) == PAGE:
+                await receive(page)
+                page = []
+        if page:
+            await receive(page)
+        await runtime.join()
+
+    async def receive(page: list[dict[str, Any]]) -> None:
+        if variant == "telegram-ptb":
+            await adapter._receive_all(runtime, Update.de_list(page, adapter.bot))
+        else:
+            await adapter._receive_raw(runtime, page)
+
+    await phases(
+        lambda ids: feed(make_update(i, 10**9 + i, "hi") for i in ids),
+        lambda ids: feed(make_update(i, 2 * 10**9 + i, B.name_for(i)) for i in ids),
+    )
+
+
+async def telegram_main(chats: int, variant: str, store_kind: str) -> None:
+    from turbobot.adapters.telegram import TelegramAdapter, TelegramSettings
+
+    settings = TelegramSettings(TOKEN, rate=1e9)
+    adapter = TelegramAdapter(settings, requests=(_local_request(), _local_request()))
+    async with adapter:
+        await _run(chats, variant, store_kind, adapter, run_telegram)
+
+
+# -- Discord ------------------------------------------------------------------------
+
+DISCORD_BOT_USER = {
+    "id": str(BOT_ID),
+    "username": "bench_bot",
+    "discriminator": "0",
+    "avatar": None,
+    "global_name": None,
+    "bot": True,
+    "verified": True,
+    "mfa_enabled": False,
+    "flags": 0,
+}
+
+
+def make_payload(uid_idx: int, msg_id: int, text: str) -> dict[str, Any]:
+    """The anchors' MESSAGE_CREATE payload (bench/anchors/bench_discord.py)."""
+    uid = B.BASE_ID + uid_idx
+    return {
+        "id": str(msg_id),
+        "channel_id": str(uid),
+        "type": 0,
+        "author": {
+            "id": str(uid),
+            "username": f"u{uid_idx}",
+            "discriminator": "0",
+            "avatar": None,
+            "global_name": None,
+        },
+        "content": text,
+        "timestamp": "2024-01-01T00:00:00+00:00",
+        "edited_timestamp": None,
+        "tts": False,
+        "mention_everyone": False,
+        "mentions": [],
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": [],
+        "pinned": False,
+    }
+
+
+class DiscordStub:
+    """discord.py's ``HTTPClient.request``, answered in-process as the anchor's is."""
+
+    def __init__(self) -> None:
+        self.msg_id = 10**17
+        self.target = 0
+        self.done: asyncio.Future[None] | None = None
+
+    async def request(
+        self, route: Any, *, files: Any = None, form: Any = None, **kwargs: Any
+    ) -> Any:
+        if route.method == "POST" and route.path == "/channels/{channel_id}/messages":
+            payload = json.loads(json.dumps(kwargs["json"]))  # what the real client sends
+            LOG.record(route.channel_id, payload["content"])
+            self.msg_id += 1
+            answer = {
+                "id": str(self.msg_id),
+                "channel_id": str(route.channel_id),
+                "type": 0,
+                "author": DISCORD_BOT_USER,
+                "content": payload["content"],
+                "timestamp": "2024-01-01T00:00:00+00:00",
+                "edited_timestamp": None,
+                "tts": False,
+                "mention_everyone": False,
+                "mentions": [],
+                "mention_roles": [],
+                "attachments": [],
+                "embeds": [],
+                "pinned": False,
+                "nonce": payload.get("nonce"),
+            }
+            if len(LOG.sent) >= self.target and self.done is not None and not self.done.done():
+                self.done.set_result(None)
+            return json.loads(json.dumps(answer))
+        if route.method == "POST" and route.path == "/channels/{channel_id}/typing":
+            return None
+        raise RuntimeError(f"unexpected HTTP call {route.method} {route.path}")
+
+    async def wait_replies(self, n: int) -> None:
+        self.target = n
+        if len(LOG.sent) < n:
+            self.done = asyncio.get_running_loop().create_future()
+            await self.done
+
+
+async def discord_main(chats: int, variant: str, store_kind: str) -> None:
+    import discord
+
+    from turbobot.adapters.discord import DiscordAdapter, DiscordSettings
+
+    adapter = DiscordAdapter(DiscordSettings(TOKEN))
+    stub = DiscordStub()
+    client = adapter.client
+    async with client:  # binds the loop; no login, no gateway (as the anchor)
+        client.http.request = stub.request  # type: ignore[method-assign]
+        state = client._connection
+        state.user = discord.ClientUser(state=state, data=DISCORD_BOT_USER)  # READY's
+        adapter.bot_id, adapter.username = BOT_ID, "bench_bot"
+
+        async def run(runtime: Runtime, adapter: Any, variant: str, phases: Any) -> None:
+            consumer = asyncio.create_task(adapter._consume(runtime))
+
+            async def feed(payloads: Iterable[dict[str, Any]], count: int) -> None:
+                expected = len(LOG.sent) + count  # (the previous phase is all answered)
+                for payload in payloads:
+                    state.parse_message_create(payload)
+                await stub.wait_replies(expected)
+                await runtime.join()
+
+            await phases(
+                lambda ids: feed((make_payload(i, 4 * 10**17 + i, "hi") for i in ids), len(ids)),
+                lambda ids: feed(
+                    (make_payload(i, 5 * 10**17 + i, B.name_for(i)) for i in ids), len(ids)
+                ),
+            )
+            adapter._queue.put_nowait(None)
+            await consumer
+
+        await _run(chats, variant, store_kind, adapter, run)
+
+
+# -- the measured run (the same shape as the anchors') --------------------------------
+
+
+async def _run(chats: int, variant: str, store_kind: str, adapter: Any, drive: Any) -> None:
+    store, path = make_store(store_kind)
+    await store.open()
+    settings = RuntimeSettings(idle_evict_seconds=None, gc_threshold=10_000)
+    runtime = Runtime(twostep, llm=ScriptedLLM(), sender=adapter, store=store, settings=settings)
+    await runtime.start()
+    result: dict[str, Any] = {}
+
+    async def phases(first: Any, second: Any) -> None:
+        await first(B.WARMUP_IDS)
+        await second(B.WARMUP_IDS)
+        assert len(LOG.sent) == 2 * B.WARMUP, len(LOG.sent)
+        LOG.reset()
+        gc.collect()
+        result["rss_base"] = B.rss_mb()
+        t = B.Timer()
+        t.start()
+        await first(range(chats))
+        t.mark("phase1")
+        result["rss_waiting"] = B.rss_mb()
+        result["waiting"] = runtime.live_count
+        await second(range(chats))
+        await store.flush()
+        t.mark("end")
+        result["timer"] = t
+
+    await drive(runtime, adapter, variant, phases)
+    await runtime.aclose()
+    await store.aclose()
+    t = result["timer"]
+    extra: dict[str, object] = {"waiting_seen": result["waiting"], "store": store_kind}
+    if path:
+        extra["db_bytes"] = sum(
+            os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s)
+        )
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+    B.emit(
+        "turbobot",
+        f"{variant} {store_kind}",
+        chats,
+        t.marks["end"],
+        LOG.verify(chats) and result["waiting"] == chats,
+        result["rss_base"],
+        result["rss_waiting"],
+        t.cpu_marks["end"],
+        **extra,
+    )
+
+
+if __name__ == "__main__":
+    chats = B.parse_chats()
+    kind = sys.argv[2] if len(sys.argv) > 2 else "telegram"
+    store_kind = sys.argv[3] if len(sys.argv) > 3 else "sqlite"
+    if kind in ("telegram", "telegram-ptb"):
+        asyncio.run(telegram_main(chats, kind, store_kind))
+    elif kind == "discord":
+        asyncio.run(discord_main(chats, kind, store_kind))
+    else:
+        sys.exit(f"unknown variant {kind}: telegram, telegram-ptb or discord")
