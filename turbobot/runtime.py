@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import os
@@ -927,8 +928,14 @@ class Runtime:
         cap = self.settings.max_live
         if cap is None or self._closed:
             return
-        for key in list(self.conversations.live):  # least recently used first
-            if len(self.conversations.live) <= cap:
+        live = self.conversations.live
+        excess = len(live) - cap
+        if excess <= 0:
+            return
+        # The least recently used first, and only as many as are over the cap (plus a
+        # few, for busy ones): listing every live key each step cost O(cap) per step.
+        for key in list(itertools.islice(live, excess + 8)):
+            if len(live) <= cap:
                 break
             await self.evict(key)
 

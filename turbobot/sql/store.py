@@ -27,7 +27,7 @@ from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -87,6 +87,7 @@ __all__ = ["SQLStore", "channel_column", "configure_sqlite_engine", "parse_chann
 _log = logging.getLogger(__name__)
 
 ACTIVE_STATUSES = ("running", "waiting")
+_R = TypeVar("_R")
 
 
 #: seconds a commit waits for another process's lock on the SQLite file
@@ -231,6 +232,11 @@ class _Op:
     #: the generation of the channel's lease the step was written under (several
     #: workers: the commit refuses it if the lease was lost since; see leases.py)
     fence: int | None = None
+
+    def touches(self, channel: str) -> bool:
+        """Whether this writes rows a read of ``channel`` sees (a step is one channel's;
+        a page of incoming messages, its rows' channels)."""
+        return self.channel == channel or any(row[0] == channel for row in self.incoming)
 
 
 def _split_incoming(op: _Op) -> list[_Op]:
@@ -432,9 +438,14 @@ class SQLStore(BaseStore):
         self._failure: BaseException | None = None
         #: a batch has been taken and is being committed
         self._busy = False
+        #: the batch being committed, while it is
+        self._committing: _Batch | None = None
         self._closing = False
         #: the writer's own connection to a SQLite file (see ``_commit_sqlite``)
         self._sqlite: sqlite3.Connection | None = None
+        #: a read-only connection to the same file, read on the loop's thread (see
+        #: ``_read_sqlite``)
+        self._reader: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -491,6 +502,7 @@ class SQLStore(BaseStore):
         path = make_url(self.url).database if self.is_sqlite else None
         if path and path != ":memory:" and not path.startswith("file:"):
             self._sqlite = _connect_sqlite(path, self.sqlite_synchronous)
+            self._reader = _connect_sqlite_reader(path)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="turbobot-sqlite-commit")
         self._writer = asyncio.create_task(self._write_loop(), name="turbobot:sql-writer")
 
@@ -510,6 +522,9 @@ class SQLStore(BaseStore):
         if self._sqlite is not None:
             self._sqlite.close()
             self._sqlite = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None
@@ -669,6 +684,17 @@ class SQLStore(BaseStore):
         self._batch.ops.append(op)
         self._queued()
 
+    async def _settle(self, channel: str) -> None:
+        """Wait until what this process wrote for ``channel`` is committed (before
+        reading it back). Only a channel with writes queued or being committed waits:
+        a conversation coming back from eviction has usually long been committed, and
+        waiting for everyone's writes (``flush``) cost each load a commit."""
+        self._check_writer()
+        for batch in (self._batch, self._committing):
+            if batch is not None and any(op.touches(channel) for op in batch.ops):
+                await self.flush()
+                return
+
     async def flush(self) -> None:
         self._check_writer()
         if not self._busy and not self._batch.size() and not self._batch.waiters:
@@ -686,6 +712,7 @@ class SQLStore(BaseStore):
             self._wake.clear()
             batch, self._batch = self._batch, _Batch()
             self._busy = True
+            self._committing = batch
             if batch.ops or batch.waiters:
                 try:
                     began = time.perf_counter()
@@ -709,6 +736,7 @@ class SQLStore(BaseStore):
                             if not waiter.done():
                                 waiter.set_exception(exc)
                     self._busy = False
+                    self._committing = None
                     return
                 for op in batch.ops:
                     future = op.future
@@ -725,6 +753,7 @@ class SQLStore(BaseStore):
                     if not waiter.done():
                         waiter.set_result(None)
             self._busy = False
+            self._committing = None
             if self._closing and not self._batch.size() and not self._batch.waiters:
                 return
 
@@ -1052,7 +1081,10 @@ class SQLStore(BaseStore):
     async def load_conversation(
         self, key: ChannelKey, template_ref: str | None = None
     ) -> ConversationRecord | None:
-        await self.flush()  # read what this process wrote
+        await self._settle(channel_column(key))  # read what this process wrote
+        if self._reader is not None:
+            with contextlib.suppress(sqlite3.OperationalError):  # (busy: the async way)
+                return _read_sqlite(self._reader, _load_sqlite, key, template_ref)
         query = (
             select(conversations)
             .where(conversations.c.channel == channel_column(key))
@@ -1075,17 +1107,13 @@ class SQLStore(BaseStore):
                 .where(journal.c.conversation_id == record.id)
                 .order_by(journal.c.seq)
             )
-            rows = entries.all()
-        # Each row's JSON: its value, or (an input stored by reference) its inbox payload.
-        values = _loads_many([v if p is None else p for _, v, _, p in rows])
-        record.journal = [
-            JournalEntry(kind, value if payload is None else _input_value(value), chain)
-            for (kind, _, chain, payload), value in zip(rows, values, strict=True)
-        ]
-        return record
+            return _with_journal(record, entries.all())
 
     async def inbox(self, key: ChannelKey) -> list[InboxItem]:
-        await self.flush()
+        await self._settle(channel_column(key))
+        if self._reader is not None:
+            with contextlib.suppress(sqlite3.OperationalError):
+                return _read_sqlite(self._reader, _inbox_sqlite, key)
         async with self._engine().connect() as conn:
             rows = await conn.execute(
                 select(inbox.c.seq, inbox.c.payload)
@@ -1447,6 +1475,76 @@ def _connect_sqlite(path: str, synchronous: str) -> sqlite3.Connection:
     for pragma in _sqlite_pragmas(synchronous, busy_timeout_ms=0):
         raw.execute(pragma)
     return raw
+
+
+def _connect_sqlite_reader(path: str) -> sqlite3.Connection:
+    raw = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    raw.row_factory = sqlite3.Row
+    raw.execute("PRAGMA query_only=1")
+    raw.execute("PRAGMA busy_timeout=0")  # never wait on the loop's thread
+    return raw
+
+
+def _read_sqlite(raw: sqlite3.Connection, read: Callable[..., _R], *args: Any) -> _R:
+    """``read(raw, *args)`` in one read transaction, on the loop's thread.
+
+    Through aiosqlite each row is fetched in its thread, which must get the GIL back
+    from a busy event loop for every step: with a hundred conversations coming back from
+    eviction at once, loads queued on the pool for over 30 s (bench/bench_million.py).
+    A SQLite read in WAL mode never waits for a lock, and a conversation's rows take
+    well under a millisecond to read, so here they are read directly (as the writer
+    writes, see ``_commit_sqlite``). A busy database raises ``OperationalError``: the
+    caller then reads the async way."""
+    raw.execute("BEGIN")
+    try:
+        return read(raw, *args)
+    finally:
+        raw.execute("COMMIT")
+
+
+_LOAD_SQL = (
+    "SELECT id, channel, template_ref, context, status, yields, deadline, broken, "
+    "started_at, ended_at FROM conversations WHERE channel = ? AND status IN "
+    f"({', '.join(repr(s) for s in ACTIVE_STATUSES)}) "
+)
+_JOURNAL_SQL = (
+    "SELECT journal.kind, journal.value, journal.chain, inbox.payload FROM journal "
+    "LEFT OUTER JOIN inbox ON inbox.channel = ? AND inbox.message_id = journal.message_id "
+    "WHERE journal.conversation_id = ? ORDER BY journal.seq"
+)
+_INBOX_SQL = "SELECT seq, payload FROM inbox WHERE channel = ? AND consumed = 0 ORDER BY seq"
+
+
+def _load_sqlite(
+    raw: sqlite3.Connection, key: ChannelKey, template_ref: str | None
+) -> ConversationRecord | None:
+    """``load_conversation`` as plain SQL (the same queries SQLAlchemy builds there)."""
+    channel = channel_column(key)
+    sql, params = _LOAD_SQL, [channel]
+    if template_ref is not None:
+        sql += "AND template_ref = ? "
+        params.append(template_ref)
+    row = raw.execute(sql + "ORDER BY started_at DESC, id DESC LIMIT 1", params).fetchone()
+    if row is None:
+        return None
+    record = _record(row)
+    return _with_journal(record, raw.execute(_JOURNAL_SQL, (channel, record.id)).fetchall())
+
+
+def _with_journal(record: ConversationRecord, rows: Sequence[Any]) -> ConversationRecord:
+    """``record`` with its journal from rows of (kind, value, chain, inbox payload)."""
+    # Each row's JSON: its value, or (an input stored by reference) its inbox payload.
+    values = _loads_many([v if p is None else p for _, v, _, p in rows])
+    record.journal = [
+        JournalEntry(kind, value if payload is None else _input_value(value), chain)
+        for (kind, _, chain, payload), value in zip(rows, values, strict=True)
+    ]
+    return record
+
+
+def _inbox_sqlite(raw: sqlite3.Connection, key: ChannelKey) -> list[InboxItem]:
+    rows = raw.execute(_INBOX_SQL, (channel_column(key),)).fetchall()
+    return [InboxItem(int(seq), IncomingMessage.from_dict(_loads(p))) for seq, p in rows]
 
 
 def _binds(columns: Sequence[str]) -> dict[str, Any]:
