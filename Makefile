@@ -51,11 +51,11 @@ workers: install postgres  ## 3 workers, 1,000 chats x 20 messages; 2 workers wi
 	WORKERS_MANY_CHATS=1000 WORKERS_CHATS=200 $(VENV)/bin/python -m pytest -s -p no:cacheprovider \
 		tests/test_workers_processes.py tests/test_workers_discord.py tests/test_workers.py
 
-bench: install  ## benchmarks (not tests): the two-step workload and durability figures
-	$(VENV)/bin/python bench/bench_turbobot.py 10000 memory
-	$(VENV)/bin/python bench/bench_turbobot.py 10000 sqlite
-	$(VENV)/bin/python bench/bench_durability.py
-	$(VENV)/bin/python bench/local_model.py
+# Every figure of bench/RESULTS.md in one pass (about an hour on 2 cores): the anchors get
+# their own virtualenv (bench/.anchors-venv); `python bench/run_all.py --help` narrows it.
+bench: install postgres  ## benchmarks (not tests): turbobot against PTB, aiogram, discord.py
+	$(VENV)/bin/python -m pip install --quiet -e '.[bench]'
+	$(VENV)/bin/python bench/run_all.py --fresh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import resource
 import statistics
@@ -102,6 +103,7 @@ async def run(turns: int, store_kind: str, path: Path) -> None:
     runtime = Runtime(chat, llm=llm(), sender=sender, store=store, settings=settings)
     await runtime.start()
     step = max(1, turns // 10)
+    summary: dict[str, object] = {"bench": "long", "store": store_kind, "turns": turns}
     # One turn first: the tokenizer's tables (~75 MB, loaded at the first count) are
     # not RAM a turn costs. That turn is not counted in the figures.
     await runtime.receive(IncomingMessage(KEY, "warm-up", "m0"))
@@ -116,6 +118,7 @@ async def run(turns: int, store_kind: str, path: Path) -> None:
         if i % step == 0:
             now = time.perf_counter()
             print(f"turns {i - step + 1:>6}-{i:<6} {step / (now - mark):>8.0f} turns/s")
+            summary["turns_per_s_last_tenth"] = round(step / (now - mark), 1)
             mark = now
     total = time.perf_counter() - started
     assert sender.sent == turns + 1, sender.sent
@@ -126,6 +129,7 @@ async def run(turns: int, store_kind: str, path: Path) -> None:
         f"({grown * 1024 / turns:.0f} B/turn); Python objects: {blocks / turns:.1f} "
         "blocks/turn"
     )
+    summary["rss_bytes_per_turn"] = round(grown * 1024 / turns)
     live = runtime.conversations.live.get(KEY)
     if live is not None and live.app is not None:
         memory = getattr(live.app.memory, "messages", [])
@@ -133,6 +137,7 @@ async def run(turns: int, store_kind: str, path: Path) -> None:
     await runtime.aclose()
     if not store_kind.startswith("sqlite"):
         await store.aclose()
+        print(json.dumps(summary), flush=True)
         return
     await store.aclose()
     from turbobot.sql import SQLStore
@@ -165,7 +170,17 @@ async def run(turns: int, store_kind: str, path: Path) -> None:
         f"{1000 * total:.0f} ms"
     )
     await store.aclose()
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MB")
+    summary.update(
+        journal_entries=entries,
+        rehydrate_load_ms=round(1000 * load, 1),
+        rehydrate_replay_ms=round(1000 * replay, 1),
+        rehydrate_ms=round(1000 * total, 1),
+        replay_us_per_entry=round(1e6 * replay / entries, 2),
+        peak_rss_mb=round(peak, 1),
+    )
+    print(json.dumps(summary), flush=True)
 
 
 def main() -> None:
