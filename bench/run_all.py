@@ -216,7 +216,9 @@ def main() -> None:
     parser.add_argument("--million", type=int, default=1_000_000)
     parser.add_argument("--latency-seconds", type=int, default=30)
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--fresh", action="store_true", help="start a new raw.jsonl")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start a new pass (the old raw.jsonl is kept aside)"
+    )
     args = parser.parse_args()
     wanted = re.compile(args.only)
     unwanted = re.compile(args.skip)
@@ -229,7 +231,8 @@ def main() -> None:
             RAW.rename(RAW.with_suffix(f".{int(time.time())}.jsonl"))
         python = sys.executable
         anchors = str(anchor_python()) if any(c.anchor and chosen(c.name) for c in CELLS) else ""
-        record(machine())
+        if args.fresh or not RAW.exists():
+            record(machine())  # a new pass (else these lines join the newest pass)
         for chats in (int(c) for c in args.chats.split(",")):
             rounds = args.rounds_100k if chats >= 100_000 else args.rounds
             for round_ in range(1, rounds + 1):
