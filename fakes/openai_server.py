@@ -2,14 +2,24 @@
 
 Script replies with :meth:`FakeOpenAI.script`; without a script it echoes the last
 user message. Every request body is recorded in ``requests``.
+
+Run as a program (``python -m fakes.openai_server --port-file F``) it serves a paced
+model until killed, for benchmarks: every streamed reply is ``--tokens`` chunks (one
+token each, see :func:`paced_chunks`) after ``--first-token`` seconds, then one every
+1/``--tokens-per-second``. ``GET /timings`` returns each request's arrival and
+first-chunk times (``time.monotonic()``, comparable across processes on Linux).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +46,20 @@ class Reply:
     #: streaming only: end the response cleanly after this many content chunks,
     #: without a finish_reason, usage or ``[DONE]`` (a premature but tidy end)
     end_after: int | None = None
+    #: streaming only: the content chunks as given (one token each) instead of pieces
+    #: of 5 characters; ``content`` defaults to their concatenation
+    chunks: Sequence[str] | None = None
+    #: streaming only: seconds after the headers before the first chunk (the model's
+    #: time to first token); unlike ``delay``, the client has its answer's headers
+    first_delay: float = 0.0
+    #: streaming only: content chunks on a fixed schedule, the k-th ``k * token_interval``
+    #: seconds after the first (unlike ``chunk_delay``, a late write does not delay the
+    #: later ones)
+    token_interval: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.chunks is not None and not self.content:
+            self.content = "".join(self.chunks)
 
 
 def echo(body: dict[str, Any]) -> Reply:
@@ -52,8 +76,16 @@ class FakeOpenAI:
         #: when each request's answer was written out whole (by index; absent if it
         #: was not: an error, a cut, or a client that went away)
         self.answered_at: dict[int, float] = {}
+        #: when each request's handling began (its headers were in) and when it had
+        #: arrived whole (its body read), by index
+        self.started_at: dict[int, float] = {}
+        self.arrived_at: dict[int, float] = {}
+        #: streaming: when each request's first content chunk was written (by index)
+        self.first_chunk_at: dict[int, float] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
+        #: the content each streamed reply was written whole with (by index)
+        self._streamed: dict[int, str] = {}
 
     @property
     def base_url(self) -> str:
@@ -65,6 +97,7 @@ class FakeOpenAI:
     async def start(self) -> FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_get("/timings", self._timings)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -78,8 +111,37 @@ class FakeOpenAI:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def timings(self) -> list[dict[str, Any]]:
+        """Per request, in order: its last user message (``prompt``), when its handling
+        began and when it had arrived whole, when its first content chunk and its end
+        were written (``time.monotonic()``; ``None``: not written), and the content it
+        was answered with (streamed replies written whole only)."""
+        rows = []
+        for index, body in enumerate(self.requests):
+            users = [m for m in body.get("messages", ()) if m.get("role") == "user"]
+            rows.append(
+                {
+                    "prompt": users[-1].get("content") if users else None,
+                    "started": self.started_at.get(index),
+                    "arrived": self.arrived_at.get(index),
+                    "first": self.first_chunk_at.get(index),
+                    "done": self.answered_at.get(index),
+                    "text": self._streamed.get(index),
+                }
+            )
+        return rows
+
+    async def _timings(self, request: web.Request) -> web.Response:
+        """``GET /timings``: this process's CPU seconds and :meth:`timings` (``?cpu``:
+        the CPU seconds only)."""
+        rows = [] if "cpu" in request.query else self.timings()
+        return web.json_response({"cpu_s": time.process_time(), "requests": rows})
+
     async def _completions(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
         body = await request.json()
+        self.started_at[len(self.requests)] = started
+        self.arrived_at[len(self.requests)] = time.monotonic()
         self.requests.append(body)
         self.request_times.append(time.monotonic())
         reply = self.replies.pop(0) if self.replies else self.respond(body)
@@ -95,9 +157,10 @@ class FakeOpenAI:
             return web.json_response(error, status=reply.status, headers=reply.headers)
         if body.get("stream"):
             index = len(self.requests) - 1
-            streamed = await self._stream(request, body, reply)
+            streamed = await self._stream(request, body, reply, index)
             if reply.cut_after is None and reply.end_after is None:
                 self.answered_at[index] = time.monotonic()
+                self._streamed[index] = reply.content
             return streamed
         message: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
         if reply.tool_calls:
@@ -123,10 +186,12 @@ class FakeOpenAI:
         )
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], reply: Reply
+        self, request: web.Request, body: dict[str, Any], reply: Reply, index: int | None = None
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if reply.first_delay:
+            await asyncio.sleep(reply.first_delay)
         base = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
@@ -140,7 +205,12 @@ class FakeOpenAI:
 
         await send([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
         text = reply.content
-        pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+        if reply.chunks is not None:
+            pieces = list(reply.chunks)
+        else:
+            pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+        loop = asyncio.get_running_loop()
+        first = 0.0
         for sent in range(len(pieces) + 1):
             if reply.cut_after is not None and sent >= reply.cut_after:
                 transport = request.transport
@@ -152,7 +222,13 @@ class FakeOpenAI:
                 return response
             if sent == len(pieces):
                 break
+            if reply.token_interval and sent:
+                await asyncio.sleep(max(0.0, first + sent * reply.token_interval - loop.time()))
             await send([{"index": 0, "delta": {"content": pieces[sent]}}])
+            if sent == 0:
+                first = loop.time()
+                if index is not None:
+                    self.first_chunk_at[index] = time.monotonic()
             if reply.chunk_delay:
                 await asyncio.sleep(reply.chunk_delay)
         for i, (name, args) in enumerate(reply.tool_calls):
@@ -172,3 +248,66 @@ class FakeOpenAI:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def paced_chunks(prompt: str, tokens: int) -> list[str]:
+    """The reply the paced server streams for ``prompt``: ``tokens`` chunks, the first
+    naming the prompt (a reply delivered to the wrong request shows)."""
+    return [f"re:{prompt}", *(f" w{i}" for i in range(1, tokens))]
+
+
+def paced(first_token: float, tokens_per_second: float, tokens: int) -> Callable[..., Reply]:
+    """A ``respond`` for :class:`FakeOpenAI`: a realistically paced model."""
+    interval = 1.0 / tokens_per_second if tokens_per_second > 0 else 0.0
+
+    def respond(body: dict[str, Any]) -> Reply:
+        users = [m for m in body["messages"] if m["role"] == "user"]
+        prompt = str(users[-1]["content"]) if users else ""
+        return Reply(
+            chunks=paced_chunks(prompt, tokens), first_delay=first_token, token_interval=interval
+        )
+
+    return respond
+
+
+def _write_port(path: str, port: int) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        f.write(str(port))
+    os.replace(temporary, path)  # whole or absent, for a reader polling it
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = FakeOpenAI(paced(args.first_token, args.tokens_per_second, args.tokens))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.port_file:
+        _write_port(args.port_file, server.port)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if args.parent and os.getppid() != args.parent:
+                break  # the process that started this one is gone
+    finally:
+        await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fakes.openai_server",
+        description="Serve a paced fake OpenAI model on 127.0.0.1 until killed.",
+    )
+    parser.add_argument("--port-file", help="write the port chosen here once serving")
+    parser.add_argument("--first-token", type=float, default=0.3, help="seconds (0.3)")
+    parser.add_argument("--tokens-per-second", type=float, default=50.0, help="(50)")
+    parser.add_argument("--tokens", type=int, default=30, help="chunks per reply (30)")
+    parser.add_argument("--parent", type=int, default=0, help="stop when this PID is gone")
+    asyncio.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

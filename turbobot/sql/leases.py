@@ -9,7 +9,7 @@ was frozen past its lease (a long pause, a network split) therefore cannot commi
 a channel another worker took.
 
 Lease rows rather than advisory locks, by measurement (bench/bench_leases.py,
-bench/RESULTS.md): rows cost about twice as much to take (72 against 33 ms for
+bench/HISTORY.md): rows cost about twice as much to take (72 against 33 ms for
 10,000 channels) but carry a generation to fence with, and a frozen worker's
 advisory locks live as long as its TCP session.
 
