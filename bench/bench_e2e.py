@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import sys
@@ -36,11 +37,28 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent / "anchors"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
 import benchlib as B
 from bench_turbobot import make_store, twostep
 
 from turbobot.llm.scripted import ScriptedLLM
 from turbobot.runtime import Runtime, RuntimeSettings
+
+
+def _anchor(name: str) -> Any:
+    """An anchor script of bench/anchors as a module (bench/ has a bench_discord.py too)."""
+    path = Path(__file__).resolve().parent / "anchors" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"anchor_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The anchors' own payload builders: both sides are fed the very same dicts.
+make_update = _anchor("bench_ptb").make_update
+_discord_anchor = _anchor("bench_discord")
+make_payload, DISCORD_BOT_USER = _discord_anchor.make_payload, _discord_anchor.BOT_USER
 
 BOT_ID = 123456789
 TOKEN = f"{BOT_ID}:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
@@ -49,21 +67,6 @@ LOG = B.ReplyLog()
 
 
 # -- Telegram -----------------------------------------------------------------------
-
-
-def make_update(uid_idx: int, update_id: int, text: str) -> dict[str, Any]:
-    """The anchors' update (bench/anchors/bench_ptb.py), byte for byte."""
-    uid = B.BASE_ID + uid_idx
-    return {
-        "update_id": update_id,
-        "message": {
-            "message_id": update_id,
-            "date": 1700000000,
-            "chat": {"id": uid, "type": "private", "first_name": f"U{uid_idx}"},
-            "from": {"id": uid, "is_bot": False, "first_name": f"U{uid_idx}"},
-            "text": text,
-        },
-    }
 
 
 def _local_request() -> Any:
@@ -159,45 +162,6 @@ async def telegram_main(chats: int, variant: str, store_kind: str) -> None:
 
 
 # -- Discord ------------------------------------------------------------------------
-
-DISCORD_BOT_USER = {
-    "id": str(BOT_ID),
-    "username": "bench_bot",
-    "discriminator": "0",
-    "avatar": None,
-    "global_name": None,
-    "bot": True,
-    "verified": True,
-    "mfa_enabled": False,
-    "flags": 0,
-}
-
-
-def make_payload(uid_idx: int, msg_id: int, text: str) -> dict[str, Any]:
-    """The anchors' MESSAGE_CREATE payload (bench/anchors/bench_discord.py)."""
-    uid = B.BASE_ID + uid_idx
-    return {
-        "id": str(msg_id),
-        "channel_id": str(uid),
-        "type": 0,
-        "author": {
-            "id": str(uid),
-            "username": f"u{uid_idx}",
-            "discriminator": "0",
-            "avatar": None,
-            "global_name": None,
-        },
-        "content": text,
-        "timestamp": "2024-01-01T00:00:00+00:00",
-        "edited_timestamp": None,
-        "tts": False,
-        "mention_everyone": False,
-        "mentions": [],
-        "mention_roles": [],
-        "attachments": [],
-        "embeds": [],
-        "pinned": False,
-    }
 
 
 class DiscordStub:

@@ -264,31 +264,23 @@ def workers(lines: list[Line], out: list[str]) -> None:
     if not runs:
         return
     out.append("## Scale-out on PostgreSQL (`bench/bench_workers.py`)\n")
-    failed = [r for r in runs if r.get("failed")]
-    for run in failed:
-        out.append(f"Not run: `{run.get('stderr', '')[-300:]}`\n")
-    rows = [r for r in runs if not r.get("failed") and "msgs_per_s" in r]
-    if rows:
-        keys = [
-            k
-            for k in ("mode", "workers", "leases", "chats", "round", "msgs_per_s")
-            if any(k in r for r in rows)
-        ]
-        extra = sorted({k for r in rows for k in r} - set(keys) - {"part", "cell", "wall_s"})
-        shown = keys + [k for k in extra if k.endswith(("per_message", "_ms", "_us"))][:4]
-        out.append("| " + " | ".join(shown) + " |")
-        out.append("|" + "---|" * len(shown))
-        for r in rows:
-            out.append("| " + " | ".join(str(r.get(k, "—")) for k in shown) + " |")
+    for run in runs:
+        if run.get("failed"):
+            out.append(f"Not run: `{run.get('stderr', '')[-300:]}`\n")
+    import bench_workers  # its own tables, from the records it printed
+
+    throughput = [r for r in runs if "kind" in r and "workers" in r and not r.get("failed")]
+    takeovers = [r for r in runs if "lease_s" in r and not r.get("failed")]
+    setup = [r for r in runs if "postgres" in r]
+    if setup:
+        out.append(f"PostgreSQL settings: `{json.dumps(setup[0]['postgres'])}`\n")
+    if throughput:
+        out.append("Two-step workload (C channels, 2C messages a run):\n")
+        out.append(bench_workers.throughput_table(throughput))
         out.append("")
-    takeovers = [
-        r for r in runs if not r.get("failed") and "msgs_per_s" not in r and "postgres" not in r
-    ]
     if takeovers:
-        out.append("Other figures of the run (JSON as printed):\n")
-        for r in takeovers:
-            shown = {k: v for k, v in r.items() if k not in ("part", "cell", "wall_s")}
-            out.append(f"- `{json.dumps(shown)[:400]}`")
+        out.append("Takeover after SIGKILL (worker A's channels, their second message waiting):\n")
+        out.append(bench_workers.takeover_table(takeovers))
         out.append("")
 
 
