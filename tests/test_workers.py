@@ -386,19 +386,24 @@ async def test_a_step_begun_under_a_lost_lease_is_refused_though_the_channel_cam
     """A's step began under one lease; A lost it, B took the channel, answered and gave
     it up; A's own look at the leases must not take it back under A's running step
     (its writes would carry the new generation and pass)."""
-    gated, quick = GatedLLM(), GatedLLM()
-    quick.gate.set()
+    llms = GatedLLM(), GatedLLM()  # only "slow" texts wait for their gate
     sender = RecordingSender()
     key = ChannelKey("test", "1")
-    async with crew_of(database, [("a", gated, sender), ("b", quick, sender)]) as (a, b):
-        await a.runtime.receive(message(1, 1))
-        await settle([a, b], lambda: len(sender.sent) == 1)
-        if b.leases.holds(key):  # (B's slow poll took it first, under load): B gives it up
-            await b.runtime.evict(key)
-            await b.runtime.check_leases()
-        await a.runtime.receive(IncomingMessage(key, "slow one", "1-2", "u"))
-        await asyncio.wait_for(gated.started.wait(), 10)
-        await expire(database, "a")
+    async with crew_of(database, [("a", llms[0], sender), ("b", llms[1], sender)]) as crew:
+        await crew[0].runtime.receive(message(1, 1))
+        await settle(crew, lambda: len(sender.sent) == 1)
+        await crew[0].runtime.receive(IncomingMessage(key, "slow one", "1-2", "u"))
+        # Either worker may take the channel for it (the NOTIFY of the commit races the
+        # receiver's own take, under load): the one whose step began plays A.
+        waits = [asyncio.ensure_future(llm.started.wait()) for llm in llms]
+        done, pending = await asyncio.wait(waits, timeout=10, return_when="FIRST_COMPLETED")
+        for waiting in pending:
+            waiting.cancel()
+        assert done, "no worker began the slow step"
+        first = 0 if llms[0].started.is_set() else 1
+        a, b, gated = crew[first], crew[1 - first], llms[first]
+        llms[1 - first].gate.set()  # B answers at once (the slow one too, once it has it)
+        await expire(database, a.name)
         await b.runtime.receive(message(1, 3))
         await settle([b], lambda: len(sender.sent) == 3)
         await b.runtime.evict(key)
