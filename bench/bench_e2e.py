@@ -27,8 +27,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib.util
-import json
-import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 import benchlib as B
-from bench_turbobot import make_store, twostep
+from bench_turbobot import make_store, take_database, twostep
 
 from turbobot.llm.scripted import ScriptedLLM
 from turbobot.runtime import Runtime, RuntimeSettings
@@ -55,75 +53,18 @@ def _anchor(name: str) -> Any:
     return module
 
 
-# The anchors' own payload builders: both sides are fed the very same dicts.
-make_update = _anchor("bench_ptb").make_update
+# The anchors' own payload builders and in-process transports: both sides are fed the
+# very same dicts and answered by the very same stubs (which record the replies).
+_ptb_anchor = _anchor("bench_ptb")
 _discord_anchor = _anchor("bench_discord")
-make_payload, DISCORD_BOT_USER = _discord_anchor.make_payload, _discord_anchor.BOT_USER
+make_update, make_payload = _ptb_anchor.make_update, _discord_anchor.make_payload
 
 BOT_ID = 123456789
 TOKEN = f"{BOT_ID}:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 PAGE = 100
-LOG = B.ReplyLog()
 
 
 # -- Telegram -----------------------------------------------------------------------
-
-
-def _local_request() -> Any:
-    from telegram.request import BaseRequest, RequestData
-
-    bot_user = {"id": BOT_ID, "is_bot": True, "first_name": "Bench", "username": "bench_bot"}
-
-    class LocalRequest(BaseRequest):
-        """Answers the Bot API in-process, as the PTB anchor's transport does."""
-
-        def __init__(self) -> None:
-            self._msg_id = 0
-
-        @property
-        def read_timeout(self) -> float | None:
-            return None
-
-        async def initialize(self) -> None:
-            pass
-
-        async def shutdown(self) -> None:
-            pass
-
-        async def do_request(
-            self,
-            url: str,
-            method: str,
-            request_data: RequestData | None = None,
-            read_timeout: Any = None,
-            write_timeout: Any = None,
-            connect_timeout: Any = None,
-            pool_timeout: Any = None,
-        ) -> tuple[int, bytes]:
-            api = url.rsplit("/", 1)[-1]
-            result: Any
-            if api == "getMe":
-                result = bot_user
-            elif api == "sendMessage":
-                assert request_data is not None
-                params = request_data.json_parameters
-                chat_id = int(params["chat_id"])
-                LOG.record(chat_id, params["text"])
-                self._msg_id += 1
-                result = {
-                    "message_id": self._msg_id,
-                    "date": 1700000000,
-                    "chat": {"id": chat_id, "type": "private", "first_name": "U"},
-                    "from": bot_user,
-                    "text": params["text"],
-                }
-            elif api in ("sendChatAction", "deleteWebhook", "setMyCommands"):
-                result = True
-            else:
-                raise RuntimeError(f"unexpected API call {api}")
-            return 200, json.dumps({"ok": True, "result": result}).encode()
-
-    return LocalRequest()
 
 
 async def run_telegram(runtime: Runtime, adapter: Any, variant: str, phases: Any) -> None:
@@ -156,58 +97,12 @@ async def telegram_main(chats: int, variant: str, store_kind: str) -> None:
     from turbobot.adapters.telegram import TelegramAdapter, TelegramSettings
 
     settings = TelegramSettings(TOKEN, rate=1e9)
-    adapter = TelegramAdapter(settings, requests=(_local_request(), _local_request()))
-    async with adapter:
-        await _run(chats, variant, store_kind, adapter, run_telegram)
+    requests = (_ptb_anchor.LocalRequest(), _ptb_anchor.LocalRequest())
+    async with TelegramAdapter(settings, requests=requests) as adapter:
+        await _run(chats, variant, store_kind, adapter, run_telegram, _ptb_anchor.LOG)
 
 
 # -- Discord ------------------------------------------------------------------------
-
-
-class DiscordStub:
-    """discord.py's ``HTTPClient.request``, answered in-process as the anchor's is."""
-
-    def __init__(self) -> None:
-        self.msg_id = 10**17
-        self.target = 0
-        self.done: asyncio.Future[None] | None = None
-
-    async def request(
-        self, route: Any, *, files: Any = None, form: Any = None, **kwargs: Any
-    ) -> Any:
-        if route.method == "POST" and route.path == "/channels/{channel_id}/messages":
-            payload = json.loads(json.dumps(kwargs["json"]))  # what the real client sends
-            LOG.record(route.channel_id, payload["content"])
-            self.msg_id += 1
-            answer = {
-                "id": str(self.msg_id),
-                "channel_id": str(route.channel_id),
-                "type": 0,
-                "author": DISCORD_BOT_USER,
-                "content": payload["content"],
-                "timestamp": "2024-01-01T00:00:00+00:00",
-                "edited_timestamp": None,
-                "tts": False,
-                "mention_everyone": False,
-                "mentions": [],
-                "mention_roles": [],
-                "attachments": [],
-                "embeds": [],
-                "pinned": False,
-                "nonce": payload.get("nonce"),
-            }
-            if len(LOG.sent) >= self.target and self.done is not None and not self.done.done():
-                self.done.set_result(None)
-            return json.loads(json.dumps(answer))
-        if route.method == "POST" and route.path == "/channels/{channel_id}/typing":
-            return None
-        raise RuntimeError(f"unexpected HTTP call {route.method} {route.path}")
-
-    async def wait_replies(self, n: int) -> None:
-        self.target = n
-        if len(LOG.sent) < n:
-            self.done = asyncio.get_running_loop().create_future()
-            await self.done
 
 
 async def discord_main(chats: int, variant: str, store_kind: str) -> None:
@@ -216,19 +111,19 @@ async def discord_main(chats: int, variant: str, store_kind: str) -> None:
     from turbobot.adapters.discord import DiscordAdapter, DiscordSettings
 
     adapter = DiscordAdapter(DiscordSettings(TOKEN))
-    stub = DiscordStub()
+    stub, log = _discord_anchor.Bench(), _discord_anchor.LOG
     client = adapter.client
     async with client:  # binds the loop; no login, no gateway (as the anchor)
-        client.http.request = stub.request  # type: ignore[method-assign]
+        client.http.request = stub.fake_request  # type: ignore[method-assign]
         state = client._connection
-        state.user = discord.ClientUser(state=state, data=DISCORD_BOT_USER)  # READY's
+        state.user = discord.ClientUser(state=state, data=_discord_anchor.BOT_USER)  # READY's
         adapter.bot_id, adapter.username = BOT_ID, "bench_bot"
 
         async def run(runtime: Runtime, adapter: Any, variant: str, phases: Any) -> None:
             consumer = asyncio.create_task(adapter._consume(runtime))
 
             async def feed(payloads: Iterable[dict[str, Any]], count: int) -> None:
-                expected = len(LOG.sent) + count  # (the previous phase is all answered)
+                expected = len(log.sent) + count  # (the previous phase is all answered)
                 for payload in payloads:
                     state.parse_message_create(payload)
                 await stub.wait_replies(expected)
@@ -243,13 +138,16 @@ async def discord_main(chats: int, variant: str, store_kind: str) -> None:
             adapter._queue.put_nowait(None)
             await consumer
 
-        await _run(chats, variant, store_kind, adapter, run)
+        await _run(chats, variant, store_kind, adapter, run, log)
 
 
 # -- the measured run (the same shape as the anchors') --------------------------------
 
 
-async def _run(chats: int, variant: str, store_kind: str, adapter: Any, drive: Any) -> None:
+async def _run(
+    chats: int, variant: str, store_kind: str, adapter: Any, drive: Any, log: B.ReplyLog
+) -> None:
+    """The anchors' measured run; ``log`` is the anchor stub's record of the replies."""
     store, path = make_store(store_kind)
     await store.open()
     settings = RuntimeSettings(idle_evict_seconds=None, gc_threshold=10_000)
@@ -260,8 +158,8 @@ async def _run(chats: int, variant: str, store_kind: str, adapter: Any, drive: A
     async def phases(first: Any, second: Any) -> None:
         await first(B.WARMUP_IDS)
         await second(B.WARMUP_IDS)
-        assert len(LOG.sent) == 2 * B.WARMUP, len(LOG.sent)
-        LOG.reset()
+        assert len(log.sent) == 2 * B.WARMUP, len(log.sent)
+        log.reset()
         gc.collect()
         result["rss_base"] = B.rss_mb()
         t = B.Timer()
@@ -281,18 +179,13 @@ async def _run(chats: int, variant: str, store_kind: str, adapter: Any, drive: A
     t = result["timer"]
     extra: dict[str, object] = {"waiting_seen": result["waiting"], "store": store_kind}
     if path:
-        extra["db_bytes"] = sum(
-            os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s)
-        )
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
+        extra["db_bytes"] = take_database(path)
     B.emit(
         "turbobot",
         f"{variant} {store_kind}",
         chats,
         t.marks["end"],
-        LOG.verify(chats) and result["waiting"] == chats,
+        log.verify(chats) and result["waiting"] == chats,
         result["rss_base"],
         result["rss_waiting"],
         t.cpu_marks["end"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import resource
 import sys
 import time
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "anchors"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchlib as B
-from bench_turbobot import BATCH, message, twostep
+from bench_turbobot import BATCH, message, take_database, twostep
 
 from turbobot import ChannelKey, ScriptedLLM
 from turbobot.runtime import BaseSender, Runtime, RuntimeSettings
@@ -90,10 +89,7 @@ async def main(chats: int, max_live: int) -> None:
     live = runtime.live_count
     await runtime.aclose()
     await store.aclose()
-    db_bytes = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.remove(path + suffix)
+    db_bytes = take_database(path)
     B.emit(
         "turbobot",
         f"million sqlite max_live={max_live}",
