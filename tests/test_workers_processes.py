@@ -131,7 +131,7 @@ async def test_telegram_webhook_on_two_workers_behind_a_proxy_one_killed(
                 for i, port in enumerate(ports)
             ]
             await telegram.wait_until(
-                lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 2,
+                lambda: sum(c.method == "setWebhook" for c in telegram.calls) >= 2,
                 timeout=60,
             )
             for n in range(1, ROUNDS + 1):
@@ -222,7 +222,7 @@ async def test_three_workers_from_one_command_share_the_chats(
             str(port),
         ) as supervisor:
             await telegram.wait_until(
-                lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 3, timeout=60
+                lambda: sum(c.method == "setWebhook" for c in telegram.calls) >= 3, timeout=60
             )
             for n in range(1, WORKERS_MESSAGES + 1):
                 await asyncio.gather(*(deliver(telegram, chat, f"m{n}") for chat in chats))
@@ -300,7 +300,7 @@ async def test_a_worker_stopped_past_its_lease_cannot_commit_when_resumed(
                     for i, port in enumerate(ports)
                 ]
                 await telegram.wait_until(
-                    lambda: sum(c.method == "setWebhook" for c in telegram.calls) == 2,
+                    lambda: sum(c.method == "setWebhook" for c in telegram.calls) >= 2,
                     timeout=60,
                 )
                 assert telegram.webhook is not None
