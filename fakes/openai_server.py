@@ -56,6 +56,12 @@ class Reply:
     #: seconds after the first (unlike ``chunk_delay``, a late write does not delay the
     #: later ones)
     token_interval: float = 0.0
+    #: streaming only: the body as these pieces of bytes, each written (and flushed)
+    #: on its own, instead of chunks built from the other fields (framing tests)
+    sse: Sequence[bytes] | None = None
+    #: with ``sse``: seconds the body stays open after its last piece (then it ends, or
+    #: with ``cut_after`` set, the connection drops)
+    hold_open: float = 0.0
 
     def __post_init__(self) -> None:
         if self.chunks is not None and not self.content:
@@ -84,6 +90,9 @@ class FakeOpenAI:
         self.first_chunk_at: dict[int, float] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
+        #: each request's client address (host, port): one port twice is one
+        #: connection reused
+        self.peers: list[tuple[str, int]] = []
         #: the content each streamed reply was written whole with (by index)
         self._streamed: dict[int, str] = {}
 
@@ -144,6 +153,9 @@ class FakeOpenAI:
         self.arrived_at[len(self.requests)] = time.monotonic()
         self.requests.append(body)
         self.request_times.append(time.monotonic())
+        self.peers.append(
+            request.transport.get_extra_info("peername")[:2] if request.transport else ("", 0)
+        )
         reply = self.replies.pop(0) if self.replies else self.respond(body)
         if reply.delay:
             await asyncio.sleep(reply.delay)
@@ -190,6 +202,19 @@ class FakeOpenAI:
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if reply.sse is not None:
+            for part in reply.sse:
+                await response.write(part)
+                await asyncio.sleep(0)  # its own read on the client's side, most often
+            if reply.hold_open:
+                await asyncio.sleep(reply.hold_open)
+            if reply.cut_after is not None:
+                transport = request.transport
+                assert transport is not None
+                transport.close()  # the chunked body is left unfinished
+            else:
+                await response.write_eof()
+            return response
         if reply.first_delay:
             await asyncio.sleep(reply.first_delay)
         base = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -378,3 +380,147 @@ async def test_the_prompt_goes_out_as_built_beside_a_callers_extra_body(
 
 async def _ignore(delta: str) -> None:
     return None
+
+
+# -- issue 16: the stream is read as server-sent events, not as the client's objects --
+
+
+def sse_chunk(delta: dict[str, object], finish: str | None = None, **extra: object) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    body = {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [choice]}
+    return json.dumps({**body, **extra}, ensure_ascii=False).encode()
+
+
+def split_everywhere(body: bytes, size: int) -> list[bytes]:
+    return [body[i : i + size] for i in range(0, len(body), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 4096])
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+async def test_events_are_read_whatever_their_line_ends_and_however_they_are_split(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM, size: int, newline: bytes
+) -> None:
+    """Any of SSE's three line ends; pieces split inside a CR LF, inside a multibyte
+    character and inside a field name; comments, ``event:``/``id:`` fields, ``data:``
+    without its space, and an event whose data spans two lines."""
+    n = newline
+    two_lines = sse_chunk({"content": "é😀"}).replace(b'"delta": ', b'"delta":' + n + b"data: ")
+    body = b"".join(
+        [
+            b": keep-alive" + n + n,
+            b"data: " + sse_chunk({"role": "assistant", "content": ""}) + n + n,
+            b"event: message"
+            + n
+            + b"id: 1"
+            + n
+            + b"data:"
+            + sse_chunk({"content": "Grüß "})
+            + n
+            + n,
+            b"data: " + two_lines + n + n,
+            b"data: " + sse_chunk({}, "stop") + n + n,
+            b"data: "
+            + sse_chunk({}, None, usage={"prompt_tokens": 3, "completion_tokens": 4})
+            + n
+            + n,
+            b"data: [DONE]" + n + n,
+        ]
+    )
+    openai_server.script(Reply(sse=split_everywhere(body, size)))
+    deltas, on_delta = collector()
+    response = await openai_llm.complete(request(), on_delta=on_delta)
+    assert deltas == ["Grüß ", "é😀"]
+    assert response.content == "Grüß é😀"
+    assert response.finish_reason == "stop"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (3, 4)
+    assert response.model == "m"
+
+
+async def test_a_stream_without_done_but_finished_is_whole(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    body = [b"data: " + sse_chunk({"content": "fine"}, "stop") + b"\n\n"]
+    openai_server.script(Reply(sse=body))
+    response = await openai_llm.complete(request(), on_delta=collector()[1])
+    assert (response.content, response.finish_reason) == ("fine", "stop")
+
+
+async def test_an_event_cut_at_the_end_of_the_body_is_dropped_and_the_reply_is_short(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    body = [
+        b"data: " + sse_chunk({"content": "half"}) + b"\n\n",
+        b"data: " + sse_chunk({}, "stop")[:20],  # the body ends inside the last event
+    ]
+    openai_server.script(Reply(sse=body))
+    deltas, on_delta = collector()
+    with pytest.raises(LLMResponseError, match="ended before the model finished"):
+        await openai_llm.complete(request(), on_delta=on_delta)
+    assert deltas == ["half"]
+
+
+@pytest.mark.parametrize(
+    ("event", "says"),
+    [
+        (b"data: {not json}\n\n", "not JSON"),
+        (b"data: [1, 2]\n\n", "not an object"),
+        (b'data: {"choices": [{"delta": {"content": 5}}]}\n\n', "cannot read"),
+        (b'data: {"choices": [{"delta": {"tool_calls": [{"id": "x"}]}}]}\n\n', "cannot read"),
+    ],
+    ids=["not-json", "not-object", "content-not-text", "tool-call-without-index"],
+)
+async def test_an_unreadable_chunk_is_a_response_error_not_a_crash(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM, event: bytes, says: str
+) -> None:
+    openai_server.script(Reply(sse=[event]), "unused")
+    with pytest.raises(LLMResponseError, match=says):
+        await openai_llm.complete(request(), on_delta=collector()[1])
+    assert len(openai_server.requests) == 1  # the same server would say the same again
+
+
+async def test_an_error_event_in_the_stream_carries_the_providers_message(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    error = {"error": {"message": "The server had an error processing your request."}}
+    body = [
+        b"data: " + sse_chunk({"content": "Hel"}) + b"\n\n",
+        b"data: " + json.dumps(error).encode() + b"\n\n",
+    ]
+    openai_server.script(Reply(sse=body))
+    deltas, on_delta = collector()
+    with pytest.raises(LLMUnavailableError) as info:
+        await openai_llm.complete(request(), on_delta=on_delta)
+    assert deltas == ["Hel"]
+    assert "broke off after 3 characters" in str(info.value)
+    assert "The server had an error processing your request." in str(info.value)
+
+
+async def test_the_connection_is_reused_after_a_streamed_reply(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    """The body is read to its end after [DONE] (here a comment follows it, written on
+    its own), so the next request needs no new connection (a new one per reply costs a
+    TCP handshake on the latency path)."""
+    for text in ("one", "two", "three"):
+        body = [
+            b"data: " + sse_chunk({"content": text}, "stop") + b"\n\n",
+            b"data: [DONE]\n\n",
+            b": the end\n\n",
+        ]
+        openai_server.script(Reply(sse=body))
+        assert (await openai_llm.complete(request(), on_delta=collector()[1])).content == text
+    assert len(set(openai_server.peers)) == 1, openai_server.peers
+
+
+@pytest.mark.parametrize("hold", [0.0, 3.0], ids=["at-once", "after-3s"])
+async def test_a_connection_dropped_after_done_does_not_spoil_the_reply(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM, hold: float
+) -> None:
+    """What follows [DONE] is read for a short while only, and its failure (a proxy
+    dropping the connection, at once or after holding it open) is not the reply's."""
+    body = [b"data: " + sse_chunk({"content": "whole"}, "stop") + b"\n\n", b"data: [DONE]\n\n"]
+    openai_server.script(Reply(sse=body, hold_open=hold, cut_after=0))
+    response = await asyncio.wait_for(
+        openai_llm.complete(request(), on_delta=collector()[1]), timeout=2
+    )
+    assert (response.content, response.finish_reason) == ("whole", "stop")
