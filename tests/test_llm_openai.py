@@ -466,8 +466,21 @@ async def test_an_event_cut_at_the_end_of_the_body_is_dropped_and_the_reply_is_s
         (b"data: [1, 2]\n\n", "not an object"),
         (b'data: {"choices": [{"delta": {"content": 5}}]}\n\n', "cannot read"),
         (b'data: {"choices": [{"delta": {"tool_calls": [{"id": "x"}]}}]}\n\n', "cannot read"),
+        (b'data: {"choices": [{"delta": {"tool_calls": [{"index": "0"}]}}]}\n\n', "cannot read"),
+        (b'data: {"choices": [], "usage": {"prompt_tokens": "many"}}\n\n', "cannot read"),
+        (b'data: {"choices": [{"delta": {}, "finish_reason": 1}]}\n\n', "cannot read"),
+        (b'data: {"choices": ["text"]}\n\n', "cannot read"),
     ],
-    ids=["not-json", "not-object", "content-not-text", "tool-call-without-index"],
+    ids=[
+        "not-json",
+        "not-object",
+        "content-not-text",
+        "tool-call-without-index",
+        "tool-call-index-not-int",
+        "usage-not-a-number",
+        "finish-reason-not-text",
+        "choice-not-object",
+    ],
 )
 async def test_an_unreadable_chunk_is_a_response_error_not_a_crash(
     openai_server: FakeOpenAI, openai_llm: OpenAILLM, event: bytes, says: str
@@ -524,3 +537,49 @@ async def test_a_connection_dropped_after_done_does_not_spoil_the_reply(
         openai_llm.complete(request(), on_delta=collector()[1]), timeout=2
     )
     assert (response.content, response.finish_reason) == ("whole", "stop")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [b"data: " + b"x" * 100 for _ in range(30)],  # one line that never ends
+        [b"data: " + b"x" * 100 + b"\n" for _ in range(30)],  # one event that never ends
+    ],
+    ids=["endless-line", "endless-event"],
+)
+async def test_an_endless_event_is_dropped_not_held_in_memory(
+    openai_server: FakeOpenAI,
+    openai_llm: OpenAILLM,
+    body: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("turbobot.llm.openai._MAX_EVENT_BYTES", 2000)
+    openai_server.script(Reply(sse=body), "unused")
+    with pytest.raises(LLMResponseError, match="streamed an event of more than"):
+        await openai_llm.complete(request(), on_delta=collector()[1])
+    assert len(openai_server.requests) == 1
+
+
+async def test_an_error_in_the_delta_callback_is_not_blamed_on_the_server(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    openai_server.script("Some text.")
+
+    async def broken(delta: str) -> None:
+        raise KeyError("a bug on our side")
+
+    with pytest.raises(KeyError, match="a bug on our side"):
+        await openai_llm.complete(request(), on_delta=broken)
+
+
+async def test_a_reply_that_spells_out_sse_framing_comes_through_whole(
+    openai_server: FakeOpenAI, openai_llm: OpenAILLM
+) -> None:
+    """A user can make the model write anything, the stream's own framing included: in
+    the chunk's JSON it is text, not framing."""
+    text = 'Sure:\n\ndata: [DONE]\n\nevent: error\r\ndata: {"error": "x"}\r\n\r\n: done\rend'
+    openai_server.script(text)
+    deltas, on_delta = collector()
+    response = await openai_llm.complete(request(), on_delta=on_delta)
+    assert "".join(deltas) == response.content == text
+    assert response.finish_reason == "stop"

@@ -337,37 +337,17 @@ class OpenAILLM:
                         body=error,
                     )
                 try:
-                    model = chunk.get("model") or model
-                    reported = chunk.get("usage")
-                    if reported is not None:
-                        usage = Usage(
-                            reported.get("prompt_tokens") or 0,
-                            reported.get("completion_tokens") or 0,
-                        )
-                    for choice in chunk.get("choices") or ():
-                        delta = choice.get("delta")
-                        if delta is None:
-                            continue
-                        content = delta.get("content")
-                        if content:
-                            if not isinstance(content, str):
-                                raise TypeError("content")
-                            parts.append(content)
-                            await on_delta(content)
-                        for call in delta.get("tool_calls") or ():
-                            slot = calls.setdefault(call["index"], ["", "", ""])
-                            if call.get("id"):
-                                slot[0] = call["id"]
-                            function = call.get("function")
-                            if function is not None:
-                                slot[1] += function.get("name") or ""
-                                slot[2] += function.get("arguments") or ""
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-                except (AttributeError, TypeError, KeyError) as exc:
+                    texts, said_finish, said_usage, said_model = _read_chunk(chunk, calls)
+                except (AttributeError, TypeError, KeyError, ValueError) as exc:
                     raise LLMResponseError(
                         "the LLM server streamed chunks turbobot cannot read"
                     ) from exc
+                finish = said_finish or finish
+                usage = said_usage or usage
+                model = said_model or model
+                for text in texts:  # (outside the try: the callback's errors are its own)
+                    parts.append(text)
+                    await on_delta(text)
         if finish is None:
             # The connection ended tidily, but the model never said it was done: the
             # text is cut short (a missing [DONE] alone is not an error).
@@ -380,8 +360,54 @@ class OpenAILLM:
         return LLMResponse("".join(parts), tool_calls, usage, finish, model)
 
 
+def _read_chunk(
+    chunk: dict[str, Any], calls: dict[int, list[str]]
+) -> tuple[list[str], str | None, Usage | None, str | None]:
+    """A streamed chunk's text pieces, finish reason, usage and model; its tool call
+    pieces are added to ``calls`` (by index: id, name, arguments). A chunk not shaped
+    as the API documents raises ``TypeError``, ``KeyError``, ``ValueError`` or
+    ``AttributeError``."""
+    texts = []
+    finish = None
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        if delta is not None:
+            content = delta.get("content")
+            if content:
+                texts.append(_text(content))
+            for call in delta.get("tool_calls") or ():
+                index = call["index"]
+                if type(index) is not int:
+                    raise TypeError("tool call index")
+                slot = calls.setdefault(index, ["", "", ""])
+                if call.get("id"):
+                    slot[0] = _text(call["id"])
+                function = call.get("function")
+                if function is not None:
+                    slot[1] += _text(function.get("name") or "")
+                    slot[2] += _text(function.get("arguments") or "")
+        if choice.get("finish_reason"):
+            finish = _text(choice["finish_reason"])
+    reported = chunk.get("usage")
+    usage = None
+    if reported is not None:
+        usage = Usage(
+            int(reported.get("prompt_tokens") or 0), int(reported.get("completion_tokens") or 0)
+        )
+    model = chunk.get("model")
+    return texts, finish, usage, None if model is None else _text(model)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not text")
+    return value
+
+
 #: how long the rest of a body after ``[DONE]`` is read for reusing its connection
 _DRAIN_SECONDS = 0.1
+#: the largest server-sent event read (a line without an end would grow without bound)
+_MAX_EVENT_BYTES = 16 * 2**20
 #: an SSE line ends with CR LF, LF or CR
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
@@ -396,8 +422,10 @@ async def _sse_data(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[byt
     event left unfinished at the end of the body is dropped, as the SSE standard says.
     """
     body = response.iter_bytes()
-    pending = b""
+    held: list[bytes] = []  # the start of a line still arriving
+    held_size = 0
     data: list[bytes] = []
+    data_size = 0
     while True:
         try:
             piece = await anext(body)
@@ -408,17 +436,27 @@ async def _sse_data(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[byt
                 message=f"the stream failed while being read ({type(exc).__name__})",
                 request=response.http_response.request,
             ) from exc
-        pending += piece
-        held = b""
+        if b"\n" not in piece and b"\r" not in piece:
+            # more of one line: kept aside, not joined (a long line in many pieces
+            # would otherwise be copied and scanned again for each)
+            held.append(piece)
+            held_size += len(piece)
+            if held_size + data_size > _MAX_EVENT_BYTES:
+                raise _too_large()
+            continue
+        pending = b"".join((*held, piece)) if held else piece
+        tail = b""
         if pending.endswith(b"\r"):  # perhaps the first half of a CR LF
-            pending, held = pending[:-1], b"\r"
+            pending, tail = pending[:-1], b"\r"
         *lines, rest = _LINE_END.split(pending) if b"\r" in pending else pending.split(b"\n")
-        pending = rest + held
+        held = [rest + tail] if rest or tail else []
+        held_size = len(rest) + len(tail)
         for line in lines:
             if not line:  # a blank line ends the event
                 if data:
                     joined = b"\n".join(data)
                     data = []
+                    data_size = 0
                     if joined.strip() == b"[DONE]":
                         await _drain(body)
                         return
@@ -426,7 +464,17 @@ async def _sse_data(response: openai.AsyncAPIResponse[Any]) -> AsyncIterator[byt
             elif line.startswith(b"data:"):
                 value = line[5:]
                 data.append(value[1:] if value.startswith(b" ") else value)
+                data_size += len(value)
             # other fields (event, id, retry) and comments (":") carry nothing we use
+        if held_size + data_size > _MAX_EVENT_BYTES:
+            raise _too_large()
+
+
+def _too_large() -> LLMResponseError:
+    return LLMResponseError(
+        f"the LLM server streamed an event of more than {_MAX_EVENT_BYTES // 2**20} MiB "
+        "(a chat completion chunk is a few KB); the stream was dropped"
+    )
 
 
 async def _drain(body: AsyncIterator[bytes]) -> None:
