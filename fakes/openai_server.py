@@ -209,9 +209,7 @@ class FakeOpenAI:
             if reply.hold_open:
                 await asyncio.sleep(reply.hold_open)
             if reply.cut_after is not None:
-                transport = request.transport
-                assert transport is not None
-                transport.close()  # the chunked body is left unfinished
+                _drop(request)
             else:
                 await response.write_eof()
             return response
@@ -238,9 +236,7 @@ class FakeOpenAI:
         first = 0.0
         for sent in range(len(pieces) + 1):
             if reply.cut_after is not None and sent >= reply.cut_after:
-                transport = request.transport
-                assert transport is not None
-                transport.close()  # flushes what was written, never the final chunk
+                _drop(request)
                 return response
             if reply.end_after is not None and sent >= reply.end_after:
                 await response.write_eof()
@@ -273,6 +269,14 @@ class FakeOpenAI:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _drop(request: web.Request) -> None:
+    """Drop the connection: what was written is flushed, the chunked body's final chunk
+    never is, so the client sees a connection error."""
+    transport = request.transport
+    assert transport is not None
+    transport.close()
 
 
 def paced_chunks(prompt: str, tokens: int) -> list[str]:
